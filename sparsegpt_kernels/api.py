@@ -1,0 +1,224 @@
+"""Public entry point: :func:`prune_layer`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import reference
+from .backends import select_backend
+from .hessian import HessianAccumulator
+from .spec import SweepSpec
+
+logger = logging.getLogger("sparsegpt_kernels")
+
+#: Damping is multiplied by this factor after each failed factorisation, at most ``MAX_DAMP_RETRIES`` times.
+DAMP_GROWTH = 10.0
+MAX_DAMP_RETRIES = 6
+
+
+class FactorizationError(RuntimeError):
+    """The damped Hessian could not be factorised even at the largest damping tried."""
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune_layer` did.
+
+    Attributes:
+        loss: the OBS estimate of the increase of ½·||XWᵀ − XŴᵀ||²/n·2 (sum over rows of Σ err²/d²/2).
+        sparsity: fraction of exact zeros in the weight after pruning.
+        damp: the relative damping actually used (larger than requested if factorisation had to be retried).
+        backend: the backend that ran.
+        seconds: wall time of the whole call.
+        shape: (out_features, in_features).
+        pattern: "N:M" or ``None`` for unstructured.
+        quant_bits: bits of joint quantization or ``None``.
+        dead_columns: input columns whose Hessian diagonal was 0 (their weights are set to 0).
+    """
+
+    loss: float
+    sparsity: float
+    damp: float
+    backend: str
+    seconds: float
+    shape: tuple[int, int]
+    pattern: str | None = None
+    quant_bits: int | None = None
+    dead_columns: int = 0
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """Parse "N:M" (N kept of every M consecutive input columns) into (N, M)."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a string like '2:4', got {type(pattern).__name__}")
+    parts = pattern.strip().split(":")
+    try:
+        n, m = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"malformed pattern {pattern!r}: expected 'N:M' with integers, e.g. '2:4'") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: need 0 < N < M (N kept of every M)")
+    return n, m
+
+
+def _weight_of(layer) -> tuple[torch.Tensor, bool]:
+    """The tensor holding the weight and whether it is stored transposed (in, out)."""
+    if isinstance(layer, torch.Tensor):
+        return layer, False
+    if isinstance(layer, nn.Linear):
+        return layer.weight, False
+    if isinstance(layer, nn.Module) and type(layer).__name__ == "Conv1D" and hasattr(layer, "weight"):
+        return layer.weight, True  # transformers' Conv1D stores (in_features, out_features)
+    raise TypeError(
+        f"layer must be an nn.Linear, a transformers Conv1D or a 2-D weight tensor (out, in), got {type(layer).__name__}"
+    )
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+def _validate_hessian(H, in_features: int, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(H, HessianAccumulator):
+        if H.count == 0:
+            raise ValueError("the HessianAccumulator has seen no inputs")
+        H = H.hessian
+    if not isinstance(H, torch.Tensor):
+        raise TypeError(f"hessian must be a tensor or a HessianAccumulator, got {type(H).__name__}")
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"hessian must be a square matrix, got shape {tuple(H.shape)}")
+    if H.shape[0] != in_features:
+        raise ValueError(f"hessian is {H.shape[0]}x{H.shape[1]} but the layer has in_features={in_features}")
+    if H.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"hessian dtype must be float32 or float64, got {H.dtype} (accumulate in float32 or better)")
+    if H.device != weight.device:
+        raise ValueError(f"hessian is on {H.device} but the weight is on {weight.device}")
+    _check_finite(H, "hessian")
+    scale = float(H.abs().max()) if H.numel() else 0.0
+    tol = (1e-4 if H.dtype == torch.float32 else 1e-10) * max(scale, 1e-30)
+    asym = float((H - H.T).abs().max()) if H.numel() else 0.0
+    if asym > tol:
+        raise ValueError(f"hessian is not symmetric (max |H - Hᵀ| = {asym:.3g}, |H|max = {scale:.3g})")
+    if bool((H.diagonal() < 0).any()):
+        raise ValueError("hessian has negative diagonal entries; it is not a Gram matrix of real inputs")
+    return H
+
+
+def prune_layer(
+    layer,
+    hessian,
+    *,
+    sparsity: float = 0.5,
+    pattern: str | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    quant_bits: int | None = None,
+    quant_group_size: int | None = None,
+    backend: str = "auto",
+) -> PruneResult:
+    """Prune one linear layer in place with SparseGPT.
+
+    Args:
+        layer: ``nn.Linear``, transformers ``Conv1D`` (weight stored (in, out)) or a 2-D weight tensor (out, in).
+            Its weight is updated in place, keeping dtype and device; the math runs in float32 (float64 if the
+            weight or the Hessian is float64).
+        hessian: (in, in) tensor on the weight's device, or a :class:`HessianAccumulator`.
+        sparsity: fraction of weights pruned (unstructured), in [0, 1); ignored when ``pattern`` is given.
+        pattern: "N:M", N kept of every M consecutive input columns (e.g. "2:4", "4:8").
+        block_size: columns per block of the sweep (lazy batch updates between blocks).
+        damp: relative damping λ = damp · mean(diag H); multiplied by 10 on factorisation failure.
+        quant_bits: joint quantization to this many bits (2..8), asymmetric per output channel.
+        quant_group_size: quantization group size along the input dimension (must divide in_features).
+        backend: "auto", "torch", "triton", "cpp" or "cuda".
+
+    Returns:
+        :class:`PruneResult`. On any exception the weight is left exactly as it was.
+    """
+    t0 = time.perf_counter()
+    weight, transposed = _weight_of(layer)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"weight dtype must be float16, bfloat16, float32 or float64, got {weight.dtype}")
+    W0 = weight.T if transposed else weight
+    rows, cols = W0.shape
+    if rows == 0 or cols == 0:
+        raise ValueError(f"weight has an empty dimension: shape {tuple(W0.shape)}")
+    _check_finite(W0, "weight")
+    H = _validate_hessian(hessian, cols, weight)
+
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+        raise ValueError(f"damp must be a finite number > 0, got {damp!r}")
+    n = m = None
+    if pattern is not None:
+        n, m = parse_pattern(pattern)
+        if cols % m:
+            raise ValueError(f"pattern {pattern!r}: in_features={cols} is not a multiple of M={m}")
+        if block_size % m:
+            raise ValueError(f"pattern {pattern!r}: block_size={block_size} is not a multiple of M={m}")
+        sparsity = 1.0 - n / m
+    else:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if quant_bits is not None:
+        if isinstance(quant_bits, bool) or not isinstance(quant_bits, int) or not 2 <= quant_bits <= 8:
+            raise ValueError(f"quant_bits must be an int in 2..8, got {quant_bits!r}")
+        if quant_group_size is not None:
+            g = quant_group_size
+            if isinstance(g, bool) or not isinstance(g, int) or g < 1 or cols % g:
+                raise ValueError(f"quant_group_size must be a positive int dividing in_features={cols}, got {g!r}")
+    elif quant_group_size is not None:
+        raise ValueError("quant_group_size needs quant_bits")
+
+    be = select_backend(backend, weight.device)
+
+    cdtype = torch.float64 if torch.float64 in (weight.dtype, H.dtype) else torch.float32
+    with torch.no_grad():
+        W = W0.to(cdtype).clone().contiguous()  # never a view of the user's weight
+        Hc = H.to(cdtype)
+        dead = Hc.diagonal() == 0
+        n_dead = int(dead.sum())
+        if n_dead:
+            W[:, dead] = 0
+        grid = reference.make_quant_grid(W, quant_bits, quant_group_size) if quant_bits is not None else None
+        # cols and block_size are multiples of M for N:M, so the clamp keeps the block a multiple of M
+        spec = SweepSpec(sparsity=float(sparsity), n=n, m=m, block_size=min(block_size, cols), quant=grid)
+
+        used = float(damp)
+        for _ in range(MAX_DAMP_RETRIES + 1):
+            U = be.inverse_factor(Hc, used)
+            if U is not None:
+                break
+            logger.warning("sparsegpt_kernels: Hessian factorisation failed at damp=%g; retrying with more", used)
+            used *= DAMP_GROWTH
+        else:
+            raise FactorizationError(
+                f"could not factorise the Hessian even with damp={used / DAMP_GROWTH:g} "
+                f"(started at {damp:g}); is it a Gram matrix of finite inputs?"
+            )
+        loss = be.sweep(W, U, spec)
+        if not bool(torch.isfinite(W).all()) or not math.isfinite(loss):
+            raise FloatingPointError("pruning produced NaN/Inf; the weight was left unchanged")
+        out = W.T if transposed else W
+        weight.copy_(out.to(weight.dtype))
+        achieved = float((weight == 0).sum()) / weight.numel()
+    return PruneResult(
+        loss=float(loss),
+        sparsity=achieved,
+        damp=used,
+        backend=be.NAME,
+        seconds=time.perf_counter() - t0,
+        shape=(rows, cols),
+        pattern=None if m is None else f"{n}:{m}",
+        quant_bits=quant_bits,
+        dead_columns=n_dead,
+    )

@@ -1,0 +1,152 @@
+"""The pure-PyTorch reference of SparseGPT: the specification every other backend is tested against.
+
+Shapes: ``W`` is (rows, cols) = (out_features, in_features); ``H`` and ``U`` are (cols, cols).
+Everything here works in the dtype it is given (float32 or float64) and on any device.
+
+Tie-breaking, shared by every backend: when scores are equal, the element that comes first (lower column index for
+N:M, lower row-major index within the block for unstructured) is pruned first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import QuantGrid, SweepSpec
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inverse factor
+# --------------------------------------------------------------------------------------------------------------------
+def damped_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """A copy of ``H`` with dead columns fixed (``H[j, j] = 1`` where it was 0) and ``damp * mean(diag)`` added."""
+    H = H.clone()
+    diag = H.diagonal()
+    diag[diag == 0] = 1
+    diag += damp * diag.mean()
+    return H
+
+
+def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (H⁻¹ = Uᵀ U) with one Cholesky and one triangular inverse.
+
+    With J the index reversal: factor J H J = L Lᵀ; R = J L J is upper triangular with H = R Rᵀ, so U = R⁻¹.
+    Returns ``None`` if H (after the dead-column fix and damping) is not positive definite in floating point.
+    """
+    Hd = damped_hessian(H, damp)
+    L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+    if int(info) != 0:
+        return None
+    R = L.flip(0, 1)
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    U = torch.linalg.solve_triangular(R, eye, upper=True)
+    if not bool(torch.isfinite(U).all()) or not bool((U.diagonal() > 0).all()):
+        return None
+    return U
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Mask selection
+# --------------------------------------------------------------------------------------------------------------------
+def n_pruned(sparsity: float, numel: int) -> int:
+    """How many of ``numel`` weights an unstructured block prunes: round-half-up of ``sparsity * numel``."""
+    return min(numel, int(sparsity * numel + 0.5))
+
+
+def unstructured_prune_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (True = pruned) of exactly the ``k`` lowest entries of ``scores``, ties pruned in row-major order.
+
+    Uses a selection (``kthvalue``), not a sort: entries strictly below the k-th smallest value are pruned, then
+    the first entries equal to it in row-major order until ``k`` are pruned.
+    """
+    flat = scores.reshape(-1)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    thresh = flat.kthvalue(k).values
+    below = flat < thresh
+    tied = flat == thresh
+    need = k - int(below.sum())
+    take = tied & (torch.cumsum(tied, 0) <= need)
+    return (below | take).reshape(scores.shape)
+
+
+def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask (True = kept) with exactly ``n`` kept of every ``m`` consecutive entries along the last dimension.
+
+    The ``m - n`` lowest scores of each group are pruned; among equal scores the earlier column is pruned first.
+    ``scores.shape[-1]`` must be a multiple of ``m``.
+    """
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+    if scores.shape[-1] % m:
+        raise ValueError(f"last dimension {scores.shape[-1]} is not a multiple of M={m}")
+    g = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
+    order = torch.argsort(g, dim=-1, stable=True)  # ascending; ties keep positional order
+    keep = torch.ones_like(g, dtype=torch.bool)
+    keep.scatter_(-1, order[..., : m - n], False)
+    return keep.reshape(scores.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quantization grid
+# --------------------------------------------------------------------------------------------------------------------
+def make_quant_grid(W: torch.Tensor, bits: int, group_size: int | None = None) -> QuantGrid:
+    """Asymmetric min/max grid per row (and per ``group_size`` columns) fixed from ``W``; 0 is on the grid."""
+    rows, cols = W.shape
+    g = cols if group_size is None else group_size
+    maxq = 2**bits - 1
+    Wg = W.reshape(rows, cols // g, g)
+    xmin = Wg.amin(dim=-1).clamp(max=0)
+    xmax = Wg.amax(dim=-1).clamp(min=0)
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.round(-xmin / scale)
+    return QuantGrid(scale=scale, zero=zero, maxq=maxq, group_size=g)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Round ``w`` onto the grid (elementwise; ``scale``/``zero`` broadcast against ``w``)."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Column sweep
+# --------------------------------------------------------------------------------------------------------------------
+def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
+    """Blocked column sweep with lazy batch updates; prunes (and quantizes) ``W`` in place, returns the OBS loss."""
+    rows, cols = W.shape
+    B = spec.block_size
+    quant = spec.quant
+    loss = torch.zeros((), dtype=W.dtype, device=W.device)
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        E = torch.empty_like(W1)
+        if spec.m is None:
+            pruned = unstructured_prune_mask(W1**2 / d**2, n_pruned(spec.sparsity, W1.numel()))
+        else:
+            pruned = torch.zeros_like(W1, dtype=torch.bool)
+        for j in range(i2 - i1):
+            if spec.m is not None and j % spec.m == 0:
+                grp = slice(j, j + spec.m)
+                pruned[:, grp] = ~nm_keep_mask(W1[:, grp] ** 2 / d[grp] ** 2, spec.n, spec.m)
+            w = W1[:, j]
+            q = torch.where(pruned[:, j], torch.zeros_like(w), w)
+            if quant is not None:
+                g = (i1 + j) // quant.group_size
+                q = quantize(q, quant.scale[:, g], quant.zero[:, g], quant.maxq)
+            err = (w - q) / d[j]
+            loss += (err**2).sum() / 2
+            W1[:, j] = q
+            W1[:, j + 1 :] -= err[:, None] * U1[j, j + 1 :][None, :]
+            E[:, j] = err
+        W[:, i1:i2] = W1
+        if i2 < cols:
+            W[:, i2:] -= E @ U[i1:i2, i2:]
+    return float(loss)
