@@ -76,7 +76,8 @@ def _weight_of(layer) -> tuple[torch.Tensor, bool]:
     if isinstance(layer, nn.Module) and type(layer).__name__ == "Conv1D" and hasattr(layer, "weight"):
         return layer.weight, True  # transformers' Conv1D stores (in_features, out_features)
     raise TypeError(
-        f"layer must be an nn.Linear, a transformers Conv1D or a 2-D weight tensor (out, in), got {type(layer).__name__}"
+        "layer must be an nn.Linear, a transformers Conv1D or a 2-D weight tensor (out, in), "
+        f"got {type(layer).__name__}"
     )
 
 

@@ -69,4 +69,5 @@ class HessianAccumulator:
 
     def __repr__(self) -> str:
         dev = self.device if self.device is not None else "lazy"
-        return f"HessianAccumulator(in_features={self.in_features}, count={self.count}, dtype={self.dtype}, device={dev})"
+        return (f"HessianAccumulator(in_features={self.in_features}, count={self.count}, dtype={self.dtype}, "
+                f"device={dev})")

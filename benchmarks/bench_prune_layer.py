@@ -1,0 +1,109 @@
+"""Time prune_layer per backend on real layer shapes, given a Hessian.
+
+Prints a table and writes CSV (benchmarks/results/prune_layer_<device>.csv). Every backend is compared with the
+torch reference in the same run (speedup) and with the compute floor: (⅔c³ + r·c²) FLOPs at the measured fp32 matmul
+rate of the device (or --peak-tflops).
+
+    python benchmarks/bench_prune_layer.py                 # all shapes, all backends available here
+    python benchmarks/bench_prune_layer.py --quick         # tiny shapes (smoke run)
+    python benchmarks/bench_prune_layer.py --shapes 4096x4096 --backends torch triton --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import OUT_DIR, RESULTS_DIR, measured_matmul_tflops, meta, print_table, prune_flops, time_fn, write_csv  # noqa: E402
+
+import sparsegpt_kernels as sk  # noqa: E402
+
+SHAPES = ["1024x1024", "2048x2048", "4096x4096", "4096x11008", "11008x4096"]
+QUICK_SHAPES = ["128x256", "96x384"]
+PROGRESS = [("shape", 11), ("mode", 5), ("backend", 7), ("seconds", 9), ("speedup_vs_torch", 16), ("frac_of_floor", 13)]
+
+
+def synthetic_hessian(cols: int, device: torch.device, tokens: int = 1024, seed: int = 0) -> torch.Tensor:
+    """H = (2/n) XᵀX of correlated inputs with a few outlier features (computed in chunks to bound memory)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rank = min(cols, 256)
+    A = (torch.randn(rank, cols, generator=g) / rank**0.5).to(device)
+    scale = torch.ones(cols)
+    scale[torch.randperm(cols, generator=g)[: max(1, cols // 256)]] = 20.0
+    scale = scale.to(device)
+    H = torch.zeros(cols, cols, device=device)
+    for _ in range(0, tokens, 256):
+        Z = torch.randn(256, rank, generator=g).to(device)
+        X = (Z @ A + 0.1 * torch.randn(256, cols, generator=g).to(device)) * scale
+        H.addmm_(X.T, X)
+    return H * (2.0 / tokens)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="+", default=None, help="ROWSxCOLS (out x in); default: real layer shapes")
+    p.add_argument("--backends", nargs="+", default=None, help="default: every backend available on the device")
+    p.add_argument("--modes", nargs="+", default=["0.5", "2:4"], help="sparsity fractions or N:M patterns")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, default=None, help="fp32 peak for the floor (default: measured)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke run)")
+    p.add_argument("--csv", default=None)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    repeats = 1 if args.quick else args.repeats
+    backends = args.backends or sk.available_backends(device)
+    if "torch" not in backends:
+        backends = [*backends, "torch"]
+    peak = args.peak_tflops or measured_matmul_tflops(device, 512 if args.quick else None)
+    info = meta(device)
+    print(f"# {info['date']}  {info['device']}  torch {info['torch']}  triton {info['triton']}  "
+          f"fp32 floor rate {peak:.2f} TFLOP/s")
+
+    print("  ".join(f"{k:>{w}}" for k, w in PROGRESS))
+    rows = []
+    for shape in shapes:
+        r, c = (int(v) for v in shape.lower().split("x"))
+        H = synthetic_hessian(c, device)
+        W0 = torch.randn(r, c, device=device) * 0.02
+        for mode in args.modes:
+            kw = {"pattern": mode} if ":" in mode else {"sparsity": float(mode)}
+            base = None
+            for be in sorted(backends, key=lambda b: b != "torch"):  # the reference first
+                W = W0.clone()
+                result = {}
+
+                def run(W=W, H=H, kw=kw, be=be, result=result):
+                    result["r"] = sk.prune_layer(W, H, backend=be, **kw)
+
+                med, lo, hi = time_fn(run, device, repeats=repeats, setup=lambda W=W, W0=W0: W.copy_(W0))
+                res = result["r"]
+                if be == "torch":
+                    base = (med, res.loss)
+                floor = prune_flops(r, c) / (peak * 1e12)
+                rows.append({
+                    "shape": f"{r}x{c}", "mode": mode, "backend": be,
+                    "seconds": f"{med:.4f}", "min_s": f"{lo:.4f}", "max_s": f"{hi:.4f}",
+                    "speedup_vs_torch": f"{base[0] / med:.2f}",
+                    "floor_s": f"{floor:.4f}", "frac_of_floor": f"{floor / med:.3f}",
+                    "loss": f"{res.loss:.6g}", "loss_vs_torch": f"{res.loss / base[1]:.4f}" if base[1] else "-",
+                    "sparsity": f"{res.sparsity:.4f}", **info,
+                })
+                print("  ".join(f"{rows[-1][k]:>{w}}" for k, w in PROGRESS), flush=True)
+    print()
+    print_table(rows, ["shape", "mode", "backend", "seconds", "speedup_vs_torch", "floor_s", "frac_of_floor",
+                       "loss_vs_torch"])
+    out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, f"prune_layer_{device.type}.csv")
+    write_csv(out, rows)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

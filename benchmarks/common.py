@@ -1,0 +1,99 @@
+"""Helpers shared by the benchmark scripts: timing, machine description, CSV output, the compute floor."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # committed numbers
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")  # smoke runs (not committed)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int = 3, warmup: int = 1,
+            setup: Callable[[], object] | None = None) -> tuple[float, float, float]:
+    """(median, min, max) seconds of ``fn()`` over ``repeats`` runs; ``setup()`` runs untimed before each."""
+    times = []
+    for i in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "-"
+    return out
+
+
+def meta(device: torch.device) -> dict[str, str]:
+    return {"date": _dt.date.today().isoformat(), "device": device_name(device), **versions()}
+
+
+def measured_matmul_tflops(device: torch.device, n: int | None = None) -> float:
+    """Measured float32 matmul rate on ``device`` (TFLOP/s): the floor the pruning FLOPs are compared to."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    med, _, _ = time_fn(lambda: a @ b, device, repeats=3)
+    return 2 * n**3 / med / 1e12
+
+
+def prune_flops(rows: int, cols: int) -> float:
+    """⅔c³ for the inverse factor + r·c² for the lazy batch updates."""
+    return 2 / 3 * cols**3 + rows * cols**2
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fields = list(rows[0].keys())
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.rjust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).rjust(widths[c]) for c in cols))

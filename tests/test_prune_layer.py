@@ -1,0 +1,291 @@
+"""prune_layer: layer types, dtypes, damping escalation, joint quantization, backends, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import correlated_inputs, hessian_of, recon_error
+from torch import nn
+
+import sparsegpt_kernels as sk
+from sparsegpt_kernels import reference
+from sparsegpt_kernels.backends import ENV_VAR, select_backend
+
+
+def _layer(rows=32, cols=64, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(cols, rows, bias=True).to(dtype)
+    X = correlated_inputs(1024, cols, seed=seed)
+    return lin, X, hessian_of(X)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_layers_keep_dtype_and_pattern(dtype):
+    lin, X, H = _layer(dtype=dtype)
+    dense = lin.weight.detach().clone()
+    bias = lin.bias.detach().clone()
+    res = sk.prune_layer(lin, H, pattern="2:4")
+    assert lin.weight.dtype == dtype and lin.weight.device == dense.device
+    assert torch.equal(lin.bias, bias)
+    kept = (lin.weight != 0).reshape(32, 16, 4).sum(-1)
+    assert bool((kept == 2).all())
+    assert res.sparsity == 0.5 and res.backend == "torch"
+    # the low-precision result is the float32 result rounded once
+    W32 = dense.float().clone()
+    sk.prune_layer(W32, H, pattern="2:4")
+    assert torch.equal(lin.weight, W32.to(dtype))
+    assert recon_error(X, dense, lin.weight.detach()) < recon_error(X, dense, dense * (lin.weight != 0))
+
+
+def test_conv1d_matches_linear():
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional dependency ([hf] extra)")
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(nf=24, nx=40)  # weight (in=40, out=24)
+    with torch.no_grad():
+        conv.weight.normal_()
+    X = correlated_inputs(512, 40, seed=3)
+    H = hessian_of(X)
+    W = conv.weight.detach().T.clone()
+    res = sk.prune_layer(conv, H, sparsity=0.5, block_size=16)
+    res_t = sk.prune_layer(W, H, sparsity=0.5, block_size=16)
+    assert conv.weight.shape == (40, 24)
+    assert torch.equal(conv.weight.T, W)
+    assert res.loss == res_t.loss and res.shape == (24, 40)
+    assert transformers is not None
+
+
+def test_dead_columns_zeroed_and_finite():
+    X = correlated_inputs(512, 64, seed=1)
+    dead = [0, 7, 63]
+    X[:, dead] = 0
+    W = torch.randn(16, 64)
+    res = sk.prune_layer(W, hessian_of(X), sparsity=0.5)
+    assert res.dead_columns == 3
+    assert bool((W[:, dead] == 0).all()) and bool(torch.isfinite(W).all())
+
+
+def test_rank_deficient_hessian_escalates_damping():
+    # rank 8 inputs in 64 dims, then pushed slightly indefinite: tiny damping cannot factorise it
+    X = torch.randn(256, 8) @ torch.randn(8, 64)
+    H = hessian_of(X)
+    H -= 1e-3 * H.diagonal().mean() * torch.eye(64)
+    H = (H + H.T) / 2
+    assert reference.inverse_factor(H, 1e-6) is None
+    W = torch.randn(16, 64)
+    W0 = W.clone()
+    res = sk.prune_layer(W, H, sparsity=0.5, damp=1e-6)
+    assert res.damp > 1e-6 and math.isclose(math.log10(res.damp / 1e-6), round(math.log10(res.damp / 1e-6)))
+    assert bool(torch.isfinite(W).all()) and not torch.equal(W, W0)
+    assert reference.inverse_factor(H, res.damp) is not None
+    assert reference.inverse_factor(H, res.damp / 10) is None
+
+
+def test_factorization_failure_raises_and_leaves_weight(monkeypatch):
+    from sparsegpt_kernels import api
+
+    monkeypatch.setattr(api, "MAX_DAMP_RETRIES", 1)
+    H = -torch.ones(4, 4) + 5 * torch.eye(4)  # diag 4, eigenvalues 5-4=1 and 5
+    H[0, 1] = H[1, 0] = 100.0
+    W = torch.randn(3, 4)
+    W0 = W.clone()
+    with pytest.raises(sk.FactorizationError, match="damp"):
+        sk.prune_layer(W, H, sparsity=0.5, damp=1e-3)
+    assert torch.equal(W, W0)
+
+
+@pytest.mark.parametrize("bits,group,pattern", [(4, None, None), (3, 16, "2:4"), (8, 32, None), (2, None, "4:8")])
+def test_joint_quantization_on_grid(bits, group, pattern):
+    X = correlated_inputs(1024, 64, seed=2)
+    W = torch.randn(24, 64)
+    dense = W.clone()
+    kw = {"pattern": pattern} if pattern else {"sparsity": 0.5}
+    res = sk.prune_layer(W, hessian_of(X), quant_bits=bits, quant_group_size=group, block_size=32, **kw)
+    grid = reference.make_quant_grid(dense, bits, group)
+    g = grid.group_size
+    scale = grid.scale.repeat_interleave(g, dim=1)
+    zero = grid.zero.repeat_interleave(g, dim=1)
+    levels = W / scale + zero
+    assert torch.allclose(levels, levels.round(), atol=1e-3), "a kept weight is off its grid"
+    assert bool(((levels.round() >= 0) & (levels.round() <= 2**bits - 1)).all())
+    assert res.sparsity >= 0.5 and res.quant_bits == bits
+    if pattern:
+        n, m = map(int, pattern.split(":"))
+        assert bool(((W != 0).reshape(24, -1, m).sum(-1) <= n).all())
+
+
+def test_joint_quantization_costs_more_than_pruning_alone():
+    X = correlated_inputs(1024, 64, seed=2)
+    W = torch.randn(24, 64)
+    Wp, Wq = W.clone(), W.clone()
+    sk.prune_layer(Wp, hessian_of(X), sparsity=0.5)
+    sk.prune_layer(Wq, hessian_of(X), sparsity=0.5, quant_bits=3)
+    assert recon_error(X, W, Wp) < recon_error(X, W, Wq)
+
+
+def test_failure_during_sweep_leaves_weight(monkeypatch):
+    from sparsegpt_kernels.backends import _torch
+
+    def boom(W, U, spec):
+        W.zero_()
+        raise RuntimeError("kernel crashed")
+
+    monkeypatch.setattr(_torch, "sweep", boom)
+    lin, X, H = _layer()
+    w0 = lin.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="kernel crashed"):
+        sk.prune_layer(lin, H, backend="torch")
+    assert torch.equal(lin.weight, w0)
+
+
+def test_hessian_accumulator_accepted_directly():
+    lin, X, _ = _layer()
+    acc = sk.HessianAccumulator(64)
+    for chunk in X.split(100):
+        acc.update(chunk)
+    W_acc = lin.weight.detach().clone()
+    sk.prune_layer(W_acc, acc, sparsity=0.5)
+    W_h = lin.weight.detach().clone()
+    sk.prune_layer(W_h, acc.hessian, sparsity=0.5)
+    assert torch.equal(W_acc, W_h)
+
+
+def test_float64_layer_stays_float64():
+    W = torch.randn(8, 32, dtype=torch.float64)
+    res = sk.prune_layer(W, hessian_of(correlated_inputs(256, 32)), pattern="2:4")
+    assert W.dtype == torch.float64 and res.sparsity == 0.5
+
+
+def test_zero_sparsity_is_close_to_identity():
+    X = correlated_inputs(512, 32)
+    W = torch.randn(8, 32)
+    W0 = W.clone()
+    res = sk.prune_layer(W, hessian_of(X), sparsity=0.0)
+    assert res.loss == 0.0 and torch.allclose(W, W0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------------------------
+def test_unknown_backend():
+    lin, _, H = _layer()
+    w0 = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        sk.prune_layer(lin, H, backend="fast")
+    assert torch.equal(lin.weight, w0)
+
+
+def test_cuda_backend_on_cpu_tensors_is_an_error():
+    lin, _, H = _layer()
+    w0 = lin.weight.detach().clone()
+    with pytest.raises(sk.BackendUnavailableError, match="'cuda'"):
+        sk.prune_layer(lin, H, backend="cuda")
+    assert torch.equal(lin.weight, w0)
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert select_backend("auto", "cpu").NAME == "torch"
+    monkeypatch.setenv(ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="unknown backend"):
+        select_backend("auto", "cpu")
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(sk.BackendUnavailableError, match=ENV_VAR):
+        select_backend("auto", "cpu")
+
+
+def test_available_backends_lists_torch_last():
+    names = sk.available_backends("cpu")
+    assert names[-1] == "torch"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear exception naming the problem, the weight bit-for-bit unchanged
+# --------------------------------------------------------------------------------------------------------------------
+def _bad(**override):
+    lin, _, H = _layer(rows=8, cols=32)
+    args = dict(layer=lin, hessian=H)
+    args.update(override)
+    return args
+
+
+def _nan_weight():
+    lin, _, H = _layer(rows=8, cols=32)
+    with torch.no_grad():
+        lin.weight[3, 4] = float("nan")
+    return dict(layer=lin, hessian=H)
+
+
+def _asym():
+    args = _bad()
+    H = args["hessian"].clone()
+    H[0, 1] += 1.0
+    args["hessian"] = H
+    return args
+
+
+def _inf_h():
+    args = _bad()
+    H = args["hessian"].clone()
+    H[2, 2] = float("inf")
+    args["hessian"] = H
+    return args
+
+
+def _neg_diag():
+    args = _bad()
+    H = args["hessian"].clone()
+    H[2, 2] = -1.0
+    args["hessian"] = H
+    return args
+
+
+BAD = {
+    "weight-3d": (lambda: dict(layer=torch.randn(2, 8, 32), hessian=torch.eye(32)), ValueError, "2-D"),
+    "weight-int": (lambda: dict(layer=torch.ones(8, 32, dtype=torch.int32), hessian=torch.eye(32)), TypeError,
+                   "dtype"),
+    "not-a-layer": (lambda: dict(layer=nn.ReLU(), hessian=torch.eye(32)), TypeError, "nn.Linear"),
+    "h-not-square": (lambda: _bad(hessian=torch.eye(32)[:16]), ValueError, "square"),
+    "h-wrong-size": (lambda: _bad(hessian=torch.eye(16)), ValueError, "in_features=32"),
+    "h-fp16": (lambda: _bad(hessian=torch.eye(32, dtype=torch.float16)), TypeError, "float32 or float64"),
+    "h-not-tensor": (lambda: _bad(hessian=[[1.0]]), TypeError, "hessian"),
+    "h-empty-acc": (lambda: _bad(hessian=sk.HessianAccumulator(32)), ValueError, "no inputs"),
+    "h-asym": (_asym, ValueError, "symmetric"),
+    "h-inf": (_inf_h, ValueError, "hessian contains NaN or Inf"),
+    "h-neg-diag": (_neg_diag, ValueError, "negative diagonal"),
+    "w-nan": (_nan_weight, ValueError, "weight contains NaN"),
+    "sparsity-1": (lambda: _bad(sparsity=1.0), ValueError, "sparsity"),
+    "sparsity-neg": (lambda: _bad(sparsity=-0.1), ValueError, "sparsity"),
+    "sparsity-str": (lambda: _bad(sparsity="half"), ValueError, "sparsity"),
+    "pattern-malformed": (lambda: _bad(pattern="2-4"), ValueError, "malformed pattern"),
+    "pattern-n-ge-m": (lambda: _bad(pattern="4:4"), ValueError, "0 < N < M"),
+    "pattern-zero": (lambda: _bad(pattern="0:4"), ValueError, "0 < N < M"),
+    "pattern-not-dividing": (lambda: _bad(pattern="2:5"), ValueError, "in_features=32 is not a multiple of M=5"),
+    "pattern-block": (lambda: _bad(pattern="4:8", block_size=12), ValueError, "block_size=12"),
+    "pattern-type": (lambda: _bad(pattern=(2, 4)), TypeError, "pattern"),
+    "block-0": (lambda: _bad(block_size=0), ValueError, "block_size"),
+    "damp-0": (lambda: _bad(damp=0.0), ValueError, "damp"),
+    "damp-nan": (lambda: _bad(damp=float("nan")), ValueError, "damp"),
+    "bits-1": (lambda: _bad(quant_bits=1), ValueError, "quant_bits"),
+    "bits-9": (lambda: _bad(quant_bits=9), ValueError, "quant_bits"),
+    "group-not-dividing": (lambda: _bad(quant_bits=4, quant_group_size=5), ValueError, "quant_group_size"),
+    "group-without-bits": (lambda: _bad(quant_group_size=8), ValueError, "needs quant_bits"),
+    "h-other-dtype-device": (lambda: _bad(hessian=torch.eye(32, device="meta")), ValueError, "meta"),
+    "backend-type": (lambda: _bad(backend=3), TypeError, "backend"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_rejected_weight_untouched(name):
+    make, exc, msg = BAD[name]
+    args = make()
+    layer = args.pop("layer")
+    H = args.pop("hessian")
+    w = layer if isinstance(layer, torch.Tensor) else getattr(layer, "weight", None)
+    before = w.detach().clone() if w is not None else None
+    with pytest.raises(exc, match=msg):
+        sk.prune_layer(layer, H, **args)
+    if before is not None:
+        assert torch.equal(w.detach().view(torch.uint8), before.view(torch.uint8)), "weight changed"
