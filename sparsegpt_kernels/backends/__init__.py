@@ -8,6 +8,9 @@ A backend is a module ``sparsegpt_kernels.backends._<name>`` exposing:
     ``None`` when the backend can run on tensors of ``device`` in this process, otherwise a one-line reason
     (shown verbatim to a user who asked for the backend explicitly). Must be cheap and must not initialise CUDA
     beyond what the tensors on ``device`` already did.
+``auto_selectable(device: torch.device) -> bool`` (optional, default True)
+    Whether ``backend="auto"`` may pick it for ``device`` when it is available (the Triton interpreter can run on
+    CPU tensors, but is far too slow to be chosen automatically).
 ``inverse_factor(H: Tensor, damp: float) -> Tensor | None``
     ``H``: (c, c) symmetric float32/float64, the raw Hessian (dead columns still have ``H[j, j] == 0``). Applies the
     dead-column fix (``H[j, j] = 1``) and damping (``+ damp * mean(diag)``) and returns ``U``, the upper Cholesky factor
@@ -73,6 +76,10 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return sorted(usable, key=lambda n: -_modules[n].PRIORITY)
 
 
+def _yes(device: torch.device) -> bool:
+    return True
+
+
 def select_backend(name: str, device: torch.device | str) -> ModuleType:
     """Resolve ``name`` ("auto" or a backend name) to a backend module for tensors on ``device``."""
     device = torch.device(device)
@@ -90,7 +97,7 @@ def select_backend(name: str, device: torch.device | str) -> ModuleType:
             raise BackendUnavailableError(f"backend {name!r}{src} cannot run on {device.type}: {reason}")
         chosen = name
     else:
-        usable = available_backends(device)
+        usable = [n for n in available_backends(device) if getattr(_modules[n], "auto_selectable", _yes)(device)]
         chosen = usable[0]  # the torch backend is always usable
     key = (chosen, device.type)
     if key not in _logged:

@@ -1,0 +1,74 @@
+"""The ``triton`` backend: fused Triton kernels (``sparsegpt_kernels.ops``) on CUDA tensors.
+
+CPU tensors are accepted only under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
+
+Precision: the kernels compute in float32. A float64 problem (the API computes in float64 when the user passes a
+float64 weight or Hessian) is converted to float32, solved, and the result cast back to float64: the answer has float32
+accuracy, not float64. Use the ``torch`` backend when float64 accuracy matters.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..spec import SweepSpec
+
+NAME = "triton"
+PRIORITY = 30
+
+try:  # triton is an optional dependency; its absence makes the backend unavailable, not the package unimportable
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # pragma: no cover - depends on the environment
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if _IMPORT_ERROR is not None:
+        return f"triton is not importable ({_IMPORT_ERROR}); install the [triton] extra"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "the Triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter)"
+    return f"the Triton backend needs CUDA tensors, got {device.type}"
+
+
+def auto_selectable(device: torch.device) -> bool:
+    """Whether ``backend="auto"`` should pick this backend on ``device`` when it is available: only on CUDA. On the
+    CPU it runs through Triton's interpreter, which is for tests and far slower than the torch backend. (Read by the
+    registry if it supports the hook; otherwise ``PRIORITY`` alone decides.)"""
+    return device.type == "cuda"
+
+
+def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
+    from ..ops.hinv import hinv_factor
+
+    return hinv_factor(H, damp)
+
+
+def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
+    from ..ops.sweep import sweep_triton
+
+    W32 = W if W.dtype == torch.float32 else W.to(torch.float32)
+    U32 = U.to(torch.float32)
+    q = spec.quant
+    loss = sweep_triton(
+        W32,
+        U32,
+        sparsity=spec.sparsity,
+        n=spec.n,
+        m=spec.m,
+        block_size=spec.block_size,
+        qscale=None if q is None else q.scale.to(torch.float32).contiguous(),
+        qzero=None if q is None else q.zero.to(torch.float32).contiguous(),
+        maxq=0 if q is None else q.maxq,
+        qgroup=0 if q is None else q.group_size,
+    )
+    if W32 is not W:
+        W.copy_(W32)
+    return float(loss)

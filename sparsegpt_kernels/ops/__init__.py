@@ -1,0 +1,9 @@
+"""Triton kernels of sparsegpt_kernels, one module per kernel family.
+
+``hinv``    the Hessian-inverse Cholesky factor (blocked Cholesky of the index-reversed matrix + triangular inverse);
+``sweep``   the blocked column sweep (mask selection, OBS updates, joint quantization, lazy GEMM);
+``nm_mask`` the standalone "N kept of every M" keep-mask selection.
+
+Importing this package imports nothing heavy: each submodule imports triton itself and registers its ops in the
+``sparsegpt_kernels`` torch.library namespace when it is first imported.
+"""

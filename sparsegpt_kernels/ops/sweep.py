@@ -1,0 +1,430 @@
+"""The blocked column sweep of SparseGPT: mask selection, OBS updates, joint quantization and the lazy batch update.
+
+Per column block [i1, i1 + nb) (see ALGORITHM.md):
+
+* unstructured sparsity: an exact selection finds the k-th smallest score s = w²/d² of the rows × nb block
+  (k = ``reference.n_pruned(p, rows·nb)``) with a 4-pass radix select on order-preserving integer keys of the float
+  bits (``_radix_hist_kernel`` builds a 256-bin histogram of the next 8 bits among the candidates,
+  ``_radix_pick_kernel`` picks the bin holding the k-th one). Then ``_tie_count_kernel`` and ``_prune_mask_kernel``
+  prune everything below the threshold plus the first ties in row-major order, exactly as
+  ``reference.unstructured_prune_mask``.
+* ``_sweep_block_kernel``: one launch per block; a program owns a tile of BR rows for the whole block, keeps the
+  rows × nb tile in registers, reads the block's rows of U as it goes (nb·nb floats, cache resident), and for each
+  column computes the N:M selection at each group start (with the current, updated weights), the masked (and
+  quantized) value, the error, the loss and the rank-1 update of the block's remaining columns. It writes the block
+  back, the error matrix E and a per-program loss partial.
+* the lazy update of the columns to the right, W[:, i2:] −= E · U[i1:i2, i2:], is a torch.matmul (cuBLAS fp32).
+
+Numerics: float32. Scores, errors and quantization use the correctly rounded ``div_rn`` (the plain ``/`` is approximate
+on NVIDIA GPUs) in the reference's order of operations, and rounding is round-half-to-even like ``torch.round``, so
+selections agree with the reference on identical inputs.
+
+Registered ops: ``torch.ops.sparsegpt_kernels.sweep_block`` (mutates W) and
+``torch.ops.sparsegpt_kernels.unstructured_prune_mask``.
+"""
+
+# (no `from __future__ import annotations`: torch.library infers the op schemas from real annotations)
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._common import interpreting, launch_meta, maybe_autotune, next_pow2, register_op, wrap
+from .nm_mask import nm_group_rank
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------------------------
+# The sweep kernel (autotuned on a GPU; the row tile and its temporaries must stay in registers: these configs
+# compile for sm_90 without spilling, larger row tiles spill).
+SWEEP_CONFIGS = [
+    triton.Config({"BR": 16}, num_warps=4),
+    triton.Config({"BR": 16}, num_warps=8),
+    triton.Config({"BR": 8}, num_warps=4),
+    triton.Config({"BR": 8}, num_warps=2),
+    triton.Config({"BR": 32}, num_warps=8),
+]
+# Under the interpreter: few, large programs.
+SWEEP_INTERPRET_CONFIG = triton.Config({"BR": 256}, num_warps=4)
+# Rows per program of the selection kernels (memory bound; not worth tuning).
+SELECT_BR_GPU = 16
+SELECT_BR_INTERPRET = 64
+HIST_BINS = 256
+INT_MIN = -2147483648
+
+
+def _select_br() -> int:
+    return SELECT_BR_INTERPRET if interpreting() else SELECT_BR_GPU
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _score(w, d):
+    """s = w² / d², in the reference's order of operations, correctly rounded."""
+    return tl.math.div_rn(w * w, d * d)
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even (torch.round)."""
+    f = tl.floor(x)
+    diff = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (diff > 0.5) | ((diff == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D: tl.constexpr, BR: tl.constexpr,
+                 BC: tl.constexpr):
+    """Scores of a BR-row tile of the (rows, ncols) block, their signed-order int32 keys and the validity mask."""
+    r = pid * BR + tl.arange(0, BR)
+    cidx = tl.arange(0, BC)
+    valid = (r[:, None] < rows) & (cidx[None, :] < ncols)
+    s = tl.load(src_ptr + r[:, None].to(tl.int64) * stride_s + cidx[None, :], mask=valid, other=0.0).to(tl.float32)
+    if HAS_D:
+        d = tl.load(d_ptr + cidx.to(tl.int64) * stride_d, mask=cidx < ncols, other=1.0).to(tl.float32)
+        s = _score(s, d[None, :])
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are equal scores: give them the same key
+    b = s.to(tl.int32, bitcast=True)
+    key = b ^ ((b >> 31) & 0x7FFFFFFF)  # signed int32 order == float order
+    return key, valid
+
+
+@triton.jit(do_not_specialize=["rows", "ncols"])
+def _radix_hist_kernel(src_ptr, d_ptr, state_ptr, hist_ptr, rows, ncols, stride_s, stride_d,
+                       PASS: tl.constexpr, HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    pid = tl.program_id(0)
+    key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
+    u = key ^ -2147483648  # unsigned order as bits
+    ok = valid
+    if PASS > 0:
+        prefix = tl.load(state_ptr)
+        ok = ok & ((u >> (32 - 8 * PASS)) == (prefix >> (32 - 8 * PASS)))
+    digit = (u >> (24 - 8 * PASS)) & 0xFF
+    flat_ok = tl.reshape(ok, (BR * BC,))
+    flat_digit = tl.reshape(tl.where(ok, digit, 0), (BR * BC,))
+    h = tl.histogram(flat_digit, 256)
+    bins = tl.arange(0, 256)
+    n_out = tl.sum((flat_ok == 0).to(tl.int32), axis=0)
+    h = h - tl.where(bins == 0, n_out, 0)  # the masked-out entries were counted in bin 0
+    tl.atomic_add(hist_ptr + bins, h, mask=h != 0)
+
+
+@triton.jit(do_not_specialize=["k"])
+def _radix_pick_kernel(state_ptr, hist_ptr, k, PASS: tl.constexpr):
+    """state = [bits of the k-th smallest key found so far, rank of the k-th among the remaining candidates]."""
+    bins = tl.arange(0, 256)
+    h = tl.load(hist_ptr + bins)
+    csum = tl.cumsum(h, 0)
+    if PASS == 0:  # k comes as an argument: no host-to-device copy (and no sync) per block
+        krem = k
+        prefix = 0
+    else:
+        krem = tl.load(state_ptr + 1)
+        prefix = tl.load(state_ptr)
+    b = tl.sum((csum < krem).to(tl.int32), axis=0)  # first bin whose cumulative count reaches krem
+    below = tl.sum(tl.where(bins < b, h, 0), axis=0)
+    tl.store(state_ptr, prefix | (b << (24 - 8 * PASS)))
+    tl.store(state_ptr + 1, krem - below)
+    tl.store(hist_ptr + bins, tl.zeros_like(h))
+
+
+@triton.jit(do_not_specialize=["rows", "ncols"])
+def _tie_count_kernel(src_ptr, d_ptr, state_ptr, ties_ptr, rows, ncols, stride_s, stride_d,
+                      HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    pid = tl.program_id(0)
+    key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
+    t = tl.load(state_ptr) ^ -2147483648
+    tie = valid & (key == t)
+    tl.store(ties_ptr + pid, tl.sum(tl.sum(tie.to(tl.int32), axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=["rows", "ncols"])
+def _prune_mask_kernel(src_ptr, d_ptr, state_ptr, tie_prefix_ptr, mask_ptr, rows, ncols, stride_s, stride_d,
+                       stride_m, HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    pid = tl.program_id(0)
+    key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
+    t = tl.load(state_ptr) ^ -2147483648
+    need = tl.load(state_ptr + 1)  # how many entries equal to the threshold are pruned (in row-major order)
+    tie = (valid & (key == t)).to(tl.int32)
+    per_row = tl.sum(tie, axis=1)
+    row_before = tl.cumsum(per_row, 0) - per_row
+    in_row_before = tl.cumsum(tie, 1) - tie
+    rank = tl.load(tie_prefix_ptr + pid) + row_before[:, None] + in_row_before
+    pruned = (key < t) | ((tie != 0) & (rank < need))
+    r = pid * BR + tl.arange(0, BR)
+    cidx = tl.arange(0, BC)
+    tl.store(mask_ptr + r[:, None].to(tl.int64) * stride_m + cidx[None, :], pruned.to(tl.int8), mask=valid)
+
+
+@maybe_autotune(SWEEP_CONFIGS, key=["rows", "BP", "N", "M", "UNSTRUCT", "QUANT"], restore_value=["w_ptr"])
+@triton.jit(do_not_specialize=["rows", "i1", "nb", "stride_w", "stride_u", "stride_q", "maxq", "qgroup"])
+def _sweep_block_kernel(
+    w_ptr, u_ptr, mask_ptr, e_ptr, loss_ptr, qs_ptr, qz_ptr,
+    rows, stride_w, stride_u, i1, nb, stride_q, maxq, qgroup,
+    N: tl.constexpr, M: tl.constexpr, UNSTRUCT: tl.constexpr, QUANT: tl.constexpr,
+    BR: tl.constexpr, BP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = pid * BR + tl.arange(0, BR)
+    cidx = tl.arange(0, BP)
+    rmask = r < rows
+    cmask = cidx < nb
+    tmask = rmask[:, None] & cmask[None, :]
+    r64 = r.to(tl.int64)
+    w_ptrs = w_ptr + r64[:, None] * stride_w + (i1 + cidx)[None, :]
+    Wt = tl.load(w_ptrs, mask=tmask, other=0.0)
+    d = tl.load(u_ptr + (i1 + cidx).to(tl.int64) * (stride_u + 1), mask=cmask, other=1.0)
+    if UNSTRUCT:
+        pruned = tl.load(mask_ptr + r64[:, None] * nb + cidx[None, :], mask=tmask, other=0) != 0
+    else:
+        pruned = tl.zeros((BR, BP), dtype=tl.int1)
+    Et = tl.zeros((BR, BP), dtype=tl.float32)
+    lacc = tl.zeros((BR,), dtype=tl.float32)
+    for j in range(nb):
+        if M > 0:
+            if j % M == 0:
+                s = _score(Wt, d[None, :])
+                in_group = (cidx >= j) & (cidx < j + M)
+                rank = tl.zeros((BR, BP), dtype=tl.int32)
+                for k in tl.static_range(M):
+                    s_k = tl.sum(tl.where(cidx[None, :] == j + k, s, 0.0), axis=1)
+                    rank += nm_group_rank(s, s_k[:, None], j + k, cidx[None, :])
+                pruned = tl.where(in_group[None, :], rank < (M - N), pruned)
+        sel = cidx[None, :] == j
+        w = tl.sum(tl.where(sel, Wt, 0.0), axis=1)
+        p_j = tl.sum(tl.where(sel & pruned, 1, 0), axis=1) != 0
+        q = tl.where(p_j, 0.0, w)
+        if QUANT:
+            g = (i1 + j) // qgroup
+            sc = tl.load(qs_ptr + r64 * stride_q + g, mask=rmask, other=1.0)
+            zr = tl.load(qz_ptr + r64 * stride_q + g, mask=rmask, other=0.0)
+            qi = tl.minimum(tl.maximum(_rint(tl.math.div_rn(q, sc)) + zr, 0.0), maxq * 1.0)
+            q = sc * (qi - zr)
+        d_j = tl.sum(tl.where(cidx == j, d, 0.0), axis=0)
+        err = tl.math.div_rn(w - q, d_j + tl.zeros_like(w))
+        err = tl.where(rmask, err, 0.0)
+        lacc += err * err
+        u_row = tl.load(u_ptr + (i1 + j).to(tl.int64) * stride_u + i1 + cidx, mask=(cidx > j) & cmask, other=0.0)
+        Wt = tl.where(sel, q[:, None], Wt - err[:, None] * u_row[None, :])
+        Et = tl.where(sel, err[:, None], Et)
+    tl.store(w_ptrs, Wt, mask=tmask)
+    tl.store(e_ptr + r64[:, None] * nb + cidx[None, :], Et, mask=tmask)
+    tl.store(loss_ptr + pid, tl.sum(lacc, axis=0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------------
+def _select_into(mask: torch.Tensor, src: torch.Tensor, d_src: torch.Tensor | None, d_stride: int, rows: int,
+                 ncols: int, stride_s: int, k: int) -> None:
+    """Fill ``mask`` (rows, ncols) int8 with 1 for exactly the k lowest scores of the block, ties in row-major order.
+
+    ``src`` points at element (0, 0) of the block (row stride ``stride_s``); scores are ``src²/d²`` with
+    ``d[c] = d_src[c * d_stride]`` when ``d_src`` is given, else ``src`` itself.
+    """
+    numel = rows * ncols
+    if k <= 0:
+        mask.zero_()
+        return
+    if k >= numel:
+        mask.fill_(1)
+        return
+    dev = src.device
+    BR = _select_br()
+    BC = max(16, next_pow2(ncols))
+    grid = (triton.cdiv(rows, BR),)
+    has_d = d_src is not None
+    d_arg = d_src if has_d else src
+    state = torch.empty(2, dtype=torch.int32, device=dev)
+    hist = torch.zeros(HIST_BINS, dtype=torch.int32, device=dev)
+    for p in range(4):
+        wrap(_radix_hist_kernel)[grid](src, d_arg, state, hist, rows, ncols, stride_s, d_stride,
+                                       PASS=p, HAS_D=has_d, BR=BR, BC=BC)
+        wrap(_radix_pick_kernel)[(1,)](state, hist, k, PASS=p)
+    ties = torch.empty(grid[0], dtype=torch.int32, device=dev)
+    wrap(_tie_count_kernel)[grid](src, d_arg, state, ties, rows, ncols, stride_s, d_stride, HAS_D=has_d, BR=BR, BC=BC)
+    tie_prefix = (torch.cumsum(ties, 0) - ties).to(torch.int32)
+    wrap(_prune_mask_kernel)[grid](src, d_arg, state, tie_prefix, mask, rows, ncols, stride_s, d_stride,
+                                   mask.stride(0), HAS_D=has_d, BR=BR, BC=BC)
+
+
+_PAD_COLS = 128
+
+
+@register_op("unstructured_prune_mask")
+def _unstructured_prune_mask_op(scores: torch.Tensor, k: int) -> torch.Tensor:
+    flat = scores.reshape(-1).to(torch.float32)
+    numel = flat.numel()
+    rows = triton.cdiv(numel, _PAD_COLS)
+    padded = torch.full((rows * _PAD_COLS,), float("inf"), dtype=torch.float32, device=scores.device)
+    padded[:numel] = flat  # +inf padding comes after every real entry in row-major order: never selected first
+    mask = torch.empty((rows, _PAD_COLS), dtype=torch.int8, device=scores.device)
+    if numel:
+        _select_into(mask, padded.view(rows, _PAD_COLS), None, 0, rows, _PAD_COLS, _PAD_COLS, min(k, numel))
+    return mask.view(-1)[:numel].view(torch.bool).reshape(scores.shape).clone()
+
+
+@_unstructured_prune_mask_op.register_fake
+def _(scores, k):
+    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
+def unstructured_prune_mask_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (True = pruned) of exactly the ``k`` lowest ``scores``, ties pruned in row-major order.
+
+    The Triton counterpart of :func:`sparsegpt_kernels.reference.unstructured_prune_mask` (scores are compared in
+    float32).
+    """
+    return torch.ops.sparsegpt_kernels.unstructured_prune_mask(scores, int(k))
+
+
+def _check_block(W, U, i1, nb, n, m, qscale, qzero, qgroup):
+    if W.dtype != torch.float32 or U.dtype != torch.float32:
+        raise TypeError(f"sweep_block computes in float32; got W {W.dtype}, U {U.dtype}")
+    if W.dim() != 2 or U.dim() != 2 or U.shape[0] != U.shape[1] or U.shape[0] != W.shape[1]:
+        raise ValueError(f"shapes do not fit: W {tuple(W.shape)}, U {tuple(U.shape)}")
+    if W.stride(1) != 1 or U.stride(1) != 1:
+        raise ValueError("W and U must have unit column stride")
+    cols = W.shape[1]
+    if not (0 <= i1 and 0 < nb and i1 + nb <= cols):
+        raise ValueError(f"block [{i1}, {i1 + nb}) is outside 0..{cols}")
+    if m:
+        if not 0 < n < m or nb % m or i1 % m:
+            raise ValueError(f"N:M block needs 0 < N < M and M dividing the block start and width; got {n}:{m}")
+    if (qscale is None) != (qzero is None):
+        raise ValueError("qscale and qzero go together")
+    if qscale is not None:
+        if qscale.dtype != torch.float32 or qzero.dtype != torch.float32 or qscale.shape != qzero.shape:
+            raise TypeError("qscale/qzero must be float32 tensors of one shape")
+        if qscale.shape[0] != W.shape[0] or qgroup < 1 or qscale.shape[1] * qgroup < cols:
+            raise ValueError(f"quantization grid {tuple(qscale.shape)} with group {qgroup} does not fit W")
+
+
+@register_op("sweep_block", mutates_args=("W",))
+def _sweep_block_op(W: torch.Tensor, U: torch.Tensor, i1: int, nb: int, sparsity: float, n: int, m: int,
+                    qscale: Optional[torch.Tensor], qzero: Optional[torch.Tensor],  # noqa: UP045 (schema inference of older torch)
+                    maxq: int, qgroup: int) -> torch.Tensor:
+    _check_block(W, U, i1, nb, n, m, qscale, qzero, qgroup)
+    rows, cols = W.shape
+    dev = W.device
+    unstruct = m == 0
+    mask = torch.empty((rows, nb), dtype=torch.int8, device=dev) if unstruct else W.new_empty((1,), dtype=torch.int8)
+    if unstruct:
+        k = reference.n_pruned(sparsity, rows * nb)
+        _select_into(mask, W[:, i1:], U[i1:, i1:], U.stride(0) + 1, rows, nb, W.stride(0), k)
+    E = torch.empty((rows, nb), dtype=torch.float32, device=dev)
+    quant = qscale is not None
+    qs = qscale.contiguous() if quant else W
+    qz = qzero.contiguous() if quant else W
+    meta = launch_meta(SWEEP_CONFIGS, SWEEP_INTERPRET_CONFIG)
+    max_programs = triton.cdiv(rows, min(c.kwargs["BR"] for c in [*SWEEP_CONFIGS, SWEEP_INTERPRET_CONFIG]))
+    loss = torch.zeros((max_programs,), dtype=torch.float32, device=dev)  # unused tail stays 0
+    wrap(_sweep_block_kernel)[lambda meta_: (triton.cdiv(rows, meta_["BR"]),)](
+        W, U, mask, E, loss, qs, qz,
+        rows, W.stride(0), U.stride(0), i1, nb, qs.stride(0), maxq, max(qgroup, 1),
+        N=n, M=m, UNSTRUCT=unstruct, QUANT=quant, BP=max(16, next_pow2(nb)), **meta,
+    )
+    i2 = i1 + nb
+    if i2 < cols:
+        W[:, i2:].addmm_(E, U[i1:i2, i2:], alpha=-1.0)
+    return loss.sum() * 0.5
+
+
+@_sweep_block_op.register_fake
+def _(W, U, i1, nb, sparsity, n, m, qscale, qzero, maxq, qgroup):
+    _check_block(W, U, i1, nb, n, m, qscale, qzero, qgroup)
+    return W.new_empty((), dtype=torch.float32)
+
+
+def _sweep_eager(W, U, sparsity, n, m, block_size, qscale, qzero, maxq, qgroup) -> torch.Tensor:
+    cols = W.shape[1]
+    losses = []
+    for i1 in range(0, cols, block_size):
+        nb = min(block_size, cols - i1)
+        losses.append(torch.ops.sparsegpt_kernels.sweep_block(
+            W, U, i1, nb, float(sparsity), int(n or 0), int(m or 0), qscale, qzero, int(maxq), int(qgroup)))
+    return torch.stack(losses).sum() if losses else W.new_zeros(())
+
+
+#: Opt-in: replay a layer's per-block launches as one CUDA graph when a layer of the same shape and settings comes
+#: again (a model has many). Off by default.
+CUDA_GRAPH_ENV = "SPARSEGPT_KERNELS_CUDA_GRAPHS"
+_GRAPH_CACHE_SIZE = 4
+
+
+class _SweepGraph:
+    """A captured sweep of one layer shape/spec on static buffers: copy in, replay, copy out."""
+
+    def __init__(self, W, U, qscale, qzero, args):
+        self.args = args
+        self.W = W.clone()
+        self.U = U.clone()
+        self.qs = None if qscale is None else qscale.clone()
+        self.qz = None if qzero is None else qzero.clone()
+        # the first run (compiles and autotunes the kernels) is the real computation of this call: keep its result
+        side = torch.cuda.Stream(device=W.device)
+        side.wait_stream(torch.cuda.current_stream(W.device))
+        with torch.cuda.stream(side):
+            self.first_loss = _sweep_eager(self.W, self.U, *args[:4], self.qs, self.qz, *args[4:])
+            self.first_W = self.W.clone()
+        torch.cuda.current_stream(W.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = _sweep_eager(self.W, self.U, *args[:4], self.qs, self.qz, *args[4:])
+
+    def first(self, W) -> torch.Tensor:
+        W.copy_(self.first_W)
+        self.first_W = None
+        return self.first_loss
+
+    def replay(self, W, U, qscale, qzero) -> torch.Tensor:
+        self.W.copy_(W)
+        self.U.copy_(U)
+        if qscale is not None:
+            self.qs.copy_(qscale)
+            self.qz.copy_(qzero)
+        self.graph.replay()
+        W.copy_(self.W)
+        return self.loss.clone()
+
+
+_graphs: dict[tuple, _SweepGraph] = {}
+
+
+def _sweep_graphed(W, U, args, qscale, qzero) -> torch.Tensor:
+    key = (W.device, tuple(W.shape), args, None if qscale is None else tuple(qscale.shape))
+    g = _graphs.pop(key, None)
+    if g is None:
+        g = _SweepGraph(W, U, qscale, qzero, args)
+        loss = g.first(W)
+    else:
+        loss = g.replay(W, U, qscale, qzero)
+    _graphs[key] = g  # most recently used last
+    while len(_graphs) > _GRAPH_CACHE_SIZE:
+        _graphs.pop(next(iter(_graphs)))
+    return loss
+
+
+def sweep_triton(W: torch.Tensor, U: torch.Tensor, *, sparsity: float, n: int | None, m: int | None,
+                 block_size: int, qscale: torch.Tensor | None = None, qzero: torch.Tensor | None = None,
+                 maxq: int = 0, qgroup: int = 0, cuda_graph: bool | None = None) -> torch.Tensor:
+    """Run the whole sweep on float32 ``W`` (rows, cols) in place; returns the OBS loss as a 0-dim device tensor.
+
+    ``cuda_graph`` (default: environment variable ``SPARSEGPT_KERNELS_CUDA_GRAPHS=1``; CUDA tensors only): capture the
+    layer's launches once per shape/settings and replay them for later layers of the same kind (cuts the host
+    overhead of ~10 launches per column block).
+    """
+    U = U.contiguous()
+    if cuda_graph is None:
+        cuda_graph = os.environ.get(CUDA_GRAPH_ENV) == "1"
+    if cuda_graph and W.is_cuda and not interpreting():
+        args = (float(sparsity), int(n or 0), int(m or 0), int(block_size), int(maxq), int(qgroup))
+        return _sweep_graphed(W, U, args, qscale, qzero)
+    return _sweep_eager(W, U, sparsity, n, m, block_size, qscale, qzero, maxq, qgroup)
