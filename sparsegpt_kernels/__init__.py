@@ -5,6 +5,15 @@ Importing this package touches no GPU and compiles nothing; backends are resolve
 
 from .api import FactorizationError, PruneResult, parse_pattern, prune_layer
 from .backends import BackendUnavailableError, available_backends
+from .export import (
+    ExportError,
+    ExportReport,
+    SemiStructuredSupport,
+    semi_structured_support,
+    to_dense,
+    to_semi_structured,
+    validate_nm,
+)
 from .hessian import HessianAccumulator
 from .reference import nm_keep_mask
 
@@ -12,6 +21,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ExportError",
+    "ExportReport",
+    "SemiStructuredSupport",
     "FactorizationError",
     "HessianAccumulator",
     "PruneResult",
@@ -19,5 +31,9 @@ __all__ = [
     "nm_keep_mask",
     "parse_pattern",
     "prune_layer",
+    "semi_structured_support",
+    "to_dense",
+    "to_semi_structured",
+    "validate_nm",
     "__version__",
 ]

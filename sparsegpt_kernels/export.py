@@ -1,0 +1,347 @@
+"""Export 2:4-pruned linear layers to PyTorch semi-structured sparse tensors (cuSPARSELt / CUTLASS) for inference.
+
+Pruning alone makes a model neither faster nor smaller: the zeros are still stored and multiplied. On GPUs with sparse
+tensor cores (compute capability 8.0 and newer) PyTorch can store a 2:4 weight compressed (half the values plus 2-bit
+metadata) and multiply it with cuSPARSELt or CUTLASS kernels. :func:`to_semi_structured` swaps the weights of every
+eligible ``nn.Linear`` for such a tensor and reports, per layer, what it did and why a layer stayed dense.
+
+Works on any ``nn.Module`` (no transformers import). Nothing here touches CUDA at import; support is queried when
+:func:`semi_structured_support` or :func:`to_semi_structured` is called. Where support is missing (CPU, an old GPU,
+a torch without the feature) the model is left exactly as it was and the report says why.
+
+A dense ``save_pretrained`` checkpoint of the pruned model remains the portable output: convert after loading.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("sparsegpt_kernels")
+
+#: Minimum compute capability with sparse tensor cores.
+MIN_CAPABILITY = (8, 0)
+
+# Used only when the running torch does not expose its own table (``_DTYPE_SHAPE_CONSTRAINTS``):
+# (sparse_min_rows, sparse_min_cols) per dtype; both dimensions of the weight must be multiples of these.
+_FALLBACK_CONSTRAINTS = {
+    "cutlass": {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.float32: (32, 32), torch.int8: (16, 128)},
+    "cusparselt": {torch.float16: (16, 16), torch.bfloat16: (16, 16), torch.int8: (32, 32)},
+}
+
+
+class ExportError(RuntimeError):
+    """``strict=True`` and at least one selected layer could not be converted."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pattern validation
+# ----------------------------------------------------------------------------------------------------------------
+def nm_violations(weight: torch.Tensor, n: int = 2, m: int = 4) -> int:
+    """Number of groups of ``m`` consecutive input columns holding more than ``n`` non-zeros.
+
+    ``weight`` is (out_features, in_features); groups run along the input (last) dimension, which is the dimension
+    the sparse kernels compress. -0.0 counts as zero. ``in_features`` must be a multiple of ``m``.
+    """
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M (N kept of every M), got {n}:{m}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.shape[1] % m:
+        raise ValueError(f"in_features={weight.shape[1]} is not a multiple of M={m}")
+    nnz = (weight != 0).reshape(weight.shape[0], weight.shape[1] // m, m).sum(dim=-1)
+    return int((nnz > n).sum())
+
+
+def validate_nm(weight: torch.Tensor, n: int = 2, m: int = 4, *, raise_error: bool = False) -> bool:
+    """True when every group of ``m`` consecutive input columns of ``weight`` has at most ``n`` non-zeros.
+
+    "N kept of every M": a 1:4 weight is also a valid 2:4 weight, a 2:4 weight is not 1:4, and a 4:8 weight is
+    usually not 2:4. With ``raise_error=True`` a violation (or an in_features that is not a multiple of ``m``)
+    raises ``ValueError`` naming the first offending row and group instead of returning False.
+    """
+    if weight.dim() != 2 or weight.shape[1] % m:
+        if raise_error:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} cannot hold an {n}:{m} pattern along its "
+                             f"input dimension (needs 2-D with in_features a multiple of {m})")
+        return False
+    bad = nm_violations(weight, n, m)
+    if bad and raise_error:
+        nnz = (weight != 0).reshape(weight.shape[0], -1, m).sum(dim=-1)
+        row, grp = (int(v) for v in (nnz > n).nonzero()[0])
+        raise ValueError(f"weight is not {n}:{m} along the input dimension: {bad} of {nnz.numel()} groups have more "
+                         f"than {n} non-zeros (first: row {row}, columns {grp * m}..{grp * m + m - 1} have "
+                         f"{int(nnz[row, grp])})")
+    return bad == 0
+
+
+def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the sparse compressors need it: contiguous, with every -0.0 rewritten to +0.0.
+
+    The CUTLASS compressor reads zeros by bit pattern, so a -0.0 in a pruned position looks like a third non-zero
+    of its group and the conversion fails or silently keeps the wrong values. Returns a new tensor (never a view).
+    """
+    w = weight.detach()
+    return torch.where(w == 0, torch.zeros((), dtype=w.dtype, device=w.device), w).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Support and constraints, queried from torch at run time
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SemiStructuredSupport:
+    """Whether semi-structured sparse matmuls can run on a device, with which kernels and under which constraints.
+
+    Attributes:
+        available: conversion and matmul are supported here.
+        reason: why not, when ``available`` is False ("" otherwise).
+        backend: "cusparselt" or "cutlass" (``None`` when unavailable).
+        constraints: dtype -> (min_rows, min_cols); a weight's (out, in) must be multiples of these.
+        device: the device queried.
+    """
+
+    available: bool
+    reason: str = ""
+    backend: str | None = None
+    constraints: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+
+def _subclass(backend: str):
+    name = "SparseSemiStructuredTensorCUSPARSELT" if backend == "cusparselt" else "SparseSemiStructuredTensorCUTLASS"
+    return getattr(torch.sparse, name, None)
+
+
+def _constraints(backend: str) -> dict:
+    cls = _subclass(backend)
+    table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None) if cls is not None else None
+    if not table:
+        return dict(_FALLBACK_CONSTRAINTS[backend])
+    return {dt: (int(c.sparse_min_rows), int(c.sparse_min_cols)) for dt, c in table.items()}
+
+
+def _cusparselt_available() -> bool:
+    mod = getattr(torch.backends, "cusparselt", None)
+    try:
+        return bool(mod is not None and mod.is_available())
+    except Exception:  # noqa: BLE001 - a broken cuSPARSELt install means: use CUTLASS
+        return False
+
+
+def semi_structured_support(device: torch.device | str | None = None, backend: str = "auto") -> SemiStructuredSupport:
+    """Query (without converting anything) whether 2:4 semi-structured sparsity runs on ``device``.
+
+    ``backend``: "auto" (cuSPARSELt when torch has it, else CUTLASS), "cusparselt" or "cutlass".
+    """
+    if backend not in ("auto", "cusparselt", "cutlass"):
+        raise ValueError(f"backend must be 'auto', 'cusparselt' or 'cutlass', got {backend!r}")
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not hasattr(torch.sparse, "to_sparse_semi_structured") or _subclass("cutlass") is None:
+        return SemiStructuredSupport(False, f"torch {torch.__version__} has no semi-structured sparse tensors",
+                                     device=str(dev))
+    if dev.type != "cuda":
+        return SemiStructuredSupport(False, f"semi-structured sparse tensors need a CUDA GPU; device is {dev.type}",
+                                     device=str(dev))
+    if torch.version.hip is not None:
+        return SemiStructuredSupport(False, "semi-structured sparse tensors are not supported on ROCm builds",
+                                     device=str(dev))
+    if not torch.cuda.is_available():
+        return SemiStructuredSupport(False, "CUDA is not available", device=str(dev))
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < MIN_CAPABILITY:
+        return SemiStructuredSupport(False, f"compute capability {cap[0]}.{cap[1]} has no sparse tensor cores "
+                                            f"(needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+)", device=str(dev))
+    if backend == "auto":
+        backend = "cusparselt" if _cusparselt_available() else "cutlass"
+    elif backend == "cusparselt" and not _cusparselt_available():
+        return SemiStructuredSupport(False, "this torch build has no cuSPARSELt", device=str(dev))
+    return SemiStructuredSupport(True, "", backend, _constraints(backend), str(dev))
+
+
+def keep_dense_reason(weight: torch.Tensor, support: SemiStructuredSupport) -> str | None:
+    """Why this (out, in) weight must stay dense under ``support``, or ``None`` when it can be converted.
+
+    Checks, in order: support, device, dtype (float16/bfloat16; float32 is refused even where CUTLASS takes it,
+    because it would silently compute in TF32), shape multiples, the 2:4 pattern along the input dimension.
+    """
+    if not support.available:
+        return f"unsupported: {support.reason}"
+    if weight.dim() != 2:
+        return f"weight is {weight.dim()}-D, not 2-D"
+    if weight.device.type != "cuda":
+        return f"weight is on {weight.device}, not on a CUDA device"
+    if weight.dtype == torch.float32:
+        return "float32 would run on the sparse kernels in TF32 only; cast the model to float16 or bfloat16 first"
+    if weight.dtype not in support.constraints:
+        names = ", ".join(str(d).replace("torch.", "") for d in support.constraints)
+        return f"dtype {str(weight.dtype).replace('torch.', '')} not supported by {support.backend} ({names})"
+    min_r, min_c = support.constraints[weight.dtype]
+    rows, cols = weight.shape
+    if rows < min_r or rows % min_r or cols < min_c or cols % min_c:
+        return (f"shape {rows}x{cols} (out x in) is not a multiple of {min_r}x{min_c} "
+                f"required by {support.backend} for {str(weight.dtype).replace('torch.', '')}")
+    bad = nm_violations(weight, 2, 4)
+    if bad:
+        groups = rows * cols // 4
+        return f"not 2:4 along the input dimension ({bad} of {groups} groups have more than 2 non-zeros)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerExport:
+    name: str
+    shape: tuple[int, int]
+    dtype: str
+    converted: bool
+    reason: str | None = None
+
+
+@dataclass
+class ExportReport:
+    """What :func:`to_semi_structured` did: one :class:`LayerExport` per selected ``nn.Linear``."""
+
+    support: SemiStructuredSupport
+    layers: list[LayerExport] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[str]:
+        return [x.name for x in self.layers if x.converted]
+
+    @property
+    def kept_dense(self) -> dict[str, str]:
+        return {x.name: x.reason or "" for x in self.layers if not x.converted}
+
+    @property
+    def supported(self) -> bool:
+        return self.support.available
+
+    def __str__(self) -> str:
+        head = (f"semi-structured export ({self.support.backend}): {len(self.converted)} of {len(self.layers)} "
+                f"linear layers converted" if self.support.available else
+                f"semi-structured export not supported here: {self.support.reason}; model left dense "
+                f"({len(self.layers)} linear layers)")
+        lines = [head]
+        if self.support.available:
+            lines += [f"  kept dense {name}: {why}" for name, why in self.kept_dense.items()]
+        return "\n".join(lines)
+
+
+def _selected(name: str, patterns: list[str] | None) -> bool:
+    return patterns is None or any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _check_conversion(sparse: torch.Tensor, dense: torch.Tensor) -> str | None:
+    """Multiply a small probe with the sparse and the dense weight; a reason when they disagree."""
+    g = torch.Generator(device=dense.device).manual_seed(0)
+    x = torch.randn(16, dense.shape[1], generator=g, device=dense.device, dtype=torch.float32).to(dense.dtype)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x.float(), dense.float())
+        got = torch.nn.functional.linear(x, sparse).float()
+    err = float((got - ref).abs().max())
+    scale = float(ref.abs().max()) + 1e-6
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dense.dtype, 1e-3)
+    if not err <= tol * scale:
+        return f"conversion check failed: probe output differs by {err:.3g} (|y|max {scale:.3g})"
+    return None
+
+
+def to_semi_structured(model: nn.Module, *, layers: Iterable[str] | str | None = None, strict: bool = False,
+                       backend: str = "auto", verify: bool = True) -> ExportReport:
+    """Swap the weights of 2:4-pruned ``nn.Linear`` layers of ``model`` for semi-structured sparse tensors, in place.
+
+    Args:
+        model: any module; every ``nn.Linear`` in it (or those named by ``layers``) is considered.
+        layers: module names or fnmatch patterns (e.g. ``"model.layers.*.mlp.*"``); default: all linear layers.
+        strict: raise :class:`ExportError` (before changing anything) when a selected layer cannot be converted.
+        backend: "auto", "cusparselt" or "cutlass".
+        verify: after converting a layer, compare a small probe product with the dense weight and keep the layer
+            dense on mismatch.
+
+    Returns:
+        :class:`ExportReport`. Layers that are not 2:4 along the input dimension, have shapes or dtypes the kernels
+        do not take, or share their weight with another module (tied embeddings) stay dense, with the reason. Where
+        semi-structured sparsity is not supported at all the model is not modified.
+
+    The converted weights are frozen (``requires_grad=False``); the model is for inference. Convert after moving the
+    model to its device and dtype.
+    """
+    patterns = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
+    named = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and _selected(name, patterns)]
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+
+    devices = {mod.weight.device for _, mod in named}
+    cuda_devs = sorted((d for d in devices if d.type == "cuda"), key=str)
+    query_dev = cuda_devs[0] if cuda_devs else (next(iter(devices)) if devices else torch.device("cpu"))
+    support = semi_structured_support(query_dev, backend)
+    per_device = {str(query_dev): support}
+    report = ExportReport(support=support)
+
+    plan = []
+    for name, mod in named:
+        w = mod.weight
+        sup = per_device.get(str(w.device))
+        if sup is None:
+            sup = per_device[str(w.device)] = semi_structured_support(w.device, backend)
+        if not sup.available:
+            reason = f"unsupported: {sup.reason}"
+        elif isinstance(w, getattr(torch.sparse, "SparseSemiStructuredTensor", ())):
+            reason = "already semi-structured"
+        elif owners.get(id(w), 1) > 1:
+            reason = "weight is shared with another module (tied weights)"
+        else:
+            reason = keep_dense_reason(w.detach(), sup)
+        plan.append((name, mod, sup, reason))
+
+    if strict:
+        bad = [(name, reason) for name, _, _, reason in plan if reason is not None]
+        if bad:
+            listing = "; ".join(f"{n}: {r}" for n, r in bad[:8])
+            listing += f"; ... ({len(bad)} in all)" if len(bad) > 8 else ""
+            raise ExportError(f"{len(bad)} selected linear layers cannot be converted: {listing}")
+
+    for name, mod, sup, reason in plan:
+        w = mod.weight
+        shape = (int(w.shape[0]), int(w.shape[1])) if w.dim() == 2 else tuple(int(s) for s in w.shape)
+        dtype = str(w.dtype).replace("torch.", "")
+        if reason is None:
+            dense = prepare_weight(w)
+            try:
+                sparse = _subclass(sup.backend).from_dense(dense)
+                reason = _check_conversion(sparse, dense) if verify else None
+            except (RuntimeError, NotImplementedError) as e:
+                reason = f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if reason is None:
+                mod.weight = nn.Parameter(sparse, requires_grad=False)
+            del dense
+        report.layers.append(LayerExport(name, shape, dtype, reason is None, reason))
+        if strict and reason is not None:
+            raise ExportError(f"{name}: {reason}")
+
+    if not support.available:
+        logger.warning("sparsegpt_kernels: %s", str(report).splitlines()[0])
+    return report
+
+
+def to_dense(model: nn.Module) -> int:
+    """Undo :func:`to_semi_structured`: replace every semi-structured weight by its dense tensor. Returns the count."""
+    cls = getattr(torch.sparse, "SparseSemiStructuredTensor", None)
+    if cls is None:
+        return 0
+    count = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, nn.Linear) and isinstance(w, cls):
+            mod.weight = nn.Parameter(w.to_dense(), requires_grad=False)
+            count += 1
+    return count

@@ -1,0 +1,55 @@
+"""The benchmark suite runs end to end at tiny sizes and writes its CSV, PNG and markdown files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_ALL = os.path.join(ROOT, "benchmarks", "run_all.py")
+
+
+def test_run_all_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("transformers")
+    out = tmp_path / "suite"
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nhand-written notes stay.\n\n"
+                  "<!-- suite:begin:cpu -->\nold\n<!-- suite:end:cpu -->\ntail\n")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)  # compiled backends only: the Triton interpreter has its own tests
+    proc = subprocess.run([sys.executable, RUN_ALL, "--quick", "--device", "cpu", "--out-dir", str(out),
+                           "--results-md", str(md), "--perplexity-md", str(tmp_path / "absent.md")],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    for name in ("prune_layer_cpu.csv", "sparse_matmul_cpu.csv", "e2e_cpu.csv", "sparse_matmul_cpu.md", "e2e_cpu.md",
+                 "prune_time_cpu.png", "sparse_matmul_cpu.png", "e2e_cpu.png"):
+        path = out / name
+        assert path.exists() and path.stat().st_size > 0, name
+    for name in ("prune_time_cpu.png", "sparse_matmul_cpu.png", "e2e_cpu.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with open(out / "sparse_matmul_cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["speedup"] == "" and "unsupported" in r["status"] for r in rows)
+    assert all(float(r["dense_ms"]) > 0 for r in rows)
+    with open(out / "e2e_cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    assert all(r["converted"].startswith("0/") and r["sparse_ms"] == "" for r in rows)
+    with open(out / "prune_layer_cpu.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"torch"} <= {r["backend"] for r in rows} and all(r["date"] and r["device"] for r in rows)
+
+    text = md.read_text()
+    assert text.startswith("# Results\n\nhand-written notes stay.")
+    assert text.rstrip().endswith("tail") and "\nold\n" not in text
+    assert text.count("<!-- suite:begin:cpu -->") == 1 and text.count("<!-- suite:end:cpu -->") == 1
+    for needle in ("### 1.", "### 2.", "### 3.", "### 4.", "torch 2", "prune_time_cpu.png", "_missing: absent.md",
+                   "No 2:4 sparse matmul on this device"):
+        assert needle in text, needle
