@@ -1,0 +1,26 @@
+// ATen-level pieces shared by the CPU and CUDA registrations of the sparsegpt_kernels::ext_* operators.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace sgk_aten {
+
+// Upper Cholesky factor U of (H + damping)^-1 with the reversal identity (one Cholesky, one triangular inverse).
+// Returns (U, info): info == 0 on success, > 0 for a non-positive pivot, -1 for a non-finite U or a non-positive
+// diagonal. Works on any device ATen's linalg supports; does not modify H and does not synchronize.
+std::tuple<at::Tensor, at::Tensor> inverse_factor(const at::Tensor& H, double damp);
+
+// Inverse of an upper triangular matrix, recursively blocked (triangular products as recursive GEMMs): ~c³/3 FLOPs.
+at::Tensor upper_triangular_inverse(const at::Tensor& R);
+
+// Shared argument checks of ext_sweep (everything that can be checked before W is touched).
+void check_sweep_args(const at::Tensor& W, const at::Tensor& U, double sparsity, int64_t n, int64_t m,
+                      int64_t block_size, const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size);
+
+void check_nm_args(const at::Tensor& scores, int64_t n, int64_t m);
+
+}  // namespace sgk_aten

@@ -1,0 +1,47 @@
+// CUDA kernels of the sparsegpt_kernels::ext_* operators: launchers over raw pointers and a stream.
+// No torch headers: sweep_kernels.cu compiles with plain nvcc; register_cuda.cpp (ATen) calls these.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace sgk_cuda {
+
+// Everything one column block [i1, i2) of the sweep needs (steps 1 for N:M, and 2, of ALGORITHM.md).
+// W (rows, ldw) and U (cols, ldu) are row-major; `pruned` is the unstructured mask of the block ((rows, i2 - i1)
+// row-major, 1 = pruned) or nullptr for N:M (n, m > 0). E receives the errors ((rows, i2 - i1) row-major);
+// row_loss[r] += Σ_j err² for each row. Quantization is off when scale == nullptr.
+template <typename T>
+struct BlockArgs {
+  T* W;
+  int64_t ldw;
+  const T* U;
+  int64_t ldu;
+  int64_t rows;
+  int64_t i1, i2;
+  const uint8_t* pruned;
+  int n, m;
+  const T* scale;
+  const T* zero;
+  int64_t ldq;
+  int64_t group_size;
+  int maxq;
+  T* E;
+  T* row_loss;
+};
+
+// Largest block the fused kernel takes (a warp holds one row of the block in registers: 32 values per lane).
+constexpr int64_t kMaxBlock = 1024;
+
+// One warp per row: the row's block stays in registers for all of its B rank-1 updates.
+template <typename T>
+cudaError_t launch_sweep_block(const BlockArgs<T>& a, cudaStream_t stream);
+
+// keep (rows, cols) row-major, 1 = kept: n kept of every m consecutive entries of each row of scores (row-major),
+// the m - n lowest pruned, earlier entries first on ties.
+template <typename T>
+cudaError_t launch_nm_keep_mask(const T* scores, int64_t rows, int64_t cols, int n, int m, uint8_t* keep,
+                                cudaStream_t stream);
+
+}  // namespace sgk_cuda

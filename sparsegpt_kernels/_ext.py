@@ -1,0 +1,88 @@
+"""Soft loader of the compiled operators (the optional extension ``sparsegpt_kernels._C``).
+
+Nothing is imported at package import: the first call of :func:`load` (made when a backend is considered) imports
+``sparsegpt_kernels._C``, which registers ``torch.ops.sparsegpt_kernels.ext_*``. If it is missing, one log line says
+so and the ``cpp``/``cuda`` backends report it as their reason; the torch backend keeps working.
+
+Operators (all in the ``sparsegpt_kernels`` namespace; float32 and float64):
+
+``ext_inverse_factor(H, damp) -> (U, info)``
+    U = upper Cholesky factor of (H + damping)⁻¹ by the reversal identity; ``info`` (int32, 0-dim) is 0 on success.
+``ext_nm_keep_mask(scores, n, m) -> keep``
+    Same contract as :func:`sparsegpt_kernels.reference.nm_keep_mask` (bool, True = kept).
+``ext_sweep(W!, U, sparsity, n, m, block_size, scale?, zero?, maxq, group_size) -> loss``
+    The blocked column sweep in place on ``W`` (``n = m = 0``: unstructured); returns the OBS loss as a 0-dim tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from types import ModuleType
+
+import torch
+
+from .spec import SweepSpec
+
+logger = logging.getLogger("sparsegpt_kernels")
+
+MODULE = "sparsegpt_kernels._C"
+
+_lock = threading.Lock()
+_loaded = False
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def load() -> ModuleType | None:
+    """Import the compiled module once; ``None`` (and one log line) if it is not there."""
+    global _loaded, _module, _error
+    if _loaded:
+        return _module
+    with _lock:
+        if not _loaded:
+            try:
+                _module = importlib.import_module(MODULE)
+            except (ImportError, OSError) as e:  # not built, or built against another torch
+                _module = None
+                _error = f"{type(e).__name__}: {e}"
+                logger.warning(
+                    "sparsegpt_kernels: compiled extension %s is not available (%s); the 'cpp' and 'cuda' backends "
+                    "are disabled. Build it with `pip install --no-build-isolation .`",
+                    MODULE,
+                    _error,
+                )
+            _loaded = True
+    return _module
+
+
+def missing_reason() -> str | None:
+    """``None`` if the extension loads, otherwise why not (one line)."""
+    if load() is None:
+        return f"the compiled extension {MODULE} is not available ({_error})"
+    return None
+
+
+def has_cuda() -> bool:
+    """Whether the extension was compiled with its CUDA implementations."""
+    mod = load()
+    return bool(mod is not None and getattr(mod, "WITH_CUDA", 0))
+
+
+def ops():
+    """``torch.ops.sparsegpt_kernels`` after making sure the extension is loaded (raises if it is missing)."""
+    if load() is None:
+        raise RuntimeError(missing_reason())
+    return torch.ops.sparsegpt_kernels
+
+
+def sweep_args(W: torch.Tensor, spec: SweepSpec) -> tuple:
+    """The arguments of ``ext_sweep`` after ``W`` and ``U`` for a :class:`SweepSpec`."""
+    q = spec.quant
+    n, m = (spec.n, spec.m) if spec.m is not None else (0, 0)
+    if q is None:
+        return float(spec.sparsity), n, m, int(spec.block_size), None, None, 0, 0
+    scale = q.scale.to(W.dtype).contiguous()
+    zero = q.zero.to(W.dtype).contiguous()
+    return float(spec.sparsity), n, m, int(spec.block_size), scale, zero, int(q.maxq), int(q.group_size)

@@ -1,0 +1,41 @@
+"""The ``cpp`` backend: the compiled CPU operators of ``sparsegpt_kernels._C`` (csrc/cpu, csrc/core).
+
+The sweep processes tiles of rows through a whole column block while they sit in cache, in parallel over tiles
+(ATen's thread pool), with the lazy batch update as one BLAS GEMM per block; the inverse factor uses one LAPACK
+Cholesky and a GEMM-based triangular inverse (the reversal identity). float32 and float64 run natively.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..spec import SweepSpec
+
+NAME = "cpp"
+PRIORITY = 20
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors only, not {device.type}"
+    return _ext.missing_reason()
+
+
+def _check_dtype(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"the cpp backend computes in float32 or float64; {what} is {t.dtype}")
+
+
+def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
+    _check_dtype(H, "H")
+    U, info = _ext.ops().ext_inverse_factor(H, float(damp))
+    return U if int(info) == 0 else None
+
+
+def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
+    _check_dtype(W, "W")
+    loss = _ext.ops().ext_sweep(W, U, *_ext.sweep_args(W, spec))
+    return float(loss)

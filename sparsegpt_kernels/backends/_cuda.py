@@ -1,0 +1,51 @@
+"""The ``cuda`` backend: the CUDA operators of ``sparsegpt_kernels._C`` (csrc/cuda), for CUDA tensors.
+
+The sweep runs one fused kernel per column block (a warp per row, the row's block in registers for all of its
+rank-1 updates), N:M selection inside that kernel, unstructured selection with ATen (kthvalue + row-major
+tie-breaking) and the lazy batch update as one cuBLAS GEMM per block. The inverse factor uses ATen's
+cuSOLVER-backed Cholesky with the reversal identity and a GEMM-based triangular inverse. float32 and float64.
+Block sizes above 1024 columns are not supported (the reference's default is 128).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..spec import SweepSpec
+
+NAME = "cuda"
+PRIORITY = 10
+
+_DTYPES = (torch.float32, torch.float64)
+MAX_BLOCK = 1024
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only, not {device.type}"
+    missing = _ext.missing_reason()
+    if missing is not None:
+        return missing
+    if not _ext.has_cuda():
+        return "the compiled extension was built without CUDA (needs a CUDA build of torch and nvcc at build time)"
+    return None
+
+
+def _check_dtype(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"the cuda backend computes in float32 or float64; {what} is {t.dtype}")
+
+
+def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
+    _check_dtype(H, "H")
+    U, info = _ext.ops().ext_inverse_factor(H, float(damp))
+    return U if int(info) == 0 else None
+
+
+def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
+    _check_dtype(W, "W")
+    if min(spec.block_size, W.shape[1]) > MAX_BLOCK:
+        raise ValueError(f"the cuda backend supports block_size <= {MAX_BLOCK}, got {spec.block_size}")
+    loss = _ext.ops().ext_sweep(W, U, *_ext.sweep_args(W, spec))
+    return float(loss)

@@ -1,0 +1,386 @@
+"""The ``cpp`` backend (compiled CPU operators of sparsegpt_kernels._C) against the reference.
+
+Skipped with a reason when the extension is not built; with SPARSEGPT_KERNELS_REQUIRE_EXT=1 (set by CI, which
+builds it) a missing extension is a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import correlated_inputs, hessian_of, recon_error
+
+import sparsegpt_kernels as sk
+from sparsegpt_kernels import _ext, reference
+from sparsegpt_kernels.backends import ENV_VAR, BackendUnavailableError, select_backend
+from sparsegpt_kernels.spec import SweepSpec
+
+REQUIRE_EXT = os.environ.get("SPARSEGPT_KERNELS_REQUIRE_EXT", "").strip() == "1"
+
+
+@pytest.fixture(autouse=True)
+def _need_extension():
+    reason = _ext.missing_reason()
+    if reason is not None:
+        if REQUIRE_EXT:
+            pytest.fail(f"SPARSEGPT_KERNELS_REQUIRE_EXT=1 but {reason}")
+        pytest.skip(reason)
+
+
+def ops():
+    return _ext.ops()
+
+
+# tolerances travel with the dtype: relative excess of reconstruction error over the torch backend's
+RECON_SLACK = {torch.float32: 1e-2, torch.float64: 1e-6}
+
+MODES = [
+    pytest.param({"sparsity": 0.5}, id="50%"),
+    pytest.param({"pattern": "2:4"}, id="2:4"),
+    pytest.param({"pattern": "4:8"}, id="4:8"),
+    pytest.param({"pattern": "1:4"}, id="1:4"),
+    pytest.param({"pattern": "2:8"}, id="2:8"),
+    pytest.param({"sparsity": 0.5, "quant_bits": 4}, id="50%-q4"),
+    pytest.param({"sparsity": 0.5, "quant_bits": 4, "quant_group_size": 40}, id="50%-q4g40"),
+    pytest.param({"pattern": "2:4", "quant_bits": 4, "quant_group_size": 40}, id="2:4-q4g40"),
+    pytest.param({"pattern": "4:8", "quant_bits": 3}, id="4:8-q3"),
+]
+
+
+def _problem(rows, cols, dtype=torch.float32, seed=0):
+    X = correlated_inputs(1024, cols, seed=seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64).to(dtype)
+    return X, W, hessian_of(X).to(dtype)
+
+
+def _check_pattern(W, kw, block):
+    rows, cols = W.shape
+    zeros = W == 0
+    exact = "quant_bits" not in kw  # quantization may round a kept weight to 0 as well
+    if "pattern" in kw:
+        n, m = sk.parse_pattern(kw["pattern"])
+        pruned = zeros.reshape(rows, cols // m, m).sum(-1)
+        assert bool((pruned == m - n).all()) if exact else bool((pruned >= m - n).all())
+    else:
+        for i1 in range(0, cols, block):
+            blk = zeros[:, i1 : i1 + block]
+            want = reference.n_pruned(kw["sparsity"], blk.numel())
+            got = int(blk.sum())
+            assert got == want if exact else got >= want
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prune_layer(backend="cpp") against backend="torch"
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", MODES)
+@pytest.mark.parametrize("rows", [1, 7, 129])
+def test_prune_layer_matches_torch(kw, rows):
+    cols, block = 200, 128  # the last block has 72 columns
+    X, W, H = _problem(rows, cols)
+    Wc, Wt = W.clone(), W.clone()
+    rc = sk.prune_layer(Wc, H, block_size=block, backend="cpp", **kw)
+    rt = sk.prune_layer(Wt, H, block_size=block, backend="torch", **kw)
+    assert rc.backend == "cpp" and rt.backend == "torch"
+    ec, et = recon_error(X, W, Wc), recon_error(X, W, Wt)
+    assert ec <= et * (1 + RECON_SLACK[torch.float32]) + 1e-9, (ec, et)
+    assert rc.loss == pytest.approx(rt.loss, rel=1e-3, abs=1e-6)
+    _check_pattern(Wc, kw, block)
+    assert rc.sparsity == pytest.approx(rt.sparsity, abs=1.0 / W.numel() + 1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"sparsity": 0.5}, {"pattern": "2:4"}, {"sparsity": 0.5, "quant_bits": 4, "quant_group_size": 32}]
+)
+def test_float64(kw):
+    X, W, H = _problem(33, 96, dtype=torch.float64, seed=5)
+    Wc, Wt = W.clone(), W.clone()
+    rc = sk.prune_layer(Wc, H, block_size=32, backend="cpp", **kw)
+    rt = sk.prune_layer(Wt, H, block_size=32, backend="torch", **kw)
+    assert Wc.dtype == torch.float64
+    ec, et = recon_error(X, W, Wc), recon_error(X, W, Wt)
+    assert ec <= et * (1 + RECON_SLACK[torch.float64]) + 1e-12
+    assert rc.loss == pytest.approx(rt.loss, rel=1e-9)
+    torch.testing.assert_close(Wc, Wt, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 16, 64, 1000])
+def test_block_sizes(block):
+    X, W, H = _problem(20, 96, seed=2)
+    Wc, Wt = W.clone(), W.clone()
+    sk.prune_layer(Wc, H, block_size=block, backend="cpp", sparsity=0.6)
+    sk.prune_layer(Wt, H, block_size=block, backend="torch", sparsity=0.6)
+    assert recon_error(X, W, Wc) <= recon_error(X, W, Wt) * 1.01
+    _check_pattern(Wc, {"sparsity": 0.6}, min(block, 96))
+
+
+def test_dead_columns():
+    X = correlated_inputs(512, 64, seed=1)
+    dead = [0, 7, 63]
+    X[:, dead] = 0
+    H = hessian_of(X)
+    W = torch.randn(16, 64)
+    Wc, Wt = W.clone(), W.clone()
+    rc = sk.prune_layer(Wc, H, sparsity=0.5, backend="cpp")
+    sk.prune_layer(Wt, H, sparsity=0.5, backend="torch")
+    assert rc.dead_columns == 3
+    assert bool((Wc[:, dead] == 0).all()) and bool(torch.isfinite(Wc).all())
+    assert recon_error(X, W, Wc) <= recon_error(X, W, Wt) * 1.01 + 1e-9
+
+
+@pytest.mark.parametrize("kw", [{"sparsity": 0.5}, {"sparsity": 0.3}, {"pattern": "2:4"}, {"pattern": "1:4"}])
+def test_ties_broken_like_the_reference(kw):
+    # a diagonal Hessian gives U diagonal (no updates), and integer weights with few distinct magnitudes tie a lot
+    cols = 64
+    H = torch.diag(torch.tensor([4.0, 1.0] * (cols // 2)))
+    W = torch.randint(-2, 3, (9, cols)).float()
+    Wc, Wt = W.clone(), W.clone()
+    sk.prune_layer(Wc, H, block_size=32, backend="cpp", **kw)
+    sk.prune_layer(Wt, H, block_size=32, backend="torch", **kw)
+    assert torch.equal(Wc == 0, Wt == 0)
+    assert torch.equal(Wc, Wt)
+
+
+def test_rank_deficient_hessian_escalates_like_torch():
+    X = torch.randn(256, 8) @ torch.randn(8, 64)
+    H = hessian_of(X)
+    H -= 1e-3 * H.diagonal().mean() * torch.eye(64)
+    H = (H + H.T) / 2
+    W = torch.randn(16, 64)
+    rc = sk.prune_layer(W.clone(), H, sparsity=0.5, damp=1e-6, backend="cpp")
+    rt = sk.prune_layer(W.clone(), H, sparsity=0.5, damp=1e-6, backend="torch")
+    assert rc.damp == rt.damp > 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bad input: rejected, weight untouched bit for bit
+# --------------------------------------------------------------------------------------------------------------------
+def _nan_weight(W, H, kw):
+    W[0, 0] = float("nan")
+    return W, H, kw
+
+
+def _nan_hessian(W, H, kw):
+    H[3, 5] = H[5, 3] = float("nan")
+    return W, H, kw
+
+
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        pytest.param(lambda W, H, kw: (W, H[:-1, :-1], kw), id="hessian-shape"),
+        pytest.param(_nan_hessian, id="hessian-nan"),
+        pytest.param(_nan_weight, id="weight-nan"),
+        pytest.param(lambda W, H, kw: (W, H.half(), kw), id="hessian-dtype"),
+        pytest.param(lambda W, H, kw: (W, H, {"pattern": "2:3"}), id="cols%M"),  # 64 columns
+        pytest.param(lambda W, H, kw: (W, H, {"pattern": "4:2"}), id="N>M"),
+        pytest.param(lambda W, H, kw: (W, H, {"pattern": "2:4", "block_size": 6}), id="block%M"),
+        pytest.param(lambda W, H, kw: (W, H, {"sparsity": 1.0}), id="sparsity"),
+        pytest.param(lambda W, H, kw: (W, H, {"block_size": 0}), id="block0"),
+        pytest.param(lambda W, H, kw: (W, H, {"quant_bits": 1}), id="bits"),
+        pytest.param(lambda W, H, kw: (W, H, {"quant_bits": 4, "quant_group_size": 48}), id="group"),
+    ],
+)
+def test_bad_input_rejected_weight_untouched(make_bad):
+    _, W, H = _problem(8, 64)
+    W, H, kw = make_bad(W, H, {})
+    W0 = W.clone()
+    with pytest.raises((ValueError, TypeError)):
+        sk.prune_layer(W, H, backend="cpp", **kw)
+    assert torch.equal(W.view(torch.int32), W0.view(torch.int32))
+
+
+def _sweep_args(W, **over):
+    rows, cols = W.shape
+    a = {"sparsity": 0.5, "n": 0, "m": 0, "block_size": 16, "scale": None, "zero": None, "maxq": 0, "group_size": 0}
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda W, U, a: (W, U[:-1], a), id="U-shape"),
+        pytest.param(lambda W, U, a: (W, U.double(), a), id="U-dtype"),
+        pytest.param(lambda W, U, a: (W.t(), U, a), id="W-noncontiguous"),
+        pytest.param(lambda W, U, a: (W, U, {**a, "n": 2, "m": 2}), id="n>=m"),
+        pytest.param(lambda W, U, a: (W, U, {**a, "n": 2, "m": 5}), id="cols%m"),
+        pytest.param(lambda W, U, a: (W, U, {**a, "n": 1, "m": 4, "block_size": 6}), id="block%m"),
+        pytest.param(lambda W, U, a: (W, U, {**a, "block_size": 0}), id="block0"),
+        pytest.param(lambda W, U, a: (W, U, {**a, "sparsity": 1.5}), id="sparsity"),
+        pytest.param(lambda W, U, a: (W, U, {**a, "scale": torch.ones(4, 2)}), id="scale-without-zero"),
+        pytest.param(lambda W, U, a: (W, U, {**a, "scale": torch.ones(4, 3), "zero": torch.ones(4, 3),
+                                              "maxq": 15, "group_size": 8}), id="scale-shape"),
+        pytest.param(lambda W, U, a: (W, U, {**a, "scale": torch.ones(4, 2), "zero": torch.ones(4, 2),
+                                              "maxq": 15, "group_size": 7}), id="group-size"),
+    ],
+)
+def test_sweep_op_rejects_bad_args_untouched(mutate):
+    W = torch.randn(4, 16)
+    U = torch.eye(16)
+    W0 = W.clone()
+    Wx, Ux, a = mutate(W, U, _sweep_args(W))
+    with pytest.raises(RuntimeError):
+        ops().ext_sweep(Wx, Ux, **a)
+    assert torch.equal(W.view(torch.int32), W0.view(torch.int32))
+
+
+def test_sweep_op_rejects_integer_weight():
+    W = torch.ones(4, 16, dtype=torch.int32)
+    W0 = W.clone()
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops().ext_sweep(W, torch.eye(16), **_sweep_args(W))
+    assert torch.equal(W, W0)
+
+
+def test_inverse_factor_op_rejects_bad_args():
+    with pytest.raises(RuntimeError, match="square"):
+        ops().ext_inverse_factor(torch.eye(3)[:2], 0.01)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops().ext_inverse_factor(torch.eye(3, dtype=torch.float16), 0.01)
+
+
+def test_nm_op_rejects_bad_args():
+    with pytest.raises(RuntimeError, match="0 < N < M"):
+        ops().ext_nm_keep_mask(torch.rand(2, 8), 4, 4)
+    with pytest.raises(RuntimeError, match="multiple of M"):
+        ops().ext_nm_keep_mask(torch.rand(2, 6), 2, 4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# each operator against its reference function
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cols", [1, 64, 300, 700])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_factor_against_reference(cols, dtype):
+    X = correlated_inputs(max(2 * cols, 64), cols, seed=cols, dtype=torch.float64)
+    X[:, :1] = 0  # a dead column
+    H = hessian_of(X).to(dtype)
+    H0 = H.clone()
+    U, info = ops().ext_inverse_factor(H, 0.01)
+    assert int(info) == 0 and U.dtype == dtype and U.shape == (cols, cols)
+    assert torch.equal(H, H0), "H was modified"
+    Uref = reference.inverse_factor(H, 0.01)
+    truth = reference.inverse_factor(H.double(), 0.01)
+    assert bool((U.tril(-1) == 0).all())
+    err = float((U.double() - truth).abs().max())
+    err_ref = float((Uref.double() - truth).abs().max())
+    scale = float(truth.abs().max())
+    eps = torch.finfo(dtype).eps
+    assert err <= 2 * err_ref + 8 * eps * scale, (err, err_ref)
+
+
+def test_inverse_factor_failure_matches_reference():
+    H = -torch.ones(4, 4) + 5 * torch.eye(4)
+    H[0, 1] = H[1, 0] = 100.0
+    assert reference.inverse_factor(H, 1e-3) is None
+    U, info = ops().ext_inverse_factor(H, 1e-3)
+    assert int(info) != 0
+    from sparsegpt_kernels.backends import _cpp
+
+    assert _cpp.inverse_factor(H, 1e-3) is None
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (2, 8), (3, 4), (1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nm_keep_mask_exact(n, m, dtype):
+    scores = torch.rand(13, 5 * m, dtype=dtype)
+    assert torch.equal(ops().ext_nm_keep_mask(scores, n, m), reference.nm_keep_mask(scores, n, m))
+    ties = torch.randint(0, 3, (3, 7, 4 * m)).to(dtype)  # many ties, 3-D
+    assert torch.equal(ops().ext_nm_keep_mask(ties, n, m), reference.nm_keep_mask(ties, n, m))
+    strided = torch.rand(4 * m, 11, dtype=dtype).T  # non-contiguous input
+    strided = strided[:, : 4 * m] if strided.shape[1] >= 4 * m else strided
+    assert torch.equal(ops().ext_nm_keep_mask(strided, n, m), reference.nm_keep_mask(strided, n, m))
+
+
+@pytest.mark.parametrize(
+    "spec_kw",
+    [
+        {"sparsity": 0.5, "n": None, "m": None},
+        {"sparsity": 0.25, "n": None, "m": None},
+        {"sparsity": 0.5, "n": 2, "m": 4},
+        {"sparsity": 0.75, "n": 1, "m": 4},
+    ],
+)
+@pytest.mark.parametrize("quant", [None, (4, 16)])
+def test_sweep_against_reference(spec_kw, quant):
+    X, W, H = _problem(37, 80, seed=7)
+    U = reference.inverse_factor(H, 0.01)
+    grid = reference.make_quant_grid(W, *quant) if quant else None
+    spec = SweepSpec(block_size=32, quant=grid, **spec_kw)
+    Wc, Wr = W.clone(), W.clone()
+    from sparsegpt_kernels.backends import _cpp
+
+    lc = _cpp.sweep(Wc, U, spec)
+    lr = reference.sweep(Wr, U, spec)
+    assert lc == pytest.approx(lr, rel=1e-4)
+    torch.testing.assert_close(Wc, Wr, rtol=1e-4, atol=1e-5)
+    assert torch.equal(Wc == 0, Wr == 0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# registration: opcheck, dispatch
+# --------------------------------------------------------------------------------------------------------------------
+def test_opcheck_inverse_factor():
+    X = correlated_inputs(256, 48, seed=3)
+    torch.library.opcheck(ops().ext_inverse_factor.default, (hessian_of(X), 0.01))
+
+
+def test_opcheck_nm_keep_mask():
+    torch.library.opcheck(ops().ext_nm_keep_mask.default, (torch.rand(6, 16), 2, 4))
+
+
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("nm", [False, True])
+def test_opcheck_sweep(quant, nm):
+    X, W, H = _problem(6, 32, seed=4)
+    U = reference.inverse_factor(H, 0.01)
+    grid = reference.make_quant_grid(W, 4, 16) if quant else None
+    args = (
+        W,
+        U,
+        0.5,
+        2 if nm else 0,
+        4 if nm else 0,
+        16,
+        grid.scale if quant else None,
+        grid.zero if quant else None,
+        grid.maxq if quant else 0,
+        grid.group_size if quant else 0,
+    )
+    torch.library.opcheck(ops().ext_sweep.default, args)
+
+
+def test_auto_prefers_cpp_over_torch(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    avail = sk.available_backends("cpu")
+    assert "cpp" in avail and avail.index("cpp") < avail.index("torch")
+    assert select_backend("auto", "cpu").PRIORITY >= 20
+
+
+def test_cpp_refuses_other_devices():
+    from sparsegpt_kernels.backends import _cpp
+
+    assert "CPU tensors only" in _cpp.unavailable_reason(torch.device("meta"))
+
+
+def test_missing_extension_is_reported(monkeypatch):
+    from sparsegpt_kernels.backends import _cpp
+
+    monkeypatch.setattr(_ext, "_loaded", True)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", "ImportError: simulated")
+    assert "simulated" in _cpp.unavailable_reason(torch.device("cpu"))
+    with pytest.raises(BackendUnavailableError, match="simulated"):
+        sk.prune_layer(torch.randn(4, 8), torch.eye(8), backend="cpp")
+
+
+def test_extension_not_loaded_at_import():
+    import subprocess
+    import sys
+
+    code = "import sys, sparsegpt_kernels; print('sparsegpt_kernels._C' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,166 @@
+"""The ``cuda`` backend (CUDA operators of sparsegpt_kernels._C) against the reference, on a CUDA device.
+
+Skipped only when torch.cuda.is_available() is False. On a CUDA machine a missing (or CPU-only) extension fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import correlated_inputs, hessian_of, recon_error
+
+import sparsegpt_kernels as sk
+from sparsegpt_kernels import _ext, reference
+from sparsegpt_kernels.spec import SweepSpec
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _need_cuda_extension():
+    reason = _ext.missing_reason()
+    assert reason is None, reason
+    assert _ext.has_cuda(), "sparsegpt_kernels._C was built without CUDA"
+
+
+def ops():
+    return _ext.ops()
+
+
+MODES = [
+    pytest.param({"sparsity": 0.5}, id="50%"),
+    pytest.param({"pattern": "2:4"}, id="2:4"),
+    pytest.param({"pattern": "4:8"}, id="4:8"),
+    pytest.param({"pattern": "1:4"}, id="1:4"),
+    pytest.param({"pattern": "2:8"}, id="2:8"),
+    pytest.param({"sparsity": 0.5, "quant_bits": 4}, id="50%-q4"),
+    pytest.param({"sparsity": 0.5, "quant_bits": 4, "quant_group_size": 40}, id="50%-q4g40"),
+    pytest.param({"pattern": "2:4", "quant_bits": 4, "quant_group_size": 40}, id="2:4-q4g40"),
+]
+
+
+def _problem(rows, cols, dtype=torch.float32, seed=0):
+    X = correlated_inputs(1024, cols, seed=seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64).to(dtype)
+    return X, W, hessian_of(X).to(dtype)
+
+
+@pytest.mark.parametrize("kw", MODES)
+@pytest.mark.parametrize("rows", [1, 7, 129])
+@pytest.mark.parametrize("block", [128, 40])
+def test_prune_layer_matches_torch(kw, rows, block):
+    cols = 200
+    X, W, H = _problem(rows, cols)
+    Wg = W.to(DEV)
+    Wt = W.clone()
+    rg = sk.prune_layer(Wg, H.to(DEV), block_size=block, backend="cuda", **kw)
+    rt = sk.prune_layer(Wt, H, block_size=block, backend="torch", **kw)
+    assert rg.backend == "cuda"
+    eg, et = recon_error(X, W, Wg.cpu()), recon_error(X, W, Wt)
+    assert eg <= et * 1.01 + 1e-9, (eg, et)
+    assert rg.loss == pytest.approx(rt.loss, rel=1e-2, abs=1e-6)
+    if "quant_bits" not in kw:
+        if "pattern" in kw:
+            n, m = sk.parse_pattern(kw["pattern"])
+            assert bool(((Wg == 0).reshape(rows, -1, m).sum(-1) == m - n).all())
+        else:
+            for i1 in range(0, cols, block):
+                blk = Wg[:, i1 : i1 + block]
+                assert int((blk == 0).sum()) == reference.n_pruned(0.5, blk.numel())
+
+
+def test_float64_matches_reference_closely():
+    X, W, H = _problem(33, 96, dtype=torch.float64, seed=5)
+    Wg, Wt = W.to(DEV), W.clone()
+    sk.prune_layer(Wg, H.to(DEV), block_size=32, backend="cuda", pattern="2:4")
+    sk.prune_layer(Wt, H, block_size=32, backend="torch", pattern="2:4")
+    torch.testing.assert_close(Wg.cpu(), Wt, rtol=1e-9, atol=1e-12)
+
+
+def test_ties_broken_like_the_reference():
+    cols = 64
+    H = torch.diag(torch.tensor([4.0, 1.0] * (cols // 2)))
+    W = torch.randint(-2, 3, (9, cols)).float()
+    for kw in ({"sparsity": 0.5}, {"pattern": "2:4"}, {"pattern": "1:4"}):
+        Wg, Wt = W.to(DEV), W.clone()
+        sk.prune_layer(Wg, H.to(DEV), block_size=32, backend="cuda", **kw)
+        sk.prune_layer(Wt, H, block_size=32, backend="torch", **kw)
+        assert torch.equal(Wg.cpu(), Wt), kw
+
+
+def test_dead_columns():
+    X = correlated_inputs(512, 64, seed=1)
+    dead = [0, 7, 63]
+    X[:, dead] = 0
+    H = hessian_of(X)
+    W = torch.randn(16, 64)
+    Wg = W.to(DEV)
+    res = sk.prune_layer(Wg, H.to(DEV), sparsity=0.5, backend="cuda")
+    assert res.dead_columns == 3 and bool((Wg[:, dead] == 0).all()) and bool(torch.isfinite(Wg).all())
+
+
+def test_bad_input_weight_untouched():
+    W = torch.randn(4, 16, device=DEV)
+    W0 = W.clone()
+    with pytest.raises(RuntimeError):
+        ops().ext_sweep(W, torch.eye(15, device=DEV), 0.5, 0, 0, 16, None, None, 0, 0)
+    with pytest.raises(RuntimeError):
+        ops().ext_sweep(W, torch.eye(16, device=DEV), 0.5, 2, 4, 6, None, None, 0, 0)
+    with pytest.raises(ValueError):
+        sk.prune_layer(W, torch.eye(16, device=DEV), pattern="2:3", backend="cuda")
+    assert torch.equal(W.view(torch.int32), W0.view(torch.int32))
+
+
+@pytest.mark.parametrize("cols", [64, 700])
+def test_inverse_factor_against_reference(cols):
+    X = correlated_inputs(2 * cols, cols, seed=cols, dtype=torch.float64)
+    H = hessian_of(X).float().to(DEV)
+    U, info = ops().ext_inverse_factor(H, 0.01)
+    assert int(info) == 0
+    truth = reference.inverse_factor(H.double().cpu(), 0.01)
+    Uref = reference.inverse_factor(H, 0.01)
+    err = float((U.double().cpu() - truth).abs().max())
+    err_ref = float((Uref.double().cpu() - truth).abs().max())
+    assert err <= 2 * err_ref + 8 * torch.finfo(torch.float32).eps * float(truth.abs().max())
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (2, 8)])
+def test_nm_keep_mask_exact(n, m):
+    scores = torch.rand(13, 5 * m, device=DEV)
+    assert torch.equal(ops().ext_nm_keep_mask(scores, n, m), reference.nm_keep_mask(scores, n, m))
+    ties = torch.randint(0, 3, (3, 7, 4 * m), device=DEV).float()
+    assert torch.equal(ops().ext_nm_keep_mask(ties, n, m), reference.nm_keep_mask(ties, n, m))
+
+
+@pytest.mark.parametrize("spec_kw", [{"sparsity": 0.5, "n": None, "m": None}, {"sparsity": 0.5, "n": 2, "m": 4}])
+def test_sweep_against_reference(spec_kw):
+    X, W, H = _problem(37, 80, seed=7)
+    U = reference.inverse_factor(H, 0.01)
+    spec = SweepSpec(block_size=32, **spec_kw)
+    Wg, Wr = W.to(DEV), W.clone()
+    from sparsegpt_kernels.backends import _cuda
+
+    lg = _cuda.sweep(Wg, U.to(DEV), spec)
+    lr = reference.sweep(Wr, U, spec)
+    assert lg == pytest.approx(lr, rel=1e-3)
+    torch.testing.assert_close(Wg.cpu(), Wr, rtol=1e-3, atol=1e-4)
+
+
+def test_opcheck():
+    X, W, H = _problem(6, 32, seed=4)
+    U = reference.inverse_factor(H, 0.01)
+    torch.library.opcheck(ops().ext_inverse_factor.default, (H.to(DEV), 0.01))
+    torch.library.opcheck(ops().ext_nm_keep_mask.default, (torch.rand(6, 16, device=DEV), 2, 4))
+    torch.library.opcheck(ops().ext_sweep.default, (W.to(DEV), U.to(DEV), 0.5, 0, 0, 16, None, None, 0, 0))
+    torch.library.opcheck(ops().ext_sweep.default, (W.to(DEV), U.to(DEV), 0.5, 2, 4, 16, None, None, 0, 0))
+
+
+def test_large_layer_matches_torch():
+    X, W, H = _problem(1024, 1024, seed=9)
+    Wg, Wt = W.to(DEV), W.to(DEV)
+    sk.prune_layer(Wg, H.to(DEV), sparsity=0.5, backend="cuda")
+    sk.prune_layer(Wt, H.to(DEV), sparsity=0.5, backend="torch")
+    assert recon_error(X, W, Wg.cpu()) <= recon_error(X, W, Wt.cpu()) * 1.01
