@@ -36,15 +36,22 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export SPARSEGPT_KERNELS_REQUIRE_EXT=1
 step build 420 "$PY" -m pip install --no-deps --no-build-isolation -e .
-step tests_gpu 300 "$PY" -m pytest -q -rs tests/test_triton_backend.py tests/test_cuda_backend.py tests/test_export.py \
+step ext_has_cuda 60 "$PY" -c "import sparsegpt_kernels._ext as e; assert e.load() and e.has_cuda(), 'no CUDA in _C'"
+step native 180 bash scripts/ci_native.sh
+# Triton's CPU-tensor tests need the interpreter; here only its CUDA tests run (TRITON_INTERPRET=0).
+step tests_triton_gpu 300 "$PY" -m pytest -q -rs tests/test_triton_backend.py -k "cuda or compile"
+step tests_gpu 300 "$PY" -m pytest -q -rs tests/test_cuda_backend.py tests/test_cpp_backend.py tests/test_export.py \
   tests/test_prune_layer.py tests/test_reference.py
 if [ "$QUICK" = "--quick" ]; then
   step bench_prune_layer 200 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes 4096x4096 --modes 0.5 2:4 \
     --csv "$OUT/results/prune_layer_cuda.csv"
 else
   step bench_prune_layer 420 "$PY" benchmarks/bench_prune_layer.py --device cuda \
-    --shapes 4096x4096 11008x4096 4096x11008 12288x12288 --modes 0.5 2:4 --csv "$OUT/results/prune_layer_cuda.csv"
+    --shapes 4096x4096 11008x4096 4096x11008 12288x12288 --modes 0.5 2:4 --backends torch triton cuda \
+    --csv "$OUT/results/prune_layer_cuda.csv"
   step bench_hinv 200 "$PY" benchmarks/bench_hinv.py --sizes 1024 4096 12288
   step bench_sweep 300 "$PY" benchmarks/bench_sweep.py --shapes 4096x4096 11008x4096 4096x11008 --modes 0.5 2:4
   step bench_nm_mask 120 "$PY" benchmarks/bench_nm_mask.py --shapes 4096x4096 11008x4096
