@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT_DIR, RESULTS_DIR, meta, print_table, time_fn, write_csv  # noqa: E402
+from common import OUT_DIR, RESULTS_DIR, bench, meta, print_table, write_csv  # noqa: E402
 
 from sparsegpt_kernels import reference  # noqa: E402
 from sparsegpt_kernels.ops.hinv import hinv_factor  # noqa: E402
@@ -30,16 +30,6 @@ from sparsegpt_kernels.ops.hinv import hinv_factor  # noqa: E402
 SIZES = [1024, 4096, 11008, 12288]
 QUICK_SIZES = [64, 96]
 H200_FP32_TFLOPS = 67.0
-
-
-def bench(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(median, p20, p80) seconds."""
-    if device.type == "cuda":
-        import triton
-
-        med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return med / 1e3, lo / 1e3, hi / 1e3
-    return time_fn(fn, device, repeats=repeats)
 
 
 def spd_hessian(c: int, device: torch.device, seed: int = 0) -> torch.Tensor:

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT_DIR, RESULTS_DIR, meta, print_table, time_fn, write_csv  # noqa: E402
+from common import OUT_DIR, RESULTS_DIR, bench, meta, print_table, write_csv  # noqa: E402
 
 from sparsegpt_kernels import reference  # noqa: E402
 from sparsegpt_kernels.ops.nm_mask import nm_keep_mask_triton  # noqa: E402
@@ -30,16 +30,6 @@ SHAPES = ["4096x4096", "11008x4096", "4096x11008", "12288x12288"]
 QUICK_SHAPES = ["64x128", "7x40"]
 PATTERNS = ["2:4", "4:8", "1:4"]
 H200_GBPS = 4300.0
-
-
-def bench(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(median, p20, p80) seconds."""
-    if device.type == "cuda":
-        import triton
-
-        med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return med / 1e3, lo / 1e3, hi / 1e3
-    return time_fn(fn, device, repeats=repeats)
 
 
 def main(argv=None) -> int:

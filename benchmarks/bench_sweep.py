@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT_DIR, RESULTS_DIR, meta, print_table, time_fn, write_csv  # noqa: E402
+from common import OUT_DIR, RESULTS_DIR, bench, meta, print_table, write_csv  # noqa: E402
 
 from sparsegpt_kernels import reference  # noqa: E402
 from sparsegpt_kernels.backends import _triton  # noqa: E402
@@ -32,16 +32,6 @@ from sparsegpt_kernels.spec import SweepSpec  # noqa: E402
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "12288x12288"]
 QUICK_SHAPES = ["64x128", "33x96"]
 H200_FP32_TFLOPS = 67.0
-
-
-def bench(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """(median, p20, p80) seconds."""
-    if device.type == "cuda":
-        import triton
-
-        med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return med / 1e3, lo / 1e3, hi / 1e3
-    return time_fn(fn, device, repeats=repeats)
 
 
 def parse_mode(mode: str, W: torch.Tensor, block: int) -> SweepSpec:

@@ -37,6 +37,16 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int = 3,
     return statistics.median(times), min(times), max(times)
 
 
+def bench(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> tuple[float, float, float]:
+    """(median, p20, p80) seconds: ``triton.testing.do_bench`` on CUDA, :func:`time_fn` (median, min, max) elsewhere."""
+    if device.type == "cuda":
+        import triton
+
+        med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return med / 1e3, lo / 1e3, hi / 1e3
+    return time_fn(fn, device, repeats=repeats)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

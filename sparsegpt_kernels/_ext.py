@@ -86,3 +86,24 @@ def sweep_args(W: torch.Tensor, spec: SweepSpec) -> tuple:
     scale = q.scale.to(W.dtype).contiguous()
     zero = q.zero.to(W.dtype).contiguous()
     return float(spec.sparsity), n, m, int(spec.block_size), scale, zero, int(q.maxq), int(q.group_size)
+
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_dtype(t: torch.Tensor, what: str, backend: str) -> None:
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"the {backend} backend computes in float32 or float64; {what} is {t.dtype}")
+
+
+def inverse_factor(H: torch.Tensor, damp: float, backend: str) -> torch.Tensor | None:
+    """``ext_inverse_factor`` with the backend interface's contract (``None`` on failure)."""
+    _check_dtype(H, "H", backend)
+    U, info = ops().ext_inverse_factor(H, float(damp))
+    return U if int(info) == 0 else None
+
+
+def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec, backend: str) -> float:
+    """``ext_sweep`` on a :class:`SweepSpec`, in place on ``W``; returns the loss."""
+    _check_dtype(W, "W", backend)
+    return float(ops().ext_sweep(W, U, *sweep_args(W, spec)))

@@ -15,8 +15,6 @@ from ..spec import SweepSpec
 NAME = "cpp"
 PRIORITY = 20
 
-_DTYPES = (torch.float32, torch.float64)
-
 
 def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
@@ -24,18 +22,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _ext.missing_reason()
 
 
-def _check_dtype(t: torch.Tensor, what: str) -> None:
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"the cpp backend computes in float32 or float64; {what} is {t.dtype}")
-
-
 def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
-    _check_dtype(H, "H")
-    U, info = _ext.ops().ext_inverse_factor(H, float(damp))
-    return U if int(info) == 0 else None
+    return _ext.inverse_factor(H, damp, NAME)
 
 
 def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
-    _check_dtype(W, "W")
-    loss = _ext.ops().ext_sweep(W, U, *_ext.sweep_args(W, spec))
-    return float(loss)
+    return _ext.sweep(W, U, spec, NAME)

@@ -17,7 +17,6 @@ from ..spec import SweepSpec
 NAME = "cuda"
 PRIORITY = 10
 
-_DTYPES = (torch.float32, torch.float64)
 MAX_BLOCK = 1024
 
 
@@ -32,20 +31,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _check_dtype(t: torch.Tensor, what: str) -> None:
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"the cuda backend computes in float32 or float64; {what} is {t.dtype}")
-
-
 def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
-    _check_dtype(H, "H")
-    U, info = _ext.ops().ext_inverse_factor(H, float(damp))
-    return U if int(info) == 0 else None
+    return _ext.inverse_factor(H, damp, NAME)
 
 
 def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
-    _check_dtype(W, "W")
     if min(spec.block_size, W.shape[1]) > MAX_BLOCK:
         raise ValueError(f"the cuda backend supports block_size <= {MAX_BLOCK}, got {spec.block_size}")
-    loss = _ext.ops().ext_sweep(W, U, *_ext.sweep_args(W, spec))
-    return float(loss)
+    return _ext.sweep(W, U, spec, NAME)
