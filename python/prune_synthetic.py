@@ -64,7 +64,8 @@ def main() -> None:
         return float(((X @ Wp.T - ref) ** 2).sum() / (ref**2).sum())
 
     print(f"layer {args.rows}x{args.cols}, {args.tokens} calibration tokens")
-    print(f"{'mode':>5}  {'magnitude':>10}  {'wanda':>10}  {'sparsegpt':>10}  {'gain vs wanda':>13}  {'time':>7}  backend")
+    print(f"{'mode':>5}  {'magnitude':>10}  {'wanda':>10}  {'sparsegpt':>10}  {'gain vs wanda':>13}  {'time':>7}  "
+          "backend")
     for mode in ["0.5", "4:8", "2:4"]:
         Wp = W.clone()
         kw = {"pattern": mode} if ":" in mode else {"sparsity": float(mode)}

@@ -19,6 +19,18 @@ from .reference import nm_keep_mask
 
 __version__ = "0.1.0"
 
+# Whole-model pruning lives in .model (it needs the [hf] extra only to load models); imported on first use.
+_MODEL_EXPORTS = ("LayerReport", "PruneReport", "load_model", "perplexity", "prune_model")
+
+
+def __getattr__(name):
+    if name in _MODEL_EXPORTS:
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BackendUnavailableError",
     "ExportError",
@@ -26,11 +38,16 @@ __all__ = [
     "SemiStructuredSupport",
     "FactorizationError",
     "HessianAccumulator",
+    "LayerReport",
+    "PruneReport",
     "PruneResult",
     "available_backends",
+    "load_model",
     "nm_keep_mask",
     "parse_pattern",
+    "perplexity",
     "prune_layer",
+    "prune_model",
     "semi_structured_support",
     "to_dense",
     "to_semi_structured",

@@ -1,0 +1,60 @@
+"""Prune a Hugging Face causal LM with SparseGPT through the Python API, then save it as a normal checkpoint.
+
+    python python/prune_hf_model.py                                   # the embedded SmolLM2-135M, 50%, on the CPU
+    python python/prune_hf_model.py --model path/to/model --pattern 2:4 --nsamples 128 --seqlen 2048 --out pruned/
+
+Calibration and evaluation text come from disjoint parts of the offline Shakespeare plays (or ``--data FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sparsegpt_kernels.model import (
+    calibration_windows,
+    eval_windows,
+    load_model,
+    load_text,
+    perplexity,
+    prune_model,
+    tokenize,
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--data", default="shakespeare")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default=None)
+    p.add_argument("--quant-bits", type=int, default=None)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="save the pruned model here (save_pretrained)")
+    args = p.parse_args()
+
+    model, tok = load_model(args.model)
+    text = load_text(args.data)
+    calib = calibration_windows(tokenize(tok, text.calibration), args.nsamples, args.seqlen, seed=0)
+    held_out = eval_windows(tokenize(tok, text.evaluation), args.seqlen, args.eval_windows)
+
+    print(f"dense perplexity:  {perplexity(model, held_out, device=args.device):.3f}")
+    t0 = time.perf_counter()
+    report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, quant_bits=args.quant_bits,
+                         device=args.device, progress=True)
+    print(report.format_table())
+    print(f"pruned perplexity: {perplexity(model, held_out, device=args.device):.3f}  "
+          f"(pruning took {time.perf_counter() - t0:.1f} s)")
+    if args.out:
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

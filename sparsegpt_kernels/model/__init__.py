@@ -1,0 +1,31 @@
+"""Whole-model pruning of transformers causal LMs (needs the ``[hf]`` extra for loading models and tokenizers).
+
+``prune_model`` works on any ``nn.Module`` with a recognisable list of decoder blocks; only the loaders in
+:mod:`.embedded` import transformers.
+"""
+
+from .blocks import NoDecoderBlocksError, find_decoder_layers, find_prunable_layers
+from .data import DataUnavailableError, calibration_and_eval, calibration_windows, eval_windows, load_text, tokenize
+from .embedded import embedded_model_dir, load_model
+from .evaluate import perplexity
+from .pipeline import METHODS, LayerReport, PruneReport, prepare_calibration, prune_model
+
+__all__ = [
+    "METHODS",
+    "DataUnavailableError",
+    "LayerReport",
+    "NoDecoderBlocksError",
+    "PruneReport",
+    "calibration_and_eval",
+    "calibration_windows",
+    "embedded_model_dir",
+    "eval_windows",
+    "find_decoder_layers",
+    "find_prunable_layers",
+    "load_model",
+    "load_text",
+    "perplexity",
+    "prepare_calibration",
+    "prune_model",
+    "tokenize",
+]

