@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -27,3 +28,16 @@ def recon_error(X: torch.Tensor, W_dense: torch.Tensor, W_pruned: torch.Tensor) 
     """||X Wᵀ − X Ŵᵀ||² in float64."""
     X = X.double()
     return float(((X @ W_dense.double().T - X @ W_pruned.double().T) ** 2).sum())
+
+
+# prune_layer modes every compiled backend is checked in against the torch reference (cols must be a multiple of 40)
+PRUNE_MODES = [
+    pytest.param({"sparsity": 0.5}, id="50%"),
+    pytest.param({"pattern": "2:4"}, id="2:4"),
+    pytest.param({"pattern": "4:8"}, id="4:8"),
+    pytest.param({"pattern": "1:4"}, id="1:4"),
+    pytest.param({"pattern": "2:8"}, id="2:8"),
+    pytest.param({"sparsity": 0.5, "quant_bits": 4}, id="50%-q4"),
+    pytest.param({"sparsity": 0.5, "quant_bits": 4, "quant_group_size": 40}, id="50%-q4g40"),
+    pytest.param({"pattern": "2:4", "quant_bits": 4, "quant_group_size": 40}, id="2:4-q4g40"),
+]

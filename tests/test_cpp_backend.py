@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import correlated_inputs, hessian_of, recon_error
+from helpers import PRUNE_MODES, correlated_inputs, hessian_of, recon_error
 
 import sparsegpt_kernels as sk
 from sparsegpt_kernels import _ext, reference
@@ -36,17 +36,7 @@ def ops():
 # tolerances travel with the dtype: relative excess of reconstruction error over the torch backend's
 RECON_SLACK = {torch.float32: 1e-2, torch.float64: 1e-6}
 
-MODES = [
-    pytest.param({"sparsity": 0.5}, id="50%"),
-    pytest.param({"pattern": "2:4"}, id="2:4"),
-    pytest.param({"pattern": "4:8"}, id="4:8"),
-    pytest.param({"pattern": "1:4"}, id="1:4"),
-    pytest.param({"pattern": "2:8"}, id="2:8"),
-    pytest.param({"sparsity": 0.5, "quant_bits": 4}, id="50%-q4"),
-    pytest.param({"sparsity": 0.5, "quant_bits": 4, "quant_group_size": 40}, id="50%-q4g40"),
-    pytest.param({"pattern": "2:4", "quant_bits": 4, "quant_group_size": 40}, id="2:4-q4g40"),
-    pytest.param({"pattern": "4:8", "quant_bits": 3}, id="4:8-q3"),
-]
+MODES = [*PRUNE_MODES, pytest.param({"pattern": "4:8", "quant_bits": 3}, id="4:8-q3")]
 
 
 def _problem(rows, cols, dtype=torch.float32, seed=0):

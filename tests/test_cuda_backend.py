@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import correlated_inputs, hessian_of, recon_error
+from helpers import PRUNE_MODES, correlated_inputs, hessian_of, recon_error
 
 import sparsegpt_kernels as sk
 from sparsegpt_kernels import _ext, reference
@@ -29,16 +29,7 @@ def ops():
     return _ext.ops()
 
 
-MODES = [
-    pytest.param({"sparsity": 0.5}, id="50%"),
-    pytest.param({"pattern": "2:4"}, id="2:4"),
-    pytest.param({"pattern": "4:8"}, id="4:8"),
-    pytest.param({"pattern": "1:4"}, id="1:4"),
-    pytest.param({"pattern": "2:8"}, id="2:8"),
-    pytest.param({"sparsity": 0.5, "quant_bits": 4}, id="50%-q4"),
-    pytest.param({"sparsity": 0.5, "quant_bits": 4, "quant_group_size": 40}, id="50%-q4g40"),
-    pytest.param({"pattern": "2:4", "quant_bits": 4, "quant_group_size": 40}, id="2:4-q4g40"),
-]
+MODES = PRUNE_MODES
 
 
 def _problem(rows, cols, dtype=torch.float32, seed=0):
