@@ -25,25 +25,6 @@ def realistic_inputs(tokens: int, cols: int, seed: int = 0) -> torch.Tensor:
     return X
 
 
-def magnitude(W: torch.Tensor, mode: str) -> torch.Tensor:
-    if ":" in mode:
-        n, m = sk.parse_pattern(mode)
-        return W * sk.nm_keep_mask(W.abs(), n, m)
-    k = int(float(mode) * W.numel() + 0.5)
-    thresh = W.abs().flatten().kthvalue(k).values
-    return W * (W.abs() > thresh)
-
-
-def wanda(W: torch.Tensor, X: torch.Tensor, mode: str) -> torch.Tensor:
-    score = W.abs() * X.norm(dim=0)
-    if ":" in mode:
-        n, m = sk.parse_pattern(mode)
-        return W * sk.nm_keep_mask(score, n, m)
-    k = int(float(mode) * W.shape[1] + 0.5)  # per output row
-    keep = torch.ones_like(W, dtype=torch.bool).scatter_(1, score.argsort(dim=1)[:, :k], False)
-    return W * keep
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1024)
@@ -72,7 +53,10 @@ def main() -> None:
         t0 = time.perf_counter()
         res = sk.prune_layer(Wp, acc, backend=args.backend, **kw)
         dt = time.perf_counter() - t0
-        e_mag, e_wanda, e_sgpt = rel_err(magnitude(W, mode)), rel_err(wanda(W, X, mode)), rel_err(Wp)
+        Wm, Ww = W.clone(), W.clone()
+        sk.magnitude_prune_(Wm, **kw)
+        sk.wanda_prune_(Ww, acc.hessian.diagonal(), **kw)  # |w|·||x||: diag(H) ∝ squared input norms
+        e_mag, e_wanda, e_sgpt = rel_err(Wm), rel_err(Ww), rel_err(Wp)
         label = "50%" if mode == "0.5" else mode
         print(f"{label:>5}  {e_mag:10.4f}  {e_wanda:10.4f}  {e_sgpt:10.4f}  {e_wanda / e_sgpt:12.1f}x  {dt:6.2f}s  "
               f"{res.backend}")

@@ -20,7 +20,9 @@ from .reference import nm_keep_mask
 __version__ = "0.1.0"
 
 # Whole-model pruning lives in .model (it needs the [hf] extra only to load models); imported on first use.
-_MODEL_EXPORTS = ("LayerReport", "PruneReport", "load_model", "perplexity", "prune_model")
+_MODEL_EXPORTS = (
+    "LayerReport", "PruneReport", "load_model", "magnitude_prune_", "perplexity", "prune_model", "wanda_prune_",
+)
 
 
 def __getattr__(name):
@@ -43,6 +45,7 @@ __all__ = [
     "PruneResult",
     "available_backends",
     "load_model",
+    "magnitude_prune_",
     "nm_keep_mask",
     "parse_pattern",
     "perplexity",
@@ -52,5 +55,6 @@ __all__ = [
     "to_dense",
     "to_semi_structured",
     "validate_nm",
+    "wanda_prune_",
     "__version__",
 ]

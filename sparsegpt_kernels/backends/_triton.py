@@ -40,8 +40,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def auto_selectable(device: torch.device) -> bool:
     """Whether ``backend="auto"`` should pick this backend on ``device`` when it is available: only on CUDA. On the
-    CPU it runs through Triton's interpreter, which is for tests and far slower than the torch backend. (Read by the
-    registry if it supports the hook; otherwise ``PRIORITY`` alone decides.)"""
+    CPU it runs through Triton's interpreter, which is for tests and far slower than the torch backend."""
     return device.type == "cuda"
 
 

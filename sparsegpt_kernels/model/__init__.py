@@ -4,6 +4,7 @@
 :mod:`.embedded` import transformers.
 """
 
+from .baselines import magnitude_prune_, wanda_prune_
 from .blocks import NoDecoderBlocksError, find_decoder_layers, find_prunable_layers
 from .data import DataUnavailableError, calibration_and_eval, calibration_windows, eval_windows, load_text, tokenize
 from .embedded import embedded_model_dir, load_model
@@ -24,8 +25,10 @@ __all__ = [
     "find_prunable_layers",
     "load_model",
     "load_text",
+    "magnitude_prune_",
     "perplexity",
     "prepare_calibration",
     "prune_model",
     "tokenize",
+    "wanda_prune_",
 ]
