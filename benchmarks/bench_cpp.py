@@ -1,8 +1,8 @@
 """CPU benchmark of the compiled ``cpp`` backend against the ``torch`` reference backend, in the same run.
 
-For each shape and mode it times ``prune_layer`` (inverse factor + sweep, what a user waits for) with both backends
+For each shape and mode it times ``prune_layer`` (factorisation + sweep, what a user waits for) with both backends
 on the same weight and Hessian, checks the reconstruction error ||XWᵀ − XŴᵀ||² of both, and compares the time with
-the CPU floor: (⅔c³ factorization + r·c² lazy-update GEMM) FLOPs at this machine's measured fp32 matmul rate.
+the CPU floor: (⅓c³ Cholesky + r·c² lazy-update GEMM) FLOPs at this machine's measured fp32 matmul rate.
 On a shared machine the absolute numbers are noisy; the ratios come from one run.
 
     python benchmarks/bench_cpp.py            # 2048² and 4096², 50% and 2:4 -> benchmarks/results/cpp_cpu.{csv,md}
@@ -117,13 +117,13 @@ def main(argv=None) -> int:
         f.write("## C++ backend on the CPU (`benchmarks/bench_cpp.py`)\n\n")
         f.write(f"{info['date']}, {info['device']}, torch {info['torch']}, Python {info['python']}. "
                 f"Measured fp32 matmul rate: {rate * 1e3:.0f} GFLOP/s. Times are medians of {repeats} runs of "
-                "`prune_layer` (inverse factor + sweep) on a shared machine; the ratios come from the same run. "
+                "`prune_layer` (factorisation + sweep) on a shared machine; the ratios come from the same run. "
                 f"Hessian from {tokens} synthetic correlated tokens; reconstruction error ||XWᵀ − XŴᵀ||² on them. "
                 f"1-minute load average at the start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} "
                 f"(on {os.cpu_count()} cores: other work slows both backends and the measured matmul rate).\n\n")
-        f.write("The CPU floor is the unavoidable dense work at the measured matmul rate: ⅔c³ FLOPs for the inverse "
-                "factor (Cholesky + triangular inverse) plus r·c² for the lazy batch updates (GEMMs with K = block "
-                "size).\n\n")
+        f.write("The CPU floor is the unavoidable dense work at the measured matmul rate: ⅓c³ FLOPs for one "
+                "Cholesky of H (the cpp backend sweeps on the Cholesky factor itself; the torch reference also "
+                "inverts it, ⅔c³ in all) plus r·c² for the lazy batch updates (GEMMs with K = block size).\n\n")
         f.write("| shape | mode | torch s | cpp s | speedup | recon cpp / torch | floor s | cpp / floor |\n")
         f.write("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
         for row in rows_out:

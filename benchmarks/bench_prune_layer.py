@@ -1,7 +1,7 @@
 """Time prune_layer per backend on real layer shapes, given a Hessian.
 
 Prints a table and writes CSV (benchmarks/results/prune_layer_<device>.csv). Every backend is compared with the
-torch reference in the same run (speedup) and with the compute floor: (⅔c³ + r·c²) FLOPs at the measured fp32 matmul
+torch reference in the same run (speedup) and with the compute floor: (⅓c³ + r·c²) FLOPs at the measured fp32 matmul
 rate of the device (or --peak-tflops).
 
     python benchmarks/bench_prune_layer.py                 # all shapes, all backends available here

@@ -18,6 +18,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import prune_flops  # noqa: E402
 
 
 def _read(path: str) -> list[dict]:
@@ -41,11 +43,11 @@ def _subtitle(rows: list[dict]) -> str:
 
 def _prune_flops(shape: str) -> float:
     r, c = (int(v) for v in shape.split("x"))
-    return 2 / 3 * c**3 + r * c**2
+    return prune_flops(r, c)
 
 
 def plot_prune(rows: list[dict], out: str) -> str:
-    """Prune time vs layer cost (⅔c³ + r·c² FLOPs, so the compute floor is a straight line), per backend, log-log."""
+    """Prune time vs layer cost (⅓c³ + r·c² FLOPs, so the compute floor is a straight line), per backend, log-log."""
     plt = _plt()
     modes = sorted({r["mode"] for r in rows})
     backends = sorted({r["backend"] for r in rows}, key=lambda b: (b != "torch", b))
@@ -72,7 +74,7 @@ def plot_prune(rows: list[dict], out: str) -> str:
         ax.set_yscale("log")
         ax.margins(y=0.2)
         ax.set_title(f"sparsity {mode}" if ":" not in mode else f"pattern {mode}")
-        ax.set_xlabel("layer size: ⅔c³ + r·c² FLOPs (r × c = out × in)")
+        ax.set_xlabel("layer size: ⅓c³ + r·c² FLOPs (r × c = out × in)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     axes[0][0].set_ylabel("prune_layer time (s)")

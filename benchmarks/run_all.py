@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     if os.path.exists(files["prune_layer"]):
         body += [_csv_table(files["prune_layer"], ["shape", "mode", "backend", "seconds", "speedup_vs_torch",
                                                    "floor_s", "frac_of_floor", "loss_vs_torch"]), "",
-                 "speedup_vs_torch: torch reference time / backend time; frac_of_floor: (⅔c³ + r·c²) FLOPs at the "
+                 "speedup_vs_torch: torch reference time / backend time; frac_of_floor: (⅓c³ + r·c²) FLOPs at the "
                  "measured fp32 matmul rate / measured time (1.0 = at the compute floor).", ""]
         if "prune_time" in png:
             body += [_img(png["prune_time"], md_path, "prune time vs layer size"), ""]

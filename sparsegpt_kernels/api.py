@@ -81,9 +81,30 @@ def _weight_of(layer) -> tuple[torch.Tensor, bool]:
     )
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite: min and max propagate NaN and show ±Inf (one reduction, no temporary)."""
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise ValueError(f"{what} contains NaN or Inf")
+
+
+#: Rows of H compared with the matching columns at a time in the symmetry check (bounded temporaries).
+_SYM_CHUNK = 256
+
+
+def _max_asymmetry(H: torch.Tensor) -> float:
+    """max |H − Hᵀ|, over the upper triangle in row panels (reading Hᵀ panel by panel is cache-friendly)."""
+    n = H.shape[0]
+    worst = 0.0
+    for i in range(0, n, _SYM_CHUNK):
+        j = min(n, i + _SYM_CHUNK)
+        lo, hi = torch.aminmax(H[i:j, i:] - H[i:, i:j].T)
+        worst = max(worst, float(hi), -float(lo))
+    return worst
 
 
 def _validate_hessian(H, in_features: int, weight: torch.Tensor) -> torch.Tensor:
@@ -101,11 +122,12 @@ def _validate_hessian(H, in_features: int, weight: torch.Tensor) -> torch.Tensor
         raise TypeError(f"hessian dtype must be float32 or float64, got {H.dtype} (accumulate in float32 or better)")
     if H.device != weight.device:
         raise ValueError(f"hessian is on {H.device} but the weight is on {weight.device}")
-    scale = float(H.abs().max())  # NaN and Inf propagate through max: this doubles as the finiteness check
-    if not math.isfinite(scale):
+    lo, hi = (float(x) for x in torch.aminmax(H))  # NaN and Inf propagate: this doubles as the finiteness check
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("hessian contains NaN or Inf")
+    scale = max(abs(lo), abs(hi))
     tol = (1e-4 if H.dtype == torch.float32 else 1e-10) * max(scale, 1e-30)
-    asym = float((H - H.T).abs().max())
+    asym = _max_asymmetry(H)
     if asym > tol:
         raise ValueError(f"hessian is not symmetric (max |H - Hᵀ| = {asym:.3g}, |H|max = {scale:.3g})")
     if bool((H.diagonal() < 0).any()):
@@ -195,9 +217,15 @@ def prune_layer(
         # cols and block_size are multiples of M for N:M, so the clamp keeps the block a multiple of M
         spec = SweepSpec(sparsity=float(sparsity), n=n, m=m, block_size=min(block_size, cols), quant=grid)
 
+        # backends that never form U factor H itself (R with H + damping = R Rᵀ) and sweep on that
+        factor, sweep = (
+            (be.cholesky_factor, be.sweep_cholesky)
+            if hasattr(be, "cholesky_factor")
+            else (be.inverse_factor, be.sweep)
+        )
         used = float(damp)
         for _ in range(MAX_DAMP_RETRIES + 1):
-            U = be.inverse_factor(Hc, used)
+            U = factor(Hc, used)
             if U is not None:
                 break
             logger.warning("sparsegpt_kernels: Hessian factorisation failed at damp=%g; retrying with more", used)
@@ -207,12 +235,12 @@ def prune_layer(
                 f"could not factorise the Hessian even with damp={used / DAMP_GROWTH:g} "
                 f"(started at {damp:g}); is it a Gram matrix of finite inputs?"
             )
-        loss = be.sweep(W, U, spec)
-        if not bool(torch.isfinite(W).all()) or not math.isfinite(loss):
+        loss = sweep(W, U, spec)
+        if not _all_finite(W) or not math.isfinite(loss):
             raise FloatingPointError("pruning produced NaN/Inf; the weight was left unchanged")
         out = W.T if transposed else W
         weight.copy_(out.to(weight.dtype))
-        achieved = float((weight == 0).sum()) / weight.numel()
+        achieved = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
     return PruneResult(
         loss=float(loss),
         sparsity=achieved,

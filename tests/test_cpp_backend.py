@@ -207,29 +207,37 @@ def _sweep_args(W, **over):
                                               "maxq": 15, "group_size": 7}), id="group-size"),
     ],
 )
-def test_sweep_op_rejects_bad_args_untouched(mutate):
+@pytest.mark.parametrize("op", ["ext_sweep", "ext_sweep_cholesky"])
+def test_sweep_op_rejects_bad_args_untouched(mutate, op):
     W = torch.randn(4, 16)
     U = torch.eye(16)
     W0 = W.clone()
     Wx, Ux, a = mutate(W, U, _sweep_args(W))
     with pytest.raises(RuntimeError):
-        ops().ext_sweep(Wx, Ux, **a)
+        getattr(ops(), op)(Wx, Ux, **a)
     assert torch.equal(W.view(torch.int32), W0.view(torch.int32))
 
 
-def test_sweep_op_rejects_integer_weight():
+@pytest.mark.parametrize("op", ["ext_sweep", "ext_sweep_cholesky"])
+def test_sweep_op_rejects_integer_weight(op):
     W = torch.ones(4, 16, dtype=torch.int32)
     W0 = W.clone()
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops().ext_sweep(W, torch.eye(16), **_sweep_args(W))
+        getattr(ops(), op)(W, torch.eye(16), **_sweep_args(W))
     assert torch.equal(W, W0)
 
 
-def test_inverse_factor_op_rejects_bad_args():
+@pytest.mark.parametrize("op", ["ext_inverse_factor", "ext_cholesky_factor"])
+def test_factor_op_rejects_bad_args(op):
+    f = getattr(ops(), op)
     with pytest.raises(RuntimeError, match="square"):
-        ops().ext_inverse_factor(torch.eye(3)[:2], 0.01)
+        f(torch.eye(3)[:2], 0.01)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops().ext_inverse_factor(torch.eye(3, dtype=torch.float16), 0.01)
+        f(torch.eye(3, dtype=torch.float16), 0.01)
+    with pytest.raises(RuntimeError, match="damp"):
+        f(torch.eye(3), -1.0)
+    with pytest.raises(RuntimeError, match="damp"):
+        f(torch.eye(3), float("nan"))
 
 
 def test_nm_op_rejects_bad_args():
@@ -242,19 +250,25 @@ def test_nm_op_rejects_bad_args():
 # --------------------------------------------------------------------------------------------------------------------
 # each operator against its reference function
 # --------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cols", [1, 64, 300, 700])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inverse_factor_against_reference(cols, dtype):
+def _run_factor(op, cols, dtype):
+    """(H, factor) for a correlated Hessian with a dead column; checks status, shape, layout and that H is kept."""
     X = correlated_inputs(max(2 * cols, 64), cols, seed=cols, dtype=torch.float64)
     X[:, :1] = 0  # a dead column
     H = hessian_of(X).to(dtype)
     H0 = H.clone()
-    U, info = ops().ext_inverse_factor(H, 0.01)
-    assert int(info) == 0 and U.dtype == dtype and U.shape == (cols, cols)
+    F, info = getattr(ops(), op)(H, 0.01)
+    assert int(info) == 0 and F.dtype == dtype and F.shape == (cols, cols) and F.is_contiguous()
     assert torch.equal(H, H0), "H was modified"
+    assert bool((F.tril(-1) == 0).all()) and bool((F.diagonal() > 0).all())
+    return H, F
+
+
+@pytest.mark.parametrize("cols", [1, 64, 300, 700])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inverse_factor_against_reference(cols, dtype):
+    H, U = _run_factor("ext_inverse_factor", cols, dtype)
     Uref = reference.inverse_factor(H, 0.01)
     truth = reference.inverse_factor(H.double(), 0.01)
-    assert bool((U.tril(-1) == 0).all())
     err = float((U.double() - truth).abs().max())
     err_ref = float((Uref.double() - truth).abs().max())
     scale = float(truth.abs().max())
@@ -262,15 +276,37 @@ def test_inverse_factor_against_reference(cols, dtype):
     assert err <= 2 * err_ref + 8 * eps * scale, (err, err_ref)
 
 
-def test_inverse_factor_failure_matches_reference():
+@pytest.mark.parametrize("op", ["inverse_factor", "cholesky_factor"])
+def test_factor_failure_matches_reference(op):
     H = -torch.ones(4, 4) + 5 * torch.eye(4)
     H[0, 1] = H[1, 0] = 100.0
     assert reference.inverse_factor(H, 1e-3) is None
-    U, info = ops().ext_inverse_factor(H, 1e-3)
+    F, info = getattr(ops(), f"ext_{op}")(H, 1e-3)
     assert int(info) != 0
     from sparsegpt_kernels.backends import _cpp
 
-    assert _cpp.inverse_factor(H, 1e-3) is None
+    assert getattr(_cpp, op)(H, 1e-3) is None
+    assert reference.inverse_factor(H, 100.0) is not None  # enough damping makes it positive definite
+    assert getattr(_cpp, op)(H, 100.0) is not None
+
+
+@pytest.mark.parametrize("cols", [1, 64, 300, 700])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cholesky_factor_against_reference(cols, dtype):
+    H, R = _run_factor("ext_cholesky_factor", cols, dtype)
+    eps = torch.finfo(dtype).eps
+    # R Rᵀ is the damped Hessian (dead column fixed), to Cholesky's backward error
+    Hd = reference.damped_hessian(H.double(), 0.01)
+    Rd = R.double()
+    resid = float((Rd @ Rd.T - Hd).abs().max())
+    assert resid <= 4 * cols * eps * float(Hd.diagonal().max()), resid
+    # R⁻¹ is U, the factor the reference sweeps with; R's error, seen through U, is no worse than the reference's
+    # own (float32), or within the rounding of the triangular solve done here (float64)
+    truth = reference.inverse_factor(H.double(), 0.01)
+    U = torch.linalg.solve_triangular(Rd, torch.eye(cols, dtype=torch.float64), upper=True)
+    err = float((U - truth).abs().max())
+    err_ref = float((reference.inverse_factor(H, 0.01).double() - truth).abs().max())
+    assert err <= 2 * err_ref + cols * eps * float(truth.abs().max()), (err, err_ref)
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (2, 8), (3, 4), (1, 2)])
@@ -310,12 +346,91 @@ def test_sweep_against_reference(spec_kw, quant):
     assert torch.equal(Wc == 0, Wr == 0)
 
 
+@pytest.mark.parametrize(
+    "spec_kw",
+    [
+        pytest.param({"sparsity": 0.5, "n": None, "m": None, "block_size": 32}, id="50%"),
+        pytest.param({"sparsity": 0.3, "n": None, "m": None, "block_size": 40}, id="30%-partial-block"),
+        pytest.param({"sparsity": 0.5, "n": 2, "m": 4, "block_size": 32}, id="2:4"),
+        pytest.param({"sparsity": 0.5, "n": 4, "m": 8, "block_size": 32}, id="4:8"),
+        pytest.param({"sparsity": 2 / 3, "n": 1, "m": 3, "block_size": 48}, id="1:3"),
+        pytest.param({"sparsity": 2 / 3, "n": 2, "m": 6, "block_size": 48}, id="2:6"),
+        pytest.param({"sparsity": 0.5, "n": None, "m": None, "block_size": 96}, id="one-block"),
+        pytest.param({"sparsity": 0.5, "n": None, "m": None, "block_size": 1}, id="B=1"),
+    ],
+)
+@pytest.mark.parametrize("quant", [None, (4, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_sweep_cholesky_against_reference(spec_kw, quant, dtype, rows):
+    """The sweep on R (what prune_layer runs here) against the reference sweep on U = R⁻¹: same masks, same weights
+    to rounding (well-conditioned H, so that rounding cannot flip a decision)."""
+    X, W, H = _problem(rows, 96, dtype=dtype, seed=11)
+    from sparsegpt_kernels.backends import _cpp
+
+    R = _cpp.cholesky_factor(H, 0.01)
+    U = reference.inverse_factor(H.double(), 0.01).to(dtype)
+    grid = reference.make_quant_grid(W, *quant) if quant else None
+    spec = SweepSpec(quant=grid, **spec_kw)
+    Wc, Wr = W.clone(), W.clone()
+    lc = _cpp.sweep_cholesky(Wc, R, spec)
+    lr = reference.sweep(Wr, U, spec)
+    tol = {torch.float32: 2e-4, torch.float64: 1e-9}[dtype]
+    assert torch.equal(Wc == 0, Wr == 0)
+    assert lc == pytest.approx(lr, rel=tol)
+    torch.testing.assert_close(Wc, Wr, rtol=tol, atol=tol)
+
+
+def test_sweep_cholesky_tracks_float64_like_the_reference():
+    """On a rank-deficient Hessian (condition number ~2e4 after damping) float32 results stay as close to the
+    float64 result as the float32 reference's do."""
+    cols, rank = 320, 8
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4 * cols, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, cols, generator=g, dtype=torch.float64
+    ) + 1e-3 * torch.randn(4 * cols, cols, generator=g, dtype=torch.float64)
+    X[:, 3] *= 30
+    H = hessian_of(X)
+    W = torch.randn(64, cols, generator=g, dtype=torch.float64)
+    for kw in ({"sparsity": 0.5}, {"pattern": "2:4"}):
+        truth = W.clone()
+        sk.prune_layer(truth, H, backend="torch", **kw)
+        dev = {}
+        for be in ("torch", "cpp"):
+            W32 = W.float()
+            sk.prune_layer(W32, H.float(), backend=be, **kw)
+            assert torch.equal(W32 == 0, truth == 0), (be, kw)
+            dev[be] = float((W32.double() - truth).abs().max())
+        assert dev["cpp"] <= 3 * dev["torch"], (kw, dev)
+
+
+def test_prune_layer_runs_on_the_cholesky_factor(monkeypatch):
+    """prune_layer(backend="cpp") never forms U: it factors H and sweeps on R."""
+    from sparsegpt_kernels.backends import _cpp
+
+    def no_inverse(*args):
+        raise AssertionError("the U-driven path was used")
+
+    monkeypatch.setattr(_cpp, "inverse_factor", no_inverse)
+    monkeypatch.setattr(_cpp, "sweep", no_inverse)
+    X, W, H = _problem(16, 64)
+    Wt = W.clone()
+    res = sk.prune_layer(W, H, backend="cpp", pattern="2:4")
+    sk.prune_layer(Wt, H, backend="torch", pattern="2:4")
+    assert res.backend == "cpp" and torch.equal(W == 0, Wt == 0)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # registration: opcheck, dispatch
 # --------------------------------------------------------------------------------------------------------------------
 def test_opcheck_inverse_factor():
     X = correlated_inputs(256, 48, seed=3)
     torch.library.opcheck(ops().ext_inverse_factor.default, (hessian_of(X), 0.01))
+
+
+def test_opcheck_cholesky_factor():
+    X = correlated_inputs(256, 48, seed=3)
+    torch.library.opcheck(ops().ext_cholesky_factor.default, (hessian_of(X), 0.01))
 
 
 def test_opcheck_nm_keep_mask():
@@ -341,6 +456,8 @@ def test_opcheck_sweep(quant, nm):
         grid.group_size if quant else 0,
     )
     torch.library.opcheck(ops().ext_sweep.default, args)
+    R, _ = ops().ext_cholesky_factor(H, 0.01)
+    torch.library.opcheck(ops().ext_sweep_cholesky.default, (args[0], R, *args[2:]))
 
 
 def test_auto_prefers_cpp_over_torch(monkeypatch):

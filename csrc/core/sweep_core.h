@@ -1,11 +1,11 @@
 // Torch-free numeric core of the SparseGPT column sweep (CPU): quantization, N:M and unstructured mask selection,
 // and the blocked sweep driver. Used by the ATen operators (csrc/cpu/ops.cpp) and by the C++ unit tests.
 //
-// Layout: W is (rows, cols) row-major with leading dimension ldw; U is (cols, cols) row-major with leading
-// dimension ldu, upper triangular (the upper Cholesky factor of the damped inverse Hessian). Everything follows
-// the pure-PyTorch reference (sparsegpt_kernels/reference.py), including its tie-breaking: among equal scores the
-// element that comes first (lower column for N:M, lower row-major index inside the block for unstructured) is
-// pruned first. Arithmetic is done in T in the same order as the reference.
+// Layout: W is (rows, cols) row-major with leading dimension ldw; the factor G is (cols, cols) row-major, upper
+// triangular: U (the upper Cholesky factor of the damped inverse Hessian) or R (H = R Rᵀ; see Factor). Everything
+// follows the pure-PyTorch reference (sparsegpt_kernels/reference.py), including its tie-breaking: among equal
+// scores the element that comes first (lower column for N:M, lower row-major index inside the block for
+// unstructured) is pruned first. Driven by U, the in-block arithmetic is the reference's, operation for operation.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace sgk {
@@ -89,15 +90,35 @@ inline void select_k_lowest(const T* scores, int64_t count, int64_t k, uint8_t* 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// What the sweep does. n == 0 (and m == 0) means unstructured with `sparsity`.
+// The factor that drives the sweep. Both run the same algorithm (ALGORITHM.md), with the same weights at the start
+// of every block and the same in-block steps, up to rounding.
+//
+// kInverse:  G = U, the upper Cholesky factor of H^-1 (H^-1 = U^T U). The reference, step for step: in the block,
+//            err = (w - q) / U_jj and W[:, j+1:i2] -= err * U[j, j+1:i2]; then W[:, i2:] -= E @ U[blk, i2:].
+// kCholesky: G = R, the upper triangular factor with H = R R^T (the reversed Cholesky factor; U = R^-1). No
+//            inverse of R is formed: with D = W0 - Q (the total change of the finished columns, W0 the ORIGINAL
+//            weights), the reference's weights at the start of a block are
+//              W_blk = W0_blk + (D_done @ R[done, blk]) @ inv(R[blk, blk]),
+//            because U[done, rest] = -inv(R_done) R[done, rest] inv(R_rest) and E_done = D_done R[done, done], and
+//            inv(R[blk, blk]) is exactly U[blk, blk], the block of U the in-block steps use. So the sweep keeps
+//            A = D_done @ R[done, :] in a buffer (rows, cols) updated by one GEMM per block, forms W_blk with a
+//            (rows, B) x (B, B) GEMM, and runs the in-block steps with inv(R[blk, blk]) (B^3/3 per block). The
+//            factorisation costs c^3/3 instead of 2c^3/3, and the coupling between blocks never goes through an
+//            explicit inverse.
 // ---------------------------------------------------------------------------------------------------------------
+enum class Factor { kInverse, kCholesky };
+
+// What the sweep does. n == 0 (and m == 0) means unstructured with `sparsity`.
 template <typename T>
 struct SweepParams {
   int64_t rows = 0, cols = 0;
-  T* W = nullptr;
+  T* W = nullptr;  // (rows, cols), leading dimension ldw: the weights in, the pruned weights out
   int64_t ldw = 0;
-  const T* U = nullptr;
-  int64_t ldu = 0;
+  const T* G = nullptr;  // (cols, cols) upper triangular, leading dimension ldg: U or R (see Factor)
+  int64_t ldg = 0;
+  Factor factor = Factor::kInverse;
+  T* A = nullptr;  // kCholesky with more than one block: scratch of (rows, cols), leading dimension lda
+  int64_t lda = 0;
   double sparsity = 0.0;
   int64_t n = 0, m = 0;
   int64_t block_size = 128;
@@ -120,7 +141,11 @@ inline void check_params(const SweepParams<T>& p) {
   auto fail = [](const char* what) { throw std::invalid_argument(what); };
   if (p.rows < 0 || p.cols < 0) fail("negative shape");
   if (p.block_size < 1) fail("block_size must be >= 1");
-  if (p.ldw < p.cols || p.ldu < p.cols) fail("leading dimension smaller than cols");
+  if (p.ldw < p.cols || p.ldg < p.cols) fail("leading dimension smaller than cols");
+  if (p.G == nullptr && p.cols > 0) fail("no factor");
+  if (p.factor == Factor::kCholesky && p.cols > p.block_size && (p.A == nullptr || p.lda < p.cols)) {
+    fail("the Cholesky-driven sweep needs scratch A with lda >= cols");
+  }
   const bool nm = p.m != 0;
   if (nm) {
     if (!(0 < p.n && p.n < p.m)) fail("N:M needs 0 < N < M");
@@ -137,136 +162,402 @@ inline void check_params(const SweepParams<T>& p) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Steps 1 (N:M) and 2 of ALGORITHM.md for rows [r0, r1) of the column block [i1, i2).
-// Tiles of kRowsPerTile rows are copied into `work` ((kRowsPerTile, B)) and swept column by column while they sit
-// in cache (the tile and U[i1:i2, i1:i2] stay in L1/L2 for the whole block). `pruned` is the unstructured mask of the
-// block ((rows, B) row-major) or nullptr for N:M. E receives the errors ((rows, B) row-major). Returns Σ err² over
-// the rows. `work` holds kRowsPerTile * B values, `nm_pruned` kRowsPerTile * B flags, `nm_scores` m values.
-// ---------------------------------------------------------------------------------------------------------------
-constexpr int64_t kRowsPerTile = 8;
+// Ui = inverse of the upper triangular (B, B) block R (leading dimension ldr), into Ui (B, B) row-major with zeros
+// below the diagonal, columns [k0, k1) only. Back substitution per column in double, rounded once.
+template <typename T>
+inline void upper_inverse_columns(const T* R, int64_t ldr, int64_t B, int64_t k0, int64_t k1, T* Ui) {
+  std::vector<double> x(static_cast<size_t>(B));
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t i = k; i >= 0; --i) {
+      double acc = i == k ? 1.0 : 0.0;
+      for (int64_t l = i + 1; l <= k; ++l) acc -= static_cast<double>(R[i * ldr + l]) * x[l];
+      x[i] = acc / static_cast<double>(R[i * ldr + i]);
+    }
+    for (int64_t i = 0; i < B; ++i) Ui[i * B + k] = i <= k ? static_cast<T>(x[i]) : T(0);
+  }
+}
+
+// Rows per tile. A tile is stored column-major ((B, kLanes): the kLanes rows of one column are contiguous), so the
+// in-block updates run across rows, kLanes at a time, whatever the remaining length of the block.
+constexpr int64_t kLanes = 8;
 // Threads only pay off for enough work per chunk: a thread synchronisation costs far more than a small tile.
 constexpr int64_t kScoreGrainRows = 512;
-constexpr int64_t kSweepGrainElems = int64_t{1} << 21;  // ~ rows * B * B multiply-adds per chunk
+constexpr int64_t kSweepGrainElems = int64_t{1} << 21;  // ~ rows * B * B / 2 multiply-adds per chunk
 
-// x[k] -= a * y[k] (two roundings per element, like the reference: no fused multiply-add)
+// kLanes values as one SIMD value. With GCC/Clang vector extensions the compiler maps it onto the target's vector
+// registers (two SSE registers for float on baseline x86-64); elsewhere a plain loop the compiler may vectorise.
+#if defined(__GNUC__) || defined(__clang__)
 template <typename T>
-inline void axpy_neg(T* __restrict x, const T* __restrict y, T a, int64_t len) {
-  for (int64_t k = 0; k < len; ++k) x[k] -= a * y[k];
+struct LaneVec;
+template <>
+struct LaneVec<float> {
+  typedef float type __attribute__((vector_size(sizeof(float) * kLanes)));
+};
+template <>
+struct LaneVec<double> {
+  typedef double type __attribute__((vector_size(sizeof(double) * kLanes)));
+};
+
+// work[k] += p[0] * g[0][k], then += p[1] * g[1][k], ... (in that order, two roundings each) for k in [k0, k1);
+// work and p hold kLanes values per column / per factor row.
+template <typename T, int C>
+inline void lane_update(T* work, const T* const* g, const T* p, int64_t k0, int64_t k1) {
+  using V = typename LaneVec<T>::type;
+  V pv[C];
+  for (int c = 0; c < C; ++c) std::memcpy(&pv[c], p + c * kLanes, sizeof(V));
+  for (int64_t k = k0; k < k1; ++k) {
+    V w;
+    std::memcpy(&w, work + k * kLanes, sizeof(V));
+    for (int c = 0; c < C; ++c) w += pv[c] * g[c][k];
+    std::memcpy(work + k * kLanes, &w, sizeof(V));
+  }
+}
+#else
+template <typename T, int C>
+inline void lane_update(T* work, const T* const* g, const T* p, int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k) {
+    T* w = work + k * kLanes;
+    for (int c = 0; c < C; ++c) {
+      const T gk = g[c][k];
+      for (int64_t t = 0; t < kLanes; ++t) w[t] += p[c * kLanes + t] * gk;
+    }
+  }
+}
+#endif
+
+// Columns decided before their updates reach the rest of the block together (a rank-kChunk update reads and writes
+// each weight once instead of kChunk times). float: 4 (8 accumulator halves + 8 broadcasts fit 16 SSE registers).
+template <typename T>
+constexpr int kChunk = sizeof(T) == 4 ? 4 : 2;
+
+// Per-thread scratch of the tile sweep.
+template <typename T>
+struct TileScratch {
+  std::vector<T> work, w0, pv, nm_scores;
+  std::vector<uint8_t> nm_pruned;
+  TileScratch(int64_t B, int64_t m, bool chol)
+      : work(static_cast<size_t>(B * kLanes)),
+        w0(chol ? static_cast<size_t>(B * kLanes) : 0),
+        pv(static_cast<size_t>(kChunk<T> * kLanes)),
+        nm_scores(static_cast<size_t>(m * kLanes)),
+        nm_pruned(m ? static_cast<size_t>(B * kLanes) : 0) {}
+};
+
+// Where the current weights of a block are read from, and the block of the in-block factor (U[blk, blk]).
+template <typename T>
+struct BlockView {
+  int64_t i1 = 0, i2 = 0;
+  const T* cur = nullptr;  // (rows, B) current weights at the start of the block, leading dimension ldc
+  int64_t ldc = 0;
+  const T* Ub = nullptr;  // (B, B) upper triangular, leading dimension ldub
+  int64_t ldub = 0;
+};
+
+// N:M selection of one group for kLanes rows at once (nm_prune_group per lane, without branches): `w` holds the
+// group's m columns ((m, kLanes)), `diag` the factor's diagonal entries of those columns with stride `dstride`.
+// pruned[(c, t)] = 1 for the m - n lowest scores w²/d² of lane t, earlier column first among equal scores.
+template <typename T>
+inline void nm_select_lanes(const T* w, const T* diag, int64_t dstride, int64_t n, int64_t m, uint8_t* pruned,
+                            T* sc) {
+  for (int64_t c = 0; c < m; ++c) {
+    const T dc = diag[c * dstride];
+    const T dd = dc * dc;
+    for (int64_t t = 0; t < kLanes; ++t) sc[c * kLanes + t] = (w[c * kLanes + t] * w[c * kLanes + t]) / dd;
+  }
+  const int64_t drop = m - n;
+  for (int64_t c = 0; c < m; ++c) {
+    const T* si = sc + c * kLanes;
+    int32_t rank[kLanes] = {};
+    for (int64_t j = 0; j < c; ++j) {  // earlier columns rank below on ties
+      const T* sj = sc + j * kLanes;
+      for (int64_t t = 0; t < kLanes; ++t) rank[t] += sj[t] <= si[t];
+    }
+    for (int64_t j = c + 1; j < m; ++j) {
+      const T* sj = sc + j * kLanes;
+      for (int64_t t = 0; t < kLanes; ++t) rank[t] += sj[t] < si[t];
+    }
+    for (int64_t t = 0; t < kLanes; ++t) pruned[c * kLanes + t] = rank[t] < drop;
+  }
 }
 
-template <typename T, bool nm, bool quant>
-inline double sweep_rows_impl(const SweepParams<T>& p, int64_t i1, int64_t i2, int64_t r0, int64_t r1,
-                              const uint8_t* pruned, T* E, T* work, uint8_t* nm_pruned, T* nm_scores) {
-  const int64_t B = i2 - i1;
-  const T* U = p.U;
-  const int64_t ldu = p.ldu;
+// ---------------------------------------------------------------------------------------------------------------
+// Steps 1 (N:M) and 2 of ALGORITHM.md for the rows [r0, r0 + tr) (tr <= kLanes) of a block.
+// maskT: the unstructured mask of the block, transposed ((B, ldm), 1 = pruned; unused for N:M). PT receives what the
+// lazy update needs, transposed ((B, ldp)): -err (kInverse) or W0 - q (kCholesky). maskT and PT have at least
+// r0 + kLanes columns (padding lanes read zeros and write into the padding). The pruned weights go to W.
+// Returns Σ err² over the tile.
+// Columns are decided in chunks of `chunk`: inside a chunk one after the other (each one's update reaching the
+// chunk's later columns first), then the chunk's updates reach the rest of the block together. Every weight gets
+// its updates in column order, with the reference's roundings, so the result does not depend on the chunking.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T, Factor F, bool nm, bool quant>
+inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr,
+                         const uint8_t* maskT, int64_t ldm, T* PT, int64_t ldp, TileScratch<T>& s, int64_t chunk) {
+  constexpr bool chol = F == Factor::kCholesky;
+  constexpr int C = kChunk<T>;
+  const int64_t i1 = v.i1, B = v.i2 - v.i1;
+  T* work = s.work.data();
+  T* w0 = s.w0.data();
+  // transpose the tile in: kLanes row streams read, contiguous writes; padding lanes are zero weights, which stay
+  // zero and propagate nothing
+  const T* crow[kLanes];
+  const T* orow[kLanes];
+  for (int64_t t = 0; t < kLanes; ++t) {
+    crow[t] = t < tr ? v.cur + (r0 + t) * v.ldc : nullptr;
+    orow[t] = t < tr ? p.W + (r0 + t) * p.ldw + i1 : nullptr;  // W still holds the original weights of this block
+  }
+  for (int64_t k = 0; k < B; ++k) {
+    for (int64_t t = 0; t < kLanes; ++t) work[k * kLanes + t] = t < tr ? crow[t][k] : T(0);
+    if (chol) {
+      for (int64_t t = 0; t < kLanes; ++t) w0[k * kLanes + t] = t < tr ? orow[t][k] : T(0);
+    }
+  }
+  T* pv = s.pv.data();  // (chunk, kLanes): -err of the chunk's columns
   const T maxq = static_cast<T>(p.maxq);
-  double loss = 0.0;
-  for (int64_t t0 = r0; t0 < r1; t0 += kRowsPerTile) {
-    const int64_t tr = std::min(kRowsPerTile, r1 - t0);
-    for (int64_t t = 0; t < tr; ++t) std::memcpy(work + t * B, p.W + (t0 + t) * p.ldw + i1, sizeof(T) * B);
-    for (int64_t j = 0; j < B; ++j) {
-      const int64_t col = i1 + j;
-      const T* urow = U + col * ldu + i1;  // row j of U1 = U[i1:i2, i1:i2]
-      const T dj = urow[j];
+  T qs[kLanes] = {}, qz[kLanes] = {};  // quantization grid of the tile's rows for group qg
+  int64_t qg = -1;
+  double loss[kLanes] = {};
+  const T* urows[C];
+  for (int64_t j0 = 0; j0 < B; j0 += chunk) {
+    const int64_t cw = std::min(chunk, B - j0);
+    for (int64_t c = 0; c < cw; ++c) {
+      const int64_t j = j0 + c, col = i1 + j;
+      const T* urow = v.Ub + j * v.ldub;  // row j of U[blk, blk]
+      urows[c] = urow;
+      const T d = urow[j];
+      T* wj = work + j * kLanes;
       if (nm && j % p.m == 0) {
-        // score the group with the current (already updated) weights, per row
-        for (int64_t t = 0; t < tr; ++t) {
-          const T* w = work + t * B;
-          for (int64_t c = 0; c < p.m; ++c) {
-            const T dc = U[(col + c) * ldu + col + c];
-            nm_scores[c] = (w[j + c] * w[j + c]) / (dc * dc);
-          }
-          nm_prune_group(nm_scores, p.n, p.m, nm_pruned + t * B + j);
+        // score the group with the current (already updated) weights
+        nm_select_lanes(wj, urow + j, v.ldub + 1, p.n, p.m, s.nm_pruned.data() + j * kLanes, s.nm_scores.data());
+      }
+      if (quant && col / p.group_size != qg) {
+        qg = col / p.group_size;
+        for (int64_t t = 0; t < kLanes; ++t) {
+          const int64_t row = std::min(r0 + t, p.rows - 1);  // padding lanes: any finite grid (0 maps to 0)
+          qs[t] = p.scale[row * p.ldq + qg];
+          qz[t] = p.zero[row * p.ldq + qg];
         }
       }
-      const int64_t g = quant ? col / p.group_size : 0;
-      for (int64_t t = 0; t < tr; ++t) {
-        const int64_t row = t0 + t;
-        T* w = work + t * B;
-        const T wj = w[j];
-        const bool prune = nm ? nm_pruned[t * B + j] != 0 : pruned[row * B + j] != 0;
-        T q = prune ? T(0) : wj;
-        if (quant) q = quantize(q, p.scale[row * p.ldq + g], p.zero[row * p.ldq + g], maxq);
-        const T err = (wj - q) / dj;
-        loss += static_cast<double>(err) * static_cast<double>(err);
-        w[j] = q;
-        E[row * B + j] = err;
-        axpy_neg(w + j + 1, urow + j + 1, err, B - j - 1);
+      const uint8_t* pr = nm ? s.nm_pruned.data() + j * kLanes : maskT + j * ldm + r0;
+      const T* oj = w0 + j * kLanes;
+      T* pt = PT + j * ldp + r0;
+      T* pc = pv + c * kLanes;
+      for (int64_t t = 0; t < kLanes; ++t) {
+        const T w = wj[t];
+        T q = pr[t] ? T(0) : w;
+        if (quant) q = quantize(q, qs[t], qz[t], maxq);
+        const T err = (w - q) / d;
+        loss[t] += static_cast<double>(err) * static_cast<double>(err);
+        pc[t] = -err;  // w_k += (-err) * U_jk  ==  w_k -= err * U_jk, bit for bit
+        wj[t] = q;
+        pt[t] = chol ? oj[t] - q : -err;
+      }
+      lane_update<T, 1>(work, &urows[c], pc, j + 1, j0 + cw);  // the chunk's later columns
+    }
+    if (cw == C) {
+      lane_update<T, C>(work, urows, pv, j0 + cw, B);
+    } else {
+      for (int64_t c = 0; c < cw; ++c) lane_update<T, 1>(work, &urows[c], pv + c * kLanes, j0 + cw, B);
+    }
+  }
+  T* wrow[kLanes];
+  for (int64_t t = 0; t < tr; ++t) wrow[t] = p.W + (r0 + t) * p.ldw + i1;
+  for (int64_t k = 0; k < B; ++k) {
+    for (int64_t t = 0; t < tr; ++t) wrow[t][k] = work[k * kLanes + t];
+  }
+  double total = 0.0;
+  for (int64_t t = 0; t < tr; ++t) total += loss[t];
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Exact unstructured selection over a whole block, in parallel: the k lowest of the (rows, B) row-major scores
+// (non-negative), ties in row-major order, like select_k_lowest. A radix select on the scores' bit patterns (for
+// non-negative IEEE values their order as unsigned integers), 11 bits per pass, one histogram per chunk of rows;
+// then one marking pass writes maskT ((B, ldm), 1 = pruned, only columns < rows written) and the ties at the
+// threshold are taken in index order.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+using score_key_t = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+
+template <typename T>
+inline score_key_t<T> score_key(T x) {
+  score_key_t<T> k;
+  std::memcpy(&k, &x, sizeof(T));
+  return k;
+}
+
+template <typename T, typename Parallel>
+void select_block(const T* scores, int64_t rows, int64_t B, int64_t k, uint8_t* maskT, int64_t ldm,
+                  Parallel&& parallel) {
+  using K = score_key_t<T>;
+  const int64_t count = rows * B;
+  if (k <= 0 || k >= count) {
+    const uint8_t all = k > 0 ? 1 : 0;
+    parallel(B, 1, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) std::memset(maskT + j * ldm, all, static_cast<size_t>(rows));
+    });
+    return;
+  }
+  constexpr int kBits = 11;
+  constexpr int64_t kBins = int64_t{1} << kBits;
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(16, rows / 128));
+  const int64_t chunk_rows = (rows + nchunks - 1) / nchunks;
+  std::vector<int64_t> hist(static_cast<size_t>(nchunks * kBins));
+  K prefix = 0, fixed = 0;  // the bits of the k-th key found so far, and which bits those are
+  int64_t kk = k;           // rank (1-based) of the k-th key among the keys that match `prefix` on `fixed`
+  for (int hi = static_cast<int>(sizeof(K) * 8); hi > 0;) {
+    const int lo = std::max(0, hi - kBits);
+    const K digit_mask = static_cast<K>((K{1} << (hi - lo)) - 1);
+    std::fill(hist.begin(), hist.end(), 0);
+    parallel(nchunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        int64_t* h = hist.data() + c * kBins;
+        const int64_t i0 = c * chunk_rows * B, i1 = std::min(count, (c + 1) * chunk_rows * B);
+        for (int64_t i = i0; i < i1; ++i) {
+          const K key = score_key(scores[i]);
+          if ((key & fixed) == prefix) ++h[(key >> lo) & digit_mask];
+        }
+      }
+    });
+    int64_t below = 0, digit = 0;
+    for (; digit < kBins; ++digit) {
+      int64_t h = 0;
+      for (int64_t c = 0; c < nchunks; ++c) h += hist[c * kBins + digit];
+      if (below + h >= kk) break;
+      below += h;
+    }
+    kk -= below;
+    prefix |= static_cast<K>(digit) << lo;
+    fixed |= digit_mask << lo;
+    hi = lo;
+  }
+  const K thresh = prefix;  // the k-th lowest key; kk of the keys equal to it are pruned, the first ones
+  constexpr int64_t kMarkRows = 64;  // rows marked together: reads stay in L1, writes are contiguous runs
+  parallel((rows + kMarkRows - 1) / kMarkRows, kScoreGrainRows / kMarkRows, [&](int64_t b, int64_t e) {
+    for (int64_t r0 = b * kMarkRows; r0 < std::min(rows, e * kMarkRows); r0 += kMarkRows) {
+      const int64_t r1 = std::min(rows, r0 + kMarkRows);
+      for (int64_t j = 0; j < B; ++j) {
+        uint8_t* out = maskT + j * ldm;
+        for (int64_t r = r0; r < r1; ++r) out[r] = score_key(scores[r * B + j]) < thresh;
       }
     }
-    for (int64_t t = 0; t < tr; ++t) std::memcpy(p.W + (t0 + t) * p.ldw + i1, work + t * B, sizeof(T) * B);
+  });
+  for (int64_t i = 0; i < count && kk > 0; ++i) {
+    if (score_key(scores[i]) == thresh) {
+      maskT[(i % B) * ldm + i / B] = 1;
+      --kk;
+    }
   }
-  return loss;
-}
-
-// sweep_rows_impl with the mode resolved at compile time (no per-element branches on it)
-template <typename T>
-inline double sweep_rows(const SweepParams<T>& p, int64_t i1, int64_t i2, int64_t r0, int64_t r1,
-                         const uint8_t* pruned, T* E, T* work, uint8_t* nm_pruned, T* nm_scores) {
-  const bool nm = p.m != 0, quant = p.scale != nullptr;
-  if (nm) {
-    return quant ? sweep_rows_impl<T, true, true>(p, i1, i2, r0, r1, pruned, E, work, nm_pruned, nm_scores)
-                 : sweep_rows_impl<T, true, false>(p, i1, i2, r0, r1, pruned, E, work, nm_pruned, nm_scores);
-  }
-  return quant ? sweep_rows_impl<T, false, true>(p, i1, i2, r0, r1, pruned, E, work, nm_pruned, nm_scores)
-               : sweep_rows_impl<T, false, false>(p, i1, i2, r0, r1, pruned, E, work, nm_pruned, nm_scores);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The whole blocked sweep. `parallel(ntasks, grain, fn)` runs fn(begin, end) over [0, ntasks), possibly on several
-// threads, in non-overlapping ranges of at least `grain` tasks (fewer tasks than `grain`: one call, no threads);
-// `gemm_update(i1, i2, E)` must do W[:, i2:] -= E @ U[i1:i2, i2:] with E (rows, i2 - i1) row-major.
+// The whole blocked sweep.
+// `parallel(ntasks, grain, fn)` runs fn(begin, end) over [0, ntasks), possibly on several threads, in
+// non-overlapping ranges of at least `grain` tasks (fewer tasks than `grain`: one call, no threads).
+// `gemm(m, n, k, a, lda, a_trans, b, ldb, c, ldc, beta)`: C (m, n) = beta * C + op(A) @ B, all row-major, where
+// op(A) = A (m, k) or, with a_trans, A^T for A (k, m); beta is 0 (C is not read) or 1.
 // Returns the OBS loss Σ err² / 2.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename T, typename Parallel, typename Gemm>
-double sweep(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm_update) {
-  check_params(p);
-  if (p.rows == 0 || p.cols == 0) return 0.0;
+template <typename T, Factor F, bool nm, bool quant, typename Parallel, typename Gemm>
+double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
+  constexpr bool chol = F == Factor::kCholesky;
   const int64_t Bmax = std::min(p.block_size, p.cols);
-  const bool nm = p.m != 0;
-  std::vector<T> E(static_cast<size_t>(p.rows * Bmax));
-  std::vector<uint8_t> mask(nm ? 0 : static_cast<size_t>(p.rows * Bmax));
+  const int64_t ntiles = (p.rows + kLanes - 1) / kLanes;
+  const int64_t ldp = ntiles * kLanes;  // rows rounded up to whole tiles: padding lanes write there
+  std::vector<T> PT(static_cast<size_t>(Bmax * ldp));
+  std::vector<uint8_t> maskT(nm ? 0 : static_cast<size_t>(Bmax * ldp));  // padding stays 0
   std::vector<T> scores(nm ? 0 : static_cast<size_t>(p.rows * Bmax));
-  std::vector<T> tmp(nm ? 0 : static_cast<size_t>(p.rows * Bmax));
-  const int64_t ntiles = (p.rows + kRowsPerTile - 1) / kRowsPerTile;
+  std::vector<T> S(chol ? static_cast<size_t>(p.rows * Bmax) : 0);  // kCholesky: weights at the block start
+  std::vector<T> Ub(chol ? static_cast<size_t>(Bmax * Bmax) : 0);   // kCholesky: inv(R[blk, blk])
   std::vector<double> partial(static_cast<size_t>(ntiles));
+  // N:M groups must start at a chunk's first column or end inside the chunk (their columns are then up to date
+  // when they are scored); otherwise one column at a time
+  const int64_t chunk = !nm || kChunk<T> % p.m == 0 || p.m % kChunk<T> == 0 ? kChunk<T> : 1;
   double loss = 0.0;
   for (int64_t i1 = 0; i1 < p.cols; i1 += Bmax) {
     const int64_t i2 = std::min(i1 + Bmax, p.cols);
     const int64_t B = i2 - i1;
+    BlockView<T> v;
+    v.i1 = i1;
+    v.i2 = i2;
+    if constexpr (chol) {
+      const T* Rb = p.G + i1 * p.ldg + i1;
+      parallel(B, 16, [&](int64_t b, int64_t e) { upper_inverse_columns(Rb, p.ldg, B, b, e, Ub.data()); });
+      parallel(p.rows, kScoreGrainRows, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) std::memcpy(S.data() + r * B, p.W + r * p.ldw + i1, sizeof(T) * B);
+      });
+      if (i1 > 0) {
+        gemm(p.rows, B, B, static_cast<const T*>(p.A + i1), p.lda, false, static_cast<const T*>(Ub.data()), B,
+             S.data(), B, 1);
+      }
+      v.cur = S.data();
+      v.ldc = B;
+      v.Ub = Ub.data();
+      v.ldub = B;
+    } else {
+      v.cur = p.W + i1;
+      v.ldc = p.ldw;
+      v.Ub = p.G + i1 * p.ldg + i1;
+      v.ldub = p.ldg;
+    }
     if (!nm) {
       // step 1: one threshold over the whole (rows, B) block, scores from the current weights
       parallel(p.rows, kScoreGrainRows, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
-          const T* w = p.W + r * p.ldw + i1;
-          T* s = scores.data() + r * B;
+          const T* w = v.cur + r * v.ldc;
+          T* sc = scores.data() + r * B;
           for (int64_t j = 0; j < B; ++j) {
-            const T d = p.U[(i1 + j) * p.ldu + i1 + j];
-            s[j] = (w[j] * w[j]) / (d * d);
+            const T d = v.Ub[j * v.ldub + j];
+            sc[j] = (w[j] * w[j]) / (d * d);
           }
         }
       });
-      select_k_lowest(scores.data(), p.rows * B, n_pruned(p.sparsity, p.rows * B), mask.data(), tmp.data());
+      select_block(scores.data(), p.rows, B, n_pruned(p.sparsity, p.rows * B), maskT.data(), ldp, parallel);
     }
-    // step 2: row tiles through the whole block
-    const int64_t tile_grain = std::max<int64_t>(1, kSweepGrainElems / (kRowsPerTile * B * B));
+    // step 2: tiles of rows through the whole block
+    const int64_t tile_grain = std::max<int64_t>(1, kSweepGrainElems / (kLanes * B * B / 2 + 1));
     parallel(ntiles, tile_grain, [&](int64_t b, int64_t e) {
-      std::vector<T> work(static_cast<size_t>(kRowsPerTile * B));
-      std::vector<uint8_t> nmp(nm ? static_cast<size_t>(kRowsPerTile * B) : 0);
-      std::vector<T> nms(nm ? static_cast<size_t>(p.m) : 0);
+      TileScratch<T> scratch(B, nm ? p.m : 0, chol);
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r0 = t * kRowsPerTile, r1 = std::min(p.rows, r0 + kRowsPerTile);
-        partial[t] = sweep_rows(p, i1, i2, r0, r1, nm ? nullptr : mask.data(), E.data(), work.data(), nmp.data(),
-                                nms.data());
+        const int64_t r0 = t * kLanes;
+        partial[t] = sweep_tile<T, F, nm, quant>(p, v, r0, std::min(kLanes, p.rows - r0), maskT.data(), ldp,
+                                                 PT.data(), ldp, scratch, chunk);
       }
     });
-    for (double v : partial) loss += v;
+    for (double x : partial) loss += x;
     // step 3: lazy batch update of everything to the right
-    if (i2 < p.cols) gemm_update(i1, i2, static_cast<const T*>(E.data()));
+    if (i2 < p.cols) {
+      const T* Gr = p.G + i1 * p.ldg + i2;  // G[blk, i2:]
+      if constexpr (chol) {
+        gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldp, true, Gr, p.ldg, p.A + i2, p.lda,
+             i1 == 0 ? 0 : 1);  // A[:, i2:] (+)= (W0 - Q)_blk @ R[blk, i2:]
+      } else {
+        gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldp, true, Gr, p.ldg, p.W + i2, p.ldw,
+             1);  // W[:, i2:] += (-E) @ U[blk, i2:]
+      }
+    }
   }
   return loss / 2;
+}
+
+template <typename T, typename Parallel, typename Gemm>
+double sweep(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
+  check_params(p);
+  if (p.rows == 0 || p.cols == 0) return 0.0;
+  const bool nm = p.m != 0, quant = p.scale != nullptr;
+#define SGK_SWEEP_CASE(F_, NM_, Q_) \
+  if (p.factor == F_ && nm == NM_ && quant == Q_) return sweep_impl<T, F_, NM_, Q_>(p, parallel, gemm)
+  SGK_SWEEP_CASE(Factor::kInverse, false, false);
+  SGK_SWEEP_CASE(Factor::kInverse, false, true);
+  SGK_SWEEP_CASE(Factor::kInverse, true, false);
+  SGK_SWEEP_CASE(Factor::kInverse, true, true);
+  SGK_SWEEP_CASE(Factor::kCholesky, false, false);
+  SGK_SWEEP_CASE(Factor::kCholesky, false, true);
+  SGK_SWEEP_CASE(Factor::kCholesky, true, false);
+  SGK_SWEEP_CASE(Factor::kCholesky, true, true);
+#undef SGK_SWEEP_CASE
+  throw std::logic_error("unreachable");
 }
 
 }  // namespace sgk

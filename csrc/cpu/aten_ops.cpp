@@ -71,11 +71,15 @@ at::Tensor upper_triangular_inverse(const at::Tensor& R) {
   return out;
 }
 
+void check_factor_args(const at::Tensor& H, double damp, const char* name) {
+  TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1), name, ": H must be square, got ", H.sizes());
+  TORCH_CHECK(H.scalar_type() == at::kFloat || H.scalar_type() == at::kDouble, name,
+              ": H must be float32 or float64, got ", H.scalar_type());
+  TORCH_CHECK(std::isfinite(damp) && damp >= 0, name, ": damp must be finite and >= 0, got ", damp);
+}
+
 std::tuple<at::Tensor, at::Tensor> inverse_factor(const at::Tensor& H, double damp) {
-  TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1), "ext_inverse_factor: H must be square, got ", H.sizes());
-  TORCH_CHECK(H.scalar_type() == at::kFloat || H.scalar_type() == at::kDouble,
-              "ext_inverse_factor: H must be float32 or float64, got ", H.scalar_type());
-  TORCH_CHECK(std::isfinite(damp) && damp >= 0, "ext_inverse_factor: damp must be finite and >= 0, got ", damp);
+  check_factor_args(H, damp, "ext_inverse_factor");
   const int64_t c = H.size(0);
   if (c == 0) return {at::empty({0, 0}, H.options()), at::zeros({}, H.options().dtype(at::kInt))};
   at::Tensor Hd = H.clone(at::MemoryFormat::Contiguous);
@@ -108,11 +112,11 @@ void check_sweep_args(const at::Tensor& W, const at::Tensor& U, double sparsity,
               "ext_sweep: W must be float32 or float64, got ", W.scalar_type());
   TORCH_CHECK(W.is_contiguous(), "ext_sweep: W must be contiguous");
   const int64_t rows = W.size(0), cols = W.size(1);
-  TORCH_CHECK(U.dim() == 2 && U.size(0) == cols && U.size(1) == cols, "ext_sweep: U must be (", cols, ", ", cols,
+  TORCH_CHECK(U.dim() == 2 && U.size(0) == cols && U.size(1) == cols, "ext_sweep: the factor must be (", cols, ", ", cols,
               "), got ", U.sizes());
-  TORCH_CHECK(U.scalar_type() == W.scalar_type(), "ext_sweep: U dtype ", U.scalar_type(), " != W dtype ",
+  TORCH_CHECK(U.scalar_type() == W.scalar_type(), "ext_sweep: factor dtype ", U.scalar_type(), " != W dtype ",
               W.scalar_type());
-  TORCH_CHECK(U.device() == W.device(), "ext_sweep: U is on ", U.device(), " but W is on ", W.device());
+  TORCH_CHECK(U.device() == W.device(), "ext_sweep: the factor is on ", U.device(), " but W is on ", W.device());
   TORCH_CHECK(block_size >= 1, "ext_sweep: block_size must be >= 1, got ", block_size);
   if (m != 0) {
     TORCH_CHECK(0 < n && n < m, "ext_sweep: N:M needs 0 < N < M, got ", n, ":", m);

@@ -8,6 +8,9 @@
 
 namespace sgk_aten {
 
+// Shape/dtype/damping checks of ext_inverse_factor and ext_cholesky_factor (`name` appears in the message).
+void check_factor_args(const at::Tensor& H, double damp, const char* name);
+
 // Upper Cholesky factor U of (H + damping)^-1 with the reversal identity (one Cholesky, one triangular inverse).
 // Returns (U, info): info == 0 on success, > 0 for a non-positive pivot, -1 for a non-finite U or a non-positive
 // diagonal. Works on any device ATen's linalg supports; does not modify H and does not synchronize.

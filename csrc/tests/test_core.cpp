@@ -1,6 +1,7 @@
 // Unit tests of the torch-free CPU core (csrc/core/sweep_core.h), run by ctest.
-// The blocked sweep is checked bit for bit against a direct transcription of the reference algorithm
-// (sparsegpt_kernels/reference.py) using the same arithmetic order.
+// The blocked sweep driven by U is checked bit for bit against a direct transcription of the reference algorithm
+// (sparsegpt_kernels/reference.py) using the same arithmetic order; the sweep driven by the Cholesky factor is
+// checked against the U-driven one with U = R^-1 computed in extended precision.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -140,6 +141,19 @@ double reference_sweep(std::vector<T>& W, const std::vector<T>& U, int64_t rows,
   return loss / 2;
 }
 
+// The core's GEMM: C (m, n) = beta * C + op(A) @ B, each element accumulated in k order.
+template <typename T>
+void naive_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, bool a_trans, const T* b, int64_t ldb, T* c,
+                int64_t ldc, int beta) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      T acc = 0;
+      for (int64_t l = 0; l < k; ++l) acc += (a_trans ? a[l * lda + i] : a[i * lda + l]) * b[l * ldb + j];
+      c[i * ldc + j] = beta ? c[i * ldc + j] + acc : acc;
+    }
+  }
+}
+
 template <typename T>
 void random_problem(int64_t rows, int64_t cols, uint32_t seed, std::vector<T>& W, std::vector<T>& U) {
   std::mt19937 g(seed);
@@ -153,6 +167,24 @@ void random_problem(int64_t rows, int64_t cols, uint32_t seed, std::vector<T>& W
   }
 }
 
+// Parameters of a dense (rows, cols) problem on the factor G (row-major, leading dimensions = cols).
+template <typename T>
+sgk::SweepParams<T> make_params(int64_t rows, int64_t cols, T* W, const T* G, int64_t block, double sparsity,
+                                int64_t n, int64_t m) {
+  sgk::SweepParams<T> p;
+  p.rows = rows;
+  p.cols = cols;
+  p.W = W;
+  p.ldw = cols;
+  p.G = G;
+  p.ldg = cols;
+  p.sparsity = sparsity;
+  p.n = n;
+  p.m = m;
+  p.block_size = block;
+  return p;
+}
+
 template <typename T>
 void check_sweep(const char* name, int64_t rows, int64_t cols, int64_t block, double sparsity, int64_t n,
                  int64_t m, int64_t bits, int64_t group) {
@@ -160,17 +192,7 @@ void check_sweep(const char* name, int64_t rows, int64_t cols, int64_t block, do
   random_problem<T>(rows, cols, static_cast<uint32_t>(rows * 131 + cols), W, U);
   std::vector<T> Wref = W;
   std::vector<T> scale, zero;
-  sgk::SweepParams<T> p;
-  p.rows = rows;
-  p.cols = cols;
-  p.W = W.data();
-  p.ldw = cols;
-  p.U = U.data();
-  p.ldu = cols;
-  p.sparsity = sparsity;
-  p.n = n;
-  p.m = m;
-  p.block_size = block;
+  sgk::SweepParams<T> p = make_params(rows, cols, W.data(), U.data(), block, sparsity, n, m);
   if (bits) {
     const int64_t ng = cols / group;
     scale.assign(rows * ng, T(0));
@@ -196,8 +218,7 @@ void check_sweep(const char* name, int64_t rows, int64_t cols, int64_t block, do
   auto parallel = [](int64_t ntasks, int64_t /*grain*/, const std::function<void(int64_t, int64_t)>& fn) {
     for (int64_t e = ntasks; e > 0; e -= 3) fn(std::max<int64_t>(0, e - 3), e);
   };
-  auto gemm = [&](int64_t i1, int64_t i2, const T* E) { naive_gemm_update(W, cols, U, rows, i1, i2, E); };
-  const double loss = sgk::sweep(p, parallel, gemm);
+  const double loss = sgk::sweep(p, parallel, naive_gemm<T>);
   sgk::SweepParams<T> pr = p;
   pr.W = Wref.data();
   const double loss_ref = reference_sweep(Wref, U, rows, cols, pr);
@@ -233,6 +254,109 @@ void test_sweep() {
   check_sweep<float>("B>cols", 5, 9, 64, 0.5, 0, 0, 0, 0);
 }
 
+// The Cholesky-driven sweep against the U-driven one: R upper with a dominant diagonal, U = R^-1 by back substitution
+// in long double. Same masks, weights and loss to rounding.
+void check_cholesky(const char* name, int64_t rows, int64_t cols, int64_t block, double sparsity, int64_t n,
+                    int64_t m) {
+  std::mt19937 g(static_cast<uint32_t>(rows * 977 + cols * 13 + block));
+  std::normal_distribution<double> nd;
+  std::vector<long double> R(cols * cols, 0.0L);
+  for (int64_t i = 0; i < cols; ++i) {
+    R[i * cols + i] = 1.0L + std::abs(nd(g));
+    for (int64_t j = i + 1; j < cols; ++j) R[i * cols + j] = 0.3L * nd(g) / std::sqrt(static_cast<double>(cols));
+  }
+  std::vector<double> F(cols * cols, 0.0), U(cols * cols, 0.0);
+  for (int64_t i = 0; i < cols * cols; ++i) F[i] = static_cast<double>(R[i]);
+  // U = R^-1, column by column (upper triangular)
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t i = j; i >= 0; --i) {
+      long double acc = i == j ? 1.0L : 0.0L;
+      for (int64_t k = i + 1; k <= j; ++k) acc -= R[i * cols + k] * static_cast<long double>(U[k * cols + j]);
+      U[i * cols + j] = static_cast<double>(acc / R[i * cols + i]);
+    }
+  }
+  std::vector<double> W(rows * cols);
+  for (auto& x : W) x = nd(g);
+  std::vector<double> Wu = W, A(rows * cols, std::nan(""));
+  auto serial = [](int64_t ntasks, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
+    for (int64_t e = ntasks; e > 0; e -= 2) fn(std::max<int64_t>(0, e - 2), e);
+  };
+  sgk::SweepParams<double> p = make_params(rows, cols, W.data(), F.data(), block, sparsity, n, m);
+  p.factor = sgk::Factor::kCholesky;
+  p.A = A.data();
+  p.lda = cols;
+  const double loss = sgk::sweep(p, serial, naive_gemm<double>);
+  sgk::SweepParams<double> pu = p;
+  pu.W = Wu.data();
+  pu.G = U.data();
+  pu.factor = sgk::Factor::kInverse;
+  pu.A = nullptr;
+  const double loss_u = sgk::sweep(pu, serial, naive_gemm<double>);
+  double maxdiff = 0.0;
+  bool same_mask = true;
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    maxdiff = std::max(maxdiff, std::abs(W[i] - Wu[i]));
+    same_mask = same_mask && ((W[i] == 0) == (Wu[i] == 0));
+  }
+  ++g_checks;
+  if (!same_mask || maxdiff > 1e-9 || std::abs(loss - loss_u) > 1e-9 * std::max(1.0, loss_u)) {
+    ++g_failures;
+    std::fprintf(stderr, "cholesky sweep %s (%lld x %lld, B=%lld): mask %s, max |dW| %.3g, loss %.17g vs %.17g\n",
+                 name, static_cast<long long>(rows), static_cast<long long>(cols), static_cast<long long>(block),
+                 same_mask ? "same" : "differs", maxdiff, loss, loss_u);
+  }
+}
+
+void test_cholesky() {
+  for (int64_t rows : {1, 7, 9, 17}) {
+    check_cholesky("50%", rows, 40, 16, 0.5, 0, 0);
+    check_cholesky("30% odd", rows, 37, 8, 0.3, 0, 0);
+    check_cholesky("2:4", rows, 40, 16, 0.5, 2, 4);
+    check_cholesky("4:8 one block", rows, 48, 48, 0.5, 4, 8);
+    check_cholesky("1:3 (column by column)", rows, 48, 24, 2.0 / 3, 1, 3);
+    check_cholesky("2:6 (column by column)", rows, 48, 24, 2.0 / 3, 2, 6);
+  }
+  check_cholesky("B=1", 5, 9, 1, 0.5, 0, 0);
+}
+
+// The parallel radix select against select_k_lowest (nth_element): same mask for every k, with and without ties,
+// in float and double, whatever the order the chunks run in.
+template <typename T>
+void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_int_distribution<int> lv(0, levels - 1);
+  std::uniform_real_distribution<double> ud(0.0, 4.0);
+  std::vector<T> s(rows * B), tmp(rows * B);
+  for (auto& x : s) x = levels > 0 ? static_cast<T>(lv(g)) : static_cast<T>(ud(g));
+  auto reversed = [](int64_t ntasks, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
+    for (int64_t e = ntasks; e > 0; e -= 3) fn(std::max<int64_t>(0, e - 3), e);
+  };
+  const int64_t ldm = rows + 5;
+  for (int64_t k : {int64_t{0}, int64_t{1}, rows * B / 3, rows * B / 2, rows * B - 1, rows * B}) {
+    std::vector<uint8_t> want(rows * B), maskT(B * ldm, 7);
+    sgk::select_k_lowest(s.data(), rows * B, k, want.data(), tmp.data());
+    sgk::select_block(s.data(), rows, B, k, maskT.data(), ldm, reversed);
+    bool same = true;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < B; ++j) same = same && maskT[j * ldm + r] == want[r * B + j];
+    ++g_checks;
+    if (!same) {
+      ++g_failures;
+      std::fprintf(stderr, "select_block (%lld x %lld, levels %d, k %lld) differs from select_k_lowest\n",
+                   static_cast<long long>(rows), static_cast<long long>(B), levels, static_cast<long long>(k));
+    }
+  }
+}
+
+void test_select_block() {
+  for (int levels : {0, 1, 3, 1000}) {
+    check_select_block<float>(1, 7, levels, 1);
+    check_select_block<float>(300, 16, levels, 2);
+    check_select_block<double>(129, 8, levels, 3);
+    check_select_block<float>(2049, 5, levels, 4);
+  }
+}
+
 void test_params_rejected() {
   std::vector<float> W(4 * 8), U(8 * 8);
   auto base = [&] {
@@ -241,8 +365,8 @@ void test_params_rejected() {
     p.cols = 8;
     p.W = W.data();
     p.ldw = 8;
-    p.U = U.data();
-    p.ldu = 8;
+    p.G = U.data();
+    p.ldg = 8;
     p.sparsity = 0.5;
     p.block_size = 4;
     return p;
@@ -277,6 +401,15 @@ void test_params_rejected() {
   p = base();
   p.scale = U.data();  // no zero
   CHECK(rejects(p));
+  p = base();
+  p.factor = sgk::Factor::kCholesky;  // two blocks, no accumulator
+  CHECK(rejects(p));
+  p.A = W.data();
+  p.lda = 8;
+  CHECK(!rejects(p));
+  p = base();
+  p.G = nullptr;
+  CHECK(rejects(p));
 }
 
 }  // namespace
@@ -286,6 +419,8 @@ int main() {
   test_nm_group();
   test_select();
   test_sweep();
+  test_cholesky();
+  test_select_block();
   test_params_rejected();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -19,6 +19,11 @@ A backend is a module ``sparsegpt_kernels.backends._<name>`` exposing:
 ``sweep(W: Tensor, U: Tensor, spec: SweepSpec) -> float``
     ``W``: (r, c) contiguous, same dtype/device as ``U``, dead columns already zeroed; pruned (and, with
     ``spec.quant``, quantized) in place following ALGORITHM.md. Returns the OBS loss estimate.
+``cholesky_factor(H, damp) -> Tensor | None`` and ``sweep_cholesky(W, R, spec) -> float`` (optional, together)
+    The same two steps on R, the upper triangular factor with ``H + damping = R Rᵀ`` (``U = R⁻¹``), for backends
+    that never form U: :func:`sparsegpt_kernels.prune_layer` uses this pair when a backend has it. Same contracts
+    otherwise (dead-column fix and damping inside, ``None`` on failure; same result as ``sweep`` on ``U`` up to
+    rounding).
 
 Choosing: ``select_backend("auto", device)`` honours ``SPARSEGPT_KERNELS_BACKEND`` and otherwise takes the available
 backend of highest priority; an explicit name that cannot run raises :class:`BackendUnavailableError`.

@@ -1,8 +1,12 @@
 """The ``cpp`` backend: the compiled CPU operators of ``sparsegpt_kernels._C`` (csrc/cpu, csrc/core).
 
-The sweep processes tiles of rows through a whole column block while they sit in cache, in parallel over tiles
-(ATen's thread pool), with the lazy batch update as one BLAS GEMM per block; the inverse factor uses one LAPACK
-Cholesky and a GEMM-based triangular inverse (the reversal identity). float32 and float64 run natively.
+:func:`sparsegpt_kernels.prune_layer` runs it on the Cholesky factor of H itself (``cholesky_factor`` +
+``sweep_cholesky``): one LAPACK Cholesky and no triangular inverse; the sweep reproduces the reference's weights at
+every block start through R and runs the in-block steps with the block's own (B, B) piece of U. Tiles of 8 rows go
+through a whole column block while they sit in cache (the 8 rows are the SIMD lanes of the in-block updates), in
+parallel over tiles (ATen's thread pool), with the lazy batch update as one BLAS GEMM per block. ``inverse_factor`` /
+``sweep`` (U-driven, step for step the reference) implement the plain backend interface. float32 and float64 run
+natively.
 """
 
 from __future__ import annotations
@@ -28,3 +32,11 @@ def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
 
 def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
     return _ext.sweep(W, U, spec, NAME)
+
+
+def cholesky_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
+    return _ext.cholesky_factor(H, damp, NAME)
+
+
+def sweep_cholesky(W: torch.Tensor, R: torch.Tensor, spec: SweepSpec) -> float:
+    return _ext.sweep_cholesky(W, R, spec, NAME)
