@@ -1,6 +1,7 @@
 """Time prune_layer per backend on real layer shapes, given a Hessian.
 
-Prints a table and writes CSV (benchmarks/results/prune_layer_<device>.csv). Every backend is compared with the
+Prints a table and writes CSV (benchmarks/results/prune_layer_shapes_<device>.csv; the suite, run_all.py, writes its
+own prune_layer_<device>.csv at the sizes it picks). Every backend is compared with the
 torch reference in the same run (speedup) and with the compute floor: (⅓c³ + r·c²) FLOPs at the measured fp32 matmul
 rate of the device (or --peak-tflops).
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     print()
     print_table(rows, ["shape", "mode", "backend", "seconds", "speedup_vs_torch", "floor_s", "frac_of_floor",
                        "loss_vs_torch"])
-    out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, f"prune_layer_{device.type}.csv")
+    out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, f"prune_layer_shapes_{device.type}.csv")
     write_csv(out, rows)
     print(f"\nwrote {out}")
     return 0

@@ -70,3 +70,26 @@ def test_perplexity_protocol(embedded):
             nll.append(torch.nn.functional.cross_entropy(logits, w[1:], reduction="none"))
     expected = math.exp(float(torch.cat(nll).mean()))
     assert perplexity(model, ev, batch_size=2) == pytest.approx(expected, rel=1e-4)
+
+
+def test_layer_accuracy_benchmark_quick():
+    """benchmarks/bench_layer_accuracy.py --quick: every layer's OBS loss from the chosen backend (auto: cpp when built)
+    agrees with the float64 reference on the real Hessians of two blocks."""
+    import csv
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import bench_layer_accuracy
+    finally:
+        sys.path.remove(bench)
+    assert bench_layer_accuracy.main(["--quick", "--backend", "auto"]) == 0
+    with open(os.path.join(bench, "out", "layer_accuracy.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 14  # 2 blocks x 7 linear layers
+    for r in rows:
+        truth = float(r["torch_fp64"])
+        assert truth > 0
+        assert abs(float(r["loss"]) / truth - 1) < 1e-2 and abs(float(r["torch_fp32"]) / truth - 1) < 1e-2, r

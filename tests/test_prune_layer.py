@@ -234,6 +234,29 @@ def _inf_h():
     return args
 
 
+def _asym_far():
+    """One asymmetric pair far below the diagonal of a Hessian larger than the panels the check reads it in."""
+    lin, _, H = _layer(rows=8, cols=600)
+    H = H.clone()
+    H[599, 3] += 1.0
+    return dict(layer=lin, hessian=H)
+
+
+def _nan_h_offdiag():
+    args = _bad()
+    H = args["hessian"].clone()
+    H[5, 9] = H[9, 5] = float("nan")
+    args["hessian"] = H
+    return args
+
+
+def _neg_inf_weight():
+    lin, _, H = _layer(rows=8, cols=32)
+    with torch.no_grad():
+        lin.weight[7, 31] = -float("inf")
+    return dict(layer=lin, hessian=H)
+
+
 def _neg_diag():
     args = _bad()
     H = args["hessian"].clone()
@@ -253,7 +276,10 @@ BAD = {
     "h-not-tensor": (lambda: _bad(hessian=[[1.0]]), TypeError, "hessian"),
     "h-empty-acc": (lambda: _bad(hessian=sk.HessianAccumulator(32)), ValueError, "no inputs"),
     "h-asym": (_asym, ValueError, "symmetric"),
+    "h-asym-far": (_asym_far, ValueError, "symmetric"),
     "h-inf": (_inf_h, ValueError, "hessian contains NaN or Inf"),
+    "h-nan-offdiag": (_nan_h_offdiag, ValueError, "hessian contains NaN or Inf"),
+    "w-neg-inf": (_neg_inf_weight, ValueError, "weight contains NaN or Inf"),
     "h-neg-diag": (_neg_diag, ValueError, "negative diagonal"),
     "w-nan": (_nan_weight, ValueError, "weight contains NaN"),
     "sparsity-1": (lambda: _bad(sparsity=1.0), ValueError, "sparsity"),
