@@ -109,15 +109,29 @@ def _extensions() -> dict:
     )
 
     class BuildExt(cpp_extension.BuildExtension):
-        """BuildExtension that, unless SPARSEGPT_KERNELS_REQUIRE_EXT=1, leaves a pure-Python install on failure."""
+        """BuildExtension that retries without OpenMP (a compiler without it: the CPU loops then run on one thread)
+        and, unless SPARSEGPT_KERNELS_REQUIRE_EXT=1, leaves a pure-Python install when the build still fails."""
 
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
+                return
             except Exception as e:  # noqa: BLE001 - any compiler/linker failure
-                if REQUIRE:
-                    raise
-                _say(f"compiling {extension.name} failed ({type(e).__name__}: {e}); continuing without it")
+                error = e
+            flags = extension.extra_compile_args.get("cxx", [])
+            if "-fopenmp" in flags:
+                _say(f"compiling {extension.name} with -fopenmp failed ({type(error).__name__}); retrying without "
+                     "OpenMP (the CPU backend's loops will run on one thread)")
+                flags.remove("-fopenmp")
+                extension.extra_link_args = [a for a in extension.extra_link_args if a != "-fopenmp"]
+                try:
+                    super().build_extension(extension)
+                    return
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            if REQUIRE:
+                raise error
+            _say(f"compiling {extension.name} failed ({type(error).__name__}: {error}); continuing without it")
 
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExt.with_options(use_ninja=True)}}
 
