@@ -225,8 +225,8 @@ def prune_layer(
         )
         used = float(damp)
         for _ in range(MAX_DAMP_RETRIES + 1):
-            U = factor(Hc, used)
-            if U is not None:
+            F = factor(Hc, used)  # U, or R for the Cholesky pair
+            if F is not None:
                 break
             logger.warning("sparsegpt_kernels: Hessian factorisation failed at damp=%g; retrying with more", used)
             used *= DAMP_GROWTH
@@ -235,7 +235,7 @@ def prune_layer(
                 f"could not factorise the Hessian even with damp={used / DAMP_GROWTH:g} "
                 f"(started at {damp:g}); is it a Gram matrix of finite inputs?"
             )
-        loss = sweep(W, U, spec)
+        loss = sweep(W, F, spec)
         if not _all_finite(W) or not math.isfinite(loss):
             raise FloatingPointError("pruning produced NaN/Inf; the weight was left unchanged")
         out = W.T if transposed else W

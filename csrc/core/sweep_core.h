@@ -58,38 +58,6 @@ inline void nm_keep_mask(const T* scores, int64_t rows, int64_t cols, int64_t n,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Unstructured selection: pruned[i] = 1 for exactly the k lowest of scores[0..count), ties in index order.
-// A selection (nth_element), not a sort. `tmp` must hold `count` values.
-// ---------------------------------------------------------------------------------------------------------------
-template <typename T>
-inline void select_k_lowest(const T* scores, int64_t count, int64_t k, uint8_t* pruned, T* tmp) {
-  if (k <= 0) {
-    std::memset(pruned, 0, static_cast<size_t>(count));
-    return;
-  }
-  if (k >= count) {
-    std::memset(pruned, 1, static_cast<size_t>(count));
-    return;
-  }
-  std::copy(scores, scores + count, tmp);
-  std::nth_element(tmp, tmp + (k - 1), tmp + count);
-  const T thresh = tmp[k - 1];
-  int64_t below = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const uint8_t b = scores[i] < thresh;
-    pruned[i] = b;
-    below += b;
-  }
-  int64_t need = k - below;
-  for (int64_t i = 0; i < count && need > 0; ++i) {
-    if (scores[i] == thresh) {
-      pruned[i] = 1;
-      --need;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // The factor that drives the sweep. Both run the same algorithm (ALGORITHM.md), with the same weights at the start
 // of every block and the same in-block steps, up to rounding.
 //
@@ -372,7 +340,7 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
 
 // ---------------------------------------------------------------------------------------------------------------
 // Exact unstructured selection over a whole block, in parallel: the k lowest of the (rows, B) row-major scores
-// (non-negative), ties in row-major order, like select_k_lowest. A radix select on the scores' bit patterns (for
+// (non-negative), ties in row-major order (the first ones in index order are pruned). A radix select on the scores' bit patterns (for
 // non-negative IEEE values their order as unsigned integers), 11 bits per pass, one histogram per chunk of rows;
 // then one marking pass writes maskT ((B, ldm), 1 = pruned, only columns < rows written) and the ties at the
 // threshold are taken in index order.

@@ -112,8 +112,8 @@ void check_sweep_args(const at::Tensor& W, const at::Tensor& U, double sparsity,
               "ext_sweep: W must be float32 or float64, got ", W.scalar_type());
   TORCH_CHECK(W.is_contiguous(), "ext_sweep: W must be contiguous");
   const int64_t rows = W.size(0), cols = W.size(1);
-  TORCH_CHECK(U.dim() == 2 && U.size(0) == cols && U.size(1) == cols, "ext_sweep: the factor must be (", cols, ", ", cols,
-              "), got ", U.sizes());
+  TORCH_CHECK(U.dim() == 2 && U.size(0) == cols && U.size(1) == cols, "ext_sweep: the factor must be (", cols,
+              ", ", cols, "), got ", U.sizes());
   TORCH_CHECK(U.scalar_type() == W.scalar_type(), "ext_sweep: factor dtype ", U.scalar_type(), " != W dtype ",
               W.scalar_type());
   TORCH_CHECK(U.device() == W.device(), "ext_sweep: the factor is on ", U.device(), " but W is on ", W.device());

@@ -61,19 +61,57 @@ void test_nm_group() {
   for (int i = 0; i < 8; ++i) CHECK(keep[i] == want[i]);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Oracle of the unstructured selection (sgk::select_block): pruned[i] = 1 for exactly the k lowest of
+// scores[0..count), ties in index order, by nth_element. `tmp` must hold `count` values.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void select_k_lowest(const T* scores, int64_t count, int64_t k, uint8_t* pruned, T* tmp) {
+  if (k <= 0) {
+    std::memset(pruned, 0, static_cast<size_t>(count));
+    return;
+  }
+  if (k >= count) {
+    std::memset(pruned, 1, static_cast<size_t>(count));
+    return;
+  }
+  std::copy(scores, scores + count, tmp);
+  std::nth_element(tmp, tmp + (k - 1), tmp + count);
+  const T thresh = tmp[k - 1];
+  int64_t below = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint8_t b = scores[i] < thresh;
+    pruned[i] = b;
+    below += b;
+  }
+  int64_t need = k - below;
+  for (int64_t i = 0; i < count && need > 0; ++i) {
+    if (scores[i] == thresh) {
+      pruned[i] = 1;
+      --need;
+    }
+  }
+}
+
+void serial(int64_t ntasks, int64_t, const std::function<void(int64_t, int64_t)>& fn) { fn(0, ntasks); }
+
 void test_select() {
+  // one row of 10 scores: select_block's transposed mask (B = 10, ldm = 1) is then the mask in index order
   const float s[10] = {5, 1, 3, 3, 0, 3, 9, 3, 2, 8};
-  uint8_t pr[10];
+  uint8_t pr[10], oracle[10];
   float tmp[10];
-  sgk::select_k_lowest(s, 10, 4, pr, tmp);  // 0, 1, 2 and the first 3 (index 2)
+  sgk::select_block(s, 1, 10, 4, pr, 1, serial);  // 0, 1, 2 and the first 3 (index 2)
   const uint8_t want[10] = {0, 1, 1, 0, 1, 0, 0, 0, 1, 0};
   for (int i = 0; i < 10; ++i) CHECK(pr[i] == want[i]);
-  sgk::select_k_lowest(s, 10, 6, pr, tmp);  // ... and the next two 3s (indices 3, 5)
+  sgk::select_block(s, 1, 10, 6, pr, 1, serial);  // ... and the next two 3s (indices 3, 5)
   CHECK(pr[2] && pr[3] && pr[5] && !pr[7]);
-  sgk::select_k_lowest(s, 10, 0, pr, tmp);
+  sgk::select_block(s, 1, 10, 0, pr, 1, serial);
   for (int i = 0; i < 10; ++i) CHECK(pr[i] == 0);
-  sgk::select_k_lowest(s, 10, 10, pr, tmp);
+  sgk::select_block(s, 1, 10, 10, pr, 1, serial);
   for (int i = 0; i < 10; ++i) CHECK(pr[i] == 1);
+  select_k_lowest(s, 10, 6, oracle, tmp);  // the oracle agrees on the hand-checked case
+  sgk::select_block(s, 1, 10, 6, pr, 1, serial);
+  for (int i = 0; i < 10; ++i) CHECK(pr[i] == oracle[i]);
   CHECK(sgk::n_pruned(0.5, 7) == 4 && sgk::n_pruned(0.5, 6) == 3 && sgk::n_pruned(0.0, 9) == 0);
   CHECK(sgk::n_pruned(1.0, 9) == 9);
 }
@@ -109,7 +147,7 @@ double reference_sweep(std::vector<T>& W, const std::vector<T>& U, int64_t rows,
           const T d = U[(i1 + j) * cols + i1 + j], w = W[r * cols + i1 + j];
           s[r * B + j] = (w * w) / (d * d);
         }
-      sgk::select_k_lowest(s.data(), rows * B, sgk::n_pruned(p.sparsity, rows * B), pruned.data(), tmp.data());
+      select_k_lowest(s.data(), rows * B, sgk::n_pruned(p.sparsity, rows * B), pruned.data(), tmp.data());
     }
     for (int64_t j = 0; j < B; ++j) {
       const int64_t col = i1 + j;
@@ -334,7 +372,7 @@ void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed) {
   const int64_t ldm = rows + 5;
   for (int64_t k : {int64_t{0}, int64_t{1}, rows * B / 3, rows * B / 2, rows * B - 1, rows * B}) {
     std::vector<uint8_t> want(rows * B), maskT(B * ldm, 7);
-    sgk::select_k_lowest(s.data(), rows * B, k, want.data(), tmp.data());
+    select_k_lowest(s.data(), rows * B, k, want.data(), tmp.data());
     sgk::select_block(s.data(), rows, B, k, maskT.data(), ldm, reversed);
     bool same = true;
     for (int64_t r = 0; r < rows; ++r)
