@@ -3,9 +3,12 @@
 The extension ``sparsegpt_kernels._C`` is built against the torch found at build time, so install with
 ``pip install --no-build-isolation .`` (or ``-e .``) to get it. It is skipped, leaving a working pure-Python install,
 when torch cannot be imported at build time (e.g. plain ``pip install .`` with build isolation), when no C++ compiler
-is found, or when ``SPARSEGPT_KERNELS_NO_EXT=1``. Its CUDA part is added when torch is a CUDA build and nvcc is found
-(``SPARSEGPT_KERNELS_NO_CUDA=1`` skips it). A failing compile is reported and skipped too, unless
-``SPARSEGPT_KERNELS_REQUIRE_EXT=1``, which turns every reason for not building it into an error.
+is found, or when ``SPARSEGPT_KERNELS_NO_EXT=1``. Its CUDA part is added when torch is a CUDA build and a CUDA toolkit
+(nvcc and its headers) is found (``SPARSEGPT_KERNELS_NO_CUDA=1`` skips it); with no GPU visible (CI, a container
+build) and no ``TORCH_CUDA_ARCH_LIST``, it is built for the architectures torch itself was built for. A failing build
+falls back step by step: without the CUDA part (the CPU part still builds), then without OpenMP, then without the
+extension, each step reported. ``SPARSEGPT_KERNELS_REQUIRE_EXT=1`` turns every reason for not building it, or for
+dropping its CUDA part, into an error.
 
 Sources come from csrc/sources.txt, which CMakeLists.txt reads as well.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -58,6 +62,52 @@ def _have_cxx() -> bool:
     return any(shutil.which(c) for c in candidates)
 
 
+def _default_cuda_arch_list(torch) -> str | None:
+    """The GPU architectures to build for when ``TORCH_CUDA_ARCH_LIST`` is unset and no GPU is visible (a CI runner,
+    a container build): those the installed torch was itself compiled for, the newest also as PTX so that later GPUs
+    can JIT it. torch.utils.cpp_extension would otherwise ask the (absent) device and fail."""
+    get_flags = getattr(torch._C, "_cuda_getArchFlags", None)
+    flags = get_flags() if get_flags is not None else ""
+    archs = []
+    for flag in (flags or "").split():
+        digits = flag.rsplit("_", 1)[-1]
+        if flag.startswith("sm_") and digits.isdigit() and len(digits) >= 2:
+            archs.append(f"{digits[:-1]}.{digits[-1]}")
+    if not archs:
+        return None
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+def _cuda_toolkit(cpp_extension) -> str | None:
+    """The CUDA toolkit root to build against: one with bin/nvcc and include/cuda_runtime.h.
+
+    torch guesses the root from CUDA_HOME, else from where ``nvcc`` is on PATH. Where that ``nvcc`` is a wrapper script
+    (say /usr/local/bin/nvcc running the real one), the guess has no headers; then nvcc itself says where its headers
+    are (``nvcc --dryrun`` prints its include directory), and /usr/local/cuda is tried last.
+    """
+
+    def ok(root: str | None) -> bool:
+        return bool(root) and all(os.path.exists(os.path.join(root, *p)) for p in (("bin", "nvcc"),
+                                                                                 ("include", "cuda_runtime.h")))
+
+    guess = cpp_extension.CUDA_HOME
+    candidates = [guess]
+    nvcc = os.path.join(guess, "bin", "nvcc") if guess else shutil.which("nvcc")
+    if nvcc and os.path.exists(nvcc):
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-c", "probe.cu"], capture_output=True, text=True, timeout=60)
+            for word in (out.stdout + out.stderr).replace('"', " ").split():
+                if word.startswith("-I") and word.rstrip("/").endswith("include"):
+                    inc = os.path.normpath(word[2:])
+                    if os.path.exists(os.path.join(inc, "cuda_runtime.h")):
+                        root = os.path.dirname(inc)  # <root>/include, or <root>/targets/<arch>/include
+                        candidates += [root, os.path.dirname(os.path.dirname(root))]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    candidates.append("/usr/local/cuda")
+    return next((os.path.normpath(c) for c in candidates if ok(c)), None)
+
+
 def _extensions() -> dict:
     if _flag("SPARSEGPT_KERNELS_NO_EXT"):
         return _skip("SPARSEGPT_KERNELS_NO_EXT is set")
@@ -72,68 +122,102 @@ def _extensions() -> dict:
         return _skip("csrc/ is not part of this source tree")
 
     src = read_sources()
-    sources = list(src["ext"])
     depends = list(src.get("core", [])) + ["csrc/cpu/aten_ops.h", "csrc/cuda/sweep_kernels.h"]
     # the C++ standard comes from cpp_extension (it matches the torch headers); no contraction into fused
     # multiply-adds, so that the CPU sweep rounds like the reference on every architecture
-    cxx_flags = ["-O3", "-g0", "-ffp-contract=off"]
-    link_flags = ["-g0", "-s"]
-    nvcc_flags = ["-O3"]
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop in this extension
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
-    macros = []
-    with_cuda = (
-        torch.version.cuda is not None
-        and cpp_extension.CUDA_HOME is not None
-        and not _flag("SPARSEGPT_KERNELS_NO_CUDA")
-        and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    )
+    openmp = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+    with_cuda = torch.version.cuda is not None and not _flag("SPARSEGPT_KERNELS_NO_CUDA")
     if with_cuda:
-        sources += src.get("cuda", []) + src.get("cuda_ext", [])
-        macros.append(("SPARSEGPT_KERNELS_WITH_CUDA", "1"))
-        ext_cls = cpp_extension.CUDAExtension
+        toolkit = _cuda_toolkit(cpp_extension)
+        if toolkit is None:
+            with_cuda = False
+        elif toolkit != cpp_extension.CUDA_HOME:
+            _say(f"using the CUDA toolkit at {toolkit} (torch found {cpp_extension.CUDA_HOME}, which has no headers)")
+            cpp_extension.CUDA_HOME = toolkit
+            os.environ["CUDA_HOME"] = toolkit
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        archs = _default_cuda_arch_list(torch)
+        if archs is None:
+            _say("no GPU is visible and torch names no CUDA architectures; set TORCH_CUDA_ARCH_LIST to build the "
+                 "CUDA part")
+            with_cuda = False
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+            _say(f"no GPU is visible: building the CUDA part for torch's own architectures ({archs}); set "
+                 "TORCH_CUDA_ARCH_LIST to choose")
+
+    def make(cuda: bool, omp: bool):
+        """The extension with or without its CUDA part and OpenMP."""
+        cxx_flags = ["-O3", "-g0", "-ffp-contract=off"]
+        link_flags = ["-g0", "-s"]
+        if omp:
+            # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop in this extension
+            cxx_flags.append("-fopenmp")
+            link_flags.append("-fopenmp")
+        sources = list(src["ext"])
+        macros = []
+        if cuda:
+            sources += src.get("cuda", []) + src.get("cuda_ext", [])
+            macros.append(("SPARSEGPT_KERNELS_WITH_CUDA", "1"))
+        ext_cls = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+        return ext_cls(
+            EXT_NAME,
+            sources=sources,
+            depends=depends,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
+        )
+
+    if with_cuda:
         _say(f"building the C++ and CUDA extension (CUDA {torch.version.cuda}, {cpp_extension.CUDA_HOME})")
     else:
-        ext_cls = cpp_extension.CppExtension
         why = "torch is a CPU build" if torch.version.cuda is None else "nvcc/CUDA_HOME not found or disabled"
         _say(f"building the C++ extension (CPU only: {why})")
-    ext = ext_cls(
-        EXT_NAME,
-        sources=sources,
-        depends=depends,
-        define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=link_flags,
-    )
+    # what to try, in order, until one builds: without the CUDA part (unless SPARSEGPT_KERNELS_REQUIRE_EXT=1 asks for
+    # everything), then without OpenMP
+    attempts = [(with_cuda, openmp)]
+    if with_cuda and not REQUIRE:
+        attempts.append((False, openmp))
+    if openmp:
+        attempts.append((with_cuda and REQUIRE, False))
+
+    def describe(cuda: bool, omp: bool) -> str:
+        parts = ["with CUDA" if cuda else "without its CUDA part"]
+        if not omp:
+            parts.append("without OpenMP (the CPU backend's loops will run on one thread)")
+        return ", ".join(parts)
 
     class BuildExt(cpp_extension.BuildExtension):
-        """BuildExtension that retries without OpenMP (a compiler without it: the CPU loops then run on one thread)
-        and, unless SPARSEGPT_KERNELS_REQUIRE_EXT=1, leaves a pure-Python install when the build still fails."""
+        """BuildExtension that falls back step by step (``attempts``) when a build fails and, unless
+        SPARSEGPT_KERNELS_REQUIRE_EXT=1, leaves a working pure-Python install when every attempt fails."""
+
+        failed: set[str] = set()
 
         def build_extension(self, extension):
-            try:
-                super().build_extension(extension)
-                return
-            except Exception as e:  # noqa: BLE001 - any compiler/linker failure
-                error = e
-            flags = extension.extra_compile_args.get("cxx", [])
-            if "-fopenmp" in flags:
-                _say(f"compiling {extension.name} with -fopenmp failed ({type(error).__name__}); retrying without "
-                     "OpenMP (the CPU backend's loops will run on one thread)")
-                flags.remove("-fopenmp")
-                extension.extra_link_args = [a for a in extension.extra_link_args if a != "-fopenmp"]
+            for i, (cuda, omp) in enumerate(attempts):
+                if i:
+                    extension.__dict__.update(make(cuda, omp).__dict__)
                 try:
                     super().build_extension(extension)
                     return
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - any compiler/linker/configuration failure
                     error = e
+                    if i + 1 < len(attempts):
+                        _say(f"building {extension.name} failed ({type(e).__name__}: {str(e)[:300]}); retrying "
+                             f"{describe(*attempts[i + 1])}")
             if REQUIRE:
                 raise error
-            _say(f"compiling {extension.name} failed ({type(error).__name__}: {error}); continuing without it")
+            _say(f"building {extension.name} failed ({type(error).__name__}: {error}); continuing without it")
+            self.failed.add(extension.name)
 
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExt.with_options(use_ninja=True)}}
+        def build_extensions(self):
+            super().build_extensions()
+            # an extension that could not be built is left out of what gets installed or copied into the source tree
+            self.extensions = [e for e in self.extensions if e.name not in self.failed]
+
+    return {"ext_modules": [make(with_cuda, openmp)],
+            "cmdclass": {"build_ext": BuildExt.with_options(use_ninja=True)}}
 
 
 setup(**_extensions())
