@@ -13,6 +13,7 @@ from torch import nn
 from . import reference
 from .backends import select_backend
 from .hessian import HessianAccumulator
+from .precision import ieee_float32_matmul
 from .spec import SweepSpec
 
 logger = logging.getLogger("sparsegpt_kernels")
@@ -83,7 +84,7 @@ def _weight_of(layer) -> tuple[torch.Tensor, bool]:
 
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether every entry is finite: min and max propagate NaN and show ±Inf (one reduction, no temporary)."""
-    lo, hi = torch.aminmax(t)
+    lo, hi = torch.aminmax(t.detach())
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
@@ -164,6 +165,9 @@ def prune_layer(
 
     Returns:
         :class:`PruneResult`. On any exception the weight is left exactly as it was.
+
+    Float32 matrix products inside run at IEEE precision even where the process enabled TF32 (or bfloat16 on the
+    CPU) for inference; the setting is restored before returning (:mod:`sparsegpt_kernels.precision`).
     """
     t0 = time.perf_counter()
     weight, transposed = _weight_of(layer)
@@ -204,9 +208,16 @@ def prune_layer(
         raise ValueError("quant_group_size needs quant_bits")
 
     be = select_backend(backend, weight.device)
+    max_block = be.max_block_size() if hasattr(be, "max_block_size") else None
+    if max_block is not None and min(block_size, cols) > max_block:
+        raise ValueError(
+            f"block_size={block_size} is wider than the {be.NAME} backend supports ({max_block} columns); "
+            f"use block_size <= {max_block}"
+        )
 
     cdtype = torch.float64 if torch.float64 in (weight.dtype, H.dtype) else torch.float32
-    with torch.no_grad():
+    # float32 products at full precision whatever the process-wide TF32/bfloat16 setting (restored on the way out)
+    with torch.no_grad(), ieee_float32_matmul():
         W = W0.to(cdtype).clone().contiguous()  # never a view of the user's weight
         Hc = H.to(cdtype)
         dead = Hc.diagonal() == 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .precision import ieee_float32_matmul
+
 
 class HessianAccumulator:
     """Accumulates H = (2/n) Σ xᵢ xᵢᵀ over every input vector xᵢ a layer saw.
@@ -53,7 +55,8 @@ class HessianAccumulator:
             raise ValueError("x contains NaN or Inf; the Hessian was not updated")
         n = self.count
         H.mul_(n / (n + b))
-        H.addmm_(x.T, x, alpha=2.0 / (n + b))
+        with ieee_float32_matmul():  # no TF32 / bfloat16 products in the Hessian, whatever the global setting
+            H.addmm_(x.T, x, alpha=2.0 / (n + b))
         self.count = n + b
 
     @property

@@ -395,12 +395,19 @@ def test_sweep_cholesky_tracks_float64_like_the_reference():
     for kw in ({"sparsity": 0.5}, {"pattern": "2:4"}):
         truth = W.clone()
         sk.prune_layer(truth, H, backend="torch", **kw)
-        dev = {}
+        pruned = {}
         for be in ("torch", "cpp"):
             W32 = W.float()
             sk.prune_layer(W32, H.float(), backend=be, **kw)
-            assert torch.equal(W32 == 0, truth == 0), (be, kw)
-            dev[be] = float((W32.double() - truth).abs().max())
+            pruned[be] = W32.double()
+        # At this conditioning a few decisions are near-ties that float32 rounding (which differs between BLAS
+        # builds and CPUs) can flip. Given its mask, each row's sweep is independent of the other rows, so compare
+        # the rows whose masks agree with float64 for both; nearly all of them must.
+        agree = torch.ones(W.shape[0], dtype=torch.bool)
+        for Wb in pruned.values():
+            agree &= ((Wb == 0) == (truth == 0)).all(1)
+        assert int(agree.sum()) >= 0.9 * W.shape[0], (kw, int(agree.sum()))
+        dev = {be: float((Wb[agree] - truth[agree]).abs().max()) for be, Wb in pruned.items()}
         assert dev["cpp"] <= 3 * dev["torch"], (kw, dev)
 
 

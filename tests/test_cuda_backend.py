@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import PRUNE_MODES, correlated_inputs, hessian_of, recon_error
+from helpers import (
+    PRUNE_MODES,
+    assert_exact_sparsity,
+    check_backend_like_torch,
+    correlated_inputs,
+    hessian_of,
+    recon_error,
+)
 
 import sparsegpt_kernels as sk
 from sparsegpt_kernels import _ext, reference
 from sparsegpt_kernels.spec import SweepSpec
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEV = "cuda"
 
@@ -40,30 +47,28 @@ def _problem(rows, cols, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("kw", MODES)
-@pytest.mark.parametrize("rows", [1, 7, 129])
+@pytest.mark.parametrize("rows", [1, 7, 33])
 @pytest.mark.parametrize("block", [128, 40])
-def test_prune_layer_matches_torch(kw, rows, block):
-    cols = 200
-    X, W, H = _problem(rows, cols)
-    Wg = W.to(DEV)
-    Wt = W.clone()
-    rg = sk.prune_layer(Wg, H.to(DEV), block_size=block, backend="cuda", **kw)
-    rt = sk.prune_layer(Wt, H, block_size=block, backend="torch", **kw)
-    assert rg.backend == "cuda"
-    eg, et = recon_error(X, W, Wg.cpu()), recon_error(X, W, Wt)
-    assert eg <= et * 1.01 + 1e-9, (eg, et)
-    assert rg.loss == pytest.approx(rt.loss, rel=1e-2, abs=1e-6)
-    if "quant_bits" not in kw:
-        if "pattern" in kw:
-            n, m = sk.parse_pattern(kw["pattern"])
-            assert bool(((Wg == 0).reshape(rows, -1, m).sum(-1) == m - n).all())
-        else:
-            for i1 in range(0, cols, block):
-                blk = Wg[:, i1 : i1 + block]
-                assert int((blk == 0).sum()) == reference.n_pruned(0.5, blk.numel())
+def test_prune_layer_like_torch(kw, rows, block, poison_cuda_allocator):
+    """Same masks, exact counts, same loss as the torch backend on layers without near-ties; one dead column."""
+    check_backend_like_torch("cuda", DEV, kw, rows=rows, cols=200, block_size=block, dead=1, seed=rows)
 
 
-def test_float64_matches_reference_closely():
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_many_rows(pattern, poison_cuda_allocator):
+    """1031 rows at the default block size: exact counts and loss; masks may differ from the torch backend's in at
+    most 0.1% of the weights (near-ties among this many decisions)."""
+    X, W, H = _problem(1031, 512, seed=3)
+    kw = {"pattern": pattern} if pattern else {"sparsity": 0.5}
+    Wg, Wt = W.to(DEV), W.clone()
+    rg = sk.prune_layer(Wg, H.to(DEV), backend="cuda", **kw)
+    rt = sk.prune_layer(Wt, H, backend="torch", **kw)
+    assert_exact_sparsity(Wg, block_size=128, pattern=pattern)
+    assert abs(rg.loss - rt.loss) <= 1e-3 * rt.loss
+    assert float(((Wg.cpu() == 0) != (Wt == 0)).float().mean()) <= 1e-3
+
+
+def test_float64_matches_reference_closely(poison_cuda_allocator):
     X, W, H = _problem(33, 96, dtype=torch.float64, seed=5)
     Wg, Wt = W.to(DEV), W.clone()
     sk.prune_layer(Wg, H.to(DEV), block_size=32, backend="cuda", pattern="2:4")
@@ -71,7 +76,7 @@ def test_float64_matches_reference_closely():
     torch.testing.assert_close(Wg.cpu(), Wt, rtol=1e-9, atol=1e-12)
 
 
-def test_ties_broken_like_the_reference():
+def test_ties_broken_like_the_reference(poison_cuda_allocator):
     cols = 64
     H = torch.diag(torch.tensor([4.0, 1.0] * (cols // 2)))
     W = torch.randint(-2, 3, (9, cols)).float()
@@ -82,7 +87,7 @@ def test_ties_broken_like_the_reference():
         assert torch.equal(Wg.cpu(), Wt), kw
 
 
-def test_dead_columns():
+def test_dead_columns(poison_cuda_allocator):
     X = correlated_inputs(512, 64, seed=1)
     dead = [0, 7, 63]
     X[:, dead] = 0
@@ -106,7 +111,7 @@ def test_bad_input_weight_untouched():
 
 
 @pytest.mark.parametrize("cols", [64, 700])
-def test_inverse_factor_against_reference(cols):
+def test_inverse_factor_against_reference(cols, poison_cuda_allocator):
     X = correlated_inputs(2 * cols, cols, seed=cols, dtype=torch.float64)
     H = hessian_of(X).float().to(DEV)
     U, info = ops().ext_inverse_factor(H, 0.01)
@@ -119,7 +124,7 @@ def test_inverse_factor_against_reference(cols):
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (2, 8)])
-def test_nm_keep_mask_exact(n, m):
+def test_nm_keep_mask_exact(n, m, poison_cuda_allocator):
     scores = torch.rand(13, 5 * m, device=DEV)
     assert torch.equal(ops().ext_nm_keep_mask(scores, n, m), reference.nm_keep_mask(scores, n, m))
     ties = torch.randint(0, 3, (3, 7, 4 * m), device=DEV).float()
@@ -127,7 +132,7 @@ def test_nm_keep_mask_exact(n, m):
 
 
 @pytest.mark.parametrize("spec_kw", [{"sparsity": 0.5, "n": None, "m": None}, {"sparsity": 0.5, "n": 2, "m": 4}])
-def test_sweep_against_reference(spec_kw):
+def test_sweep_against_reference(spec_kw, poison_cuda_allocator):
     X, W, H = _problem(37, 80, seed=7)
     U = reference.inverse_factor(H, 0.01)
     spec = SweepSpec(block_size=32, **spec_kw)
@@ -149,9 +154,12 @@ def test_opcheck():
     torch.library.opcheck(ops().ext_sweep.default, (W.to(DEV), U.to(DEV), 0.5, 2, 4, 16, None, None, 0, 0))
 
 
-def test_large_layer_matches_torch():
+def test_large_layer_matches_torch(poison_cuda_allocator):
     X, W, H = _problem(1024, 1024, seed=9)
     Wg, Wt = W.to(DEV), W.to(DEV)
-    sk.prune_layer(Wg, H.to(DEV), sparsity=0.5, backend="cuda")
-    sk.prune_layer(Wt, H.to(DEV), sparsity=0.5, backend="torch")
-    assert recon_error(X, W, Wg.cpu()) <= recon_error(X, W, Wt.cpu()) * 1.01
+    rg = sk.prune_layer(Wg, H.to(DEV), sparsity=0.5, backend="cuda")
+    rt = sk.prune_layer(Wt, H.to(DEV), sparsity=0.5, backend="torch")
+    assert_exact_sparsity(Wg, block_size=128, sparsity=0.5)
+    assert abs(rg.loss - rt.loss) <= 1e-3 * rt.loss
+    e_g, e_t = recon_error(X, W, Wg.cpu()), recon_error(X, W, Wt.cpu())
+    assert abs(e_g - e_t) <= 0.01 * e_t

@@ -24,7 +24,10 @@ from sparsegpt_kernels.export import (
 )
 from sparsegpt_kernels.reference import nm_keep_mask
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def requires_cuda(fn):
+    """A GPU test: marked ``gpu`` (scripts/test.sh runs these in its second pytest process on a CUDA machine)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
 
 
 def nm_weight(rows: int, cols: int, n: int, m: int, *, dtype=torch.float32, device="cpu", seed: int = 0):

@@ -19,6 +19,9 @@ A backend is a module ``sparsegpt_kernels.backends._<name>`` exposing:
 ``sweep(W: Tensor, U: Tensor, spec: SweepSpec) -> float``
     ``W``: (r, c) contiguous, same dtype/device as ``U``, dead columns already zeroed; pruned (and, with
     ``spec.quant``, quantized) in place following ALGORITHM.md. Returns the OBS loss estimate.
+``max_block_size() -> int`` (optional)
+    The widest column block the backend's sweep supports; :func:`sparsegpt_kernels.prune_layer` refuses a wider
+    ``block_size`` (after clamping it to the layer's width) with a ``ValueError`` before any work.
 ``cholesky_factor(H, damp) -> Tensor | None`` and ``sweep_cholesky(W, R, spec) -> float`` (optional, together)
     The same two steps on R, the upper triangular factor with ``H + damping = R Rᵀ`` (``U = R⁻¹``), for backends
     that never form U: :func:`sparsegpt_kernels.prune_layer` uses this pair when a backend has it. Same contracts

@@ -31,6 +31,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def max_block_size() -> int:
+    """The widest column block of the fused CUDA sweep kernel (a warp per row, the row's block in registers)."""
+    return MAX_BLOCK
+
+
 def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
     return _ext.inverse_factor(H, damp, NAME)
 

@@ -44,6 +44,13 @@ def auto_selectable(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def max_block_size() -> int:
+    """The widest column block the sweep kernel holds in registers."""
+    from ..ops.sweep import SWEEP_MAX_BLOCK
+
+    return SWEEP_MAX_BLOCK
+
+
 def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
     from ..ops.hinv import hinv_factor
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_meta, maybe_autotune, register_op, wrap
+from ._common import autotune, launchable, register_op
 
 # --------------------------------------------------------------------------------------------------------------------
 # Configs: autotuned on a GPU; under the interpreter INTERPRET_CONFIG (big tiles, few programs)
@@ -36,7 +36,8 @@ def nm_group_rank(s, s_k, k, pos):
     return ((s_k < s) | ((s_k == s) & (k < pos))).to(tl.int32)
 
 
-@maybe_autotune(CONFIGS, key=["cols", "N", "M"])
+# every config writes every output element (the grid covers the whole matrix): trial launches leave nothing stale
+@autotune(CONFIGS, key=["cols", "N", "M"], interpret=INTERPRET_CONFIG)
 @triton.jit(do_not_specialize=["rows"])
 def _nm_keep_mask_kernel(
     s_ptr, out_ptr, rows, cols, stride_s, stride_o,
@@ -88,9 +89,8 @@ def _nm_keep_mask_op(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(cols, (meta["BLOCK_C"] // m) * m))
 
-        wrap(_nm_keep_mask_kernel)[grid](
-            s2, out, rows, cols, s2.stride(0), out.stride(0), N=n, M=m, **launch_meta(CONFIGS, INTERPRET_CONFIG)
-        )
+        kernel, meta = launchable(_nm_keep_mask_kernel)
+        kernel[grid](s2, out, rows, cols, s2.stride(0), out.stride(0), N=n, M=m, **meta)
     return out.view(torch.bool).reshape(scores.shape)
 
 

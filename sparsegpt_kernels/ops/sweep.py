@@ -12,7 +12,8 @@ Per column block [i1, i1 + nb) (see ALGORITHM.md):
   rows × nb tile in registers, reads the block's rows of U as it goes (nb·nb floats, cache resident), and for each
   column computes the N:M selection at each group start (with the current, updated weights), the masked (and
   quantized) value, the error, the loss and the rank-1 update of the block's remaining columns. It writes the block
-  back, the error matrix E and a per-program loss partial.
+  back, the error matrix E and each row's loss (per row, so that whichever row tile the autotuner picks writes all
+  of it).
 * the lazy update of the columns to the right, W[:, i2:] −= E · U[i1:i2, i2:], is a torch.matmul (cuBLAS fp32).
 
 Numerics: float32. Scores, errors and quantization use the correctly rounded ``div_rn`` (the plain ``/`` is approximate
@@ -32,14 +33,19 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import interpreting, launch_meta, maybe_autotune, next_pow2, register_op, wrap
+from ._common import autotune, interpreting, launchable, next_pow2, register_op, wrap
 from .nm_mask import nm_group_rank
 
 # --------------------------------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------------------------------
-# The sweep kernel (autotuned on a GPU; the row tile and its temporaries must stay in registers: these configs
-# compile for sm_90 without spilling, larger row tiles spill).
+# The sweep kernel (autotuned on a GPU). Its register tile is BR x BP (BP = next_pow2(block width) >= 16) with a few
+# temporaries of that shape, which must stay in registers. ptxas (sm_90) register use of these candidates: up to 16
+# tile elements per thread they spill nothing or a few bytes (at most 52, at BP = 128 in some modes); above 16, they
+# spill hundreds of bytes (BP = 256 with BR = 32 / 8 warps or BR = 16 / 4 warps), and at BP = 512 nearly all of them
+# do. So the autotuner tries only the candidates with at most 16 elements per thread, and blocks wider than
+# SWEEP_MAX_BLOCK are refused (tests/test_triton_backend.py compiles the 256-wide tile of each candidate that is tried
+# there and checks that it does not spill).
 SWEEP_CONFIGS = [
     triton.Config({"BR": 16}, num_warps=4),
     triton.Config({"BR": 16}, num_warps=8),
@@ -47,6 +53,19 @@ SWEEP_CONFIGS = [
     triton.Config({"BR": 8}, num_warps=2),
     triton.Config({"BR": 32}, num_warps=8),
 ]
+SWEEP_MAX_BLOCK = 256
+SWEEP_MAX_TILE_PER_THREAD = 16
+
+
+def sweep_config_fits(cfg: triton.Config, bp: int) -> bool:
+    """Whether ``cfg``'s BR x ``bp`` register tile stays within SWEEP_MAX_TILE_PER_THREAD elements per thread."""
+    return cfg.kwargs["BR"] * bp <= SWEEP_MAX_TILE_PER_THREAD * 32 * cfg.num_warps
+
+
+def _fitting_sweep_configs(configs, named_args, **kwargs):
+    return [c for c in configs if sweep_config_fits(c, kwargs["BP"])]
+
+
 # Under the interpreter: few, large programs.
 SWEEP_INTERPRET_CONFIG = triton.Config({"BR": 256}, num_warps=4)
 # Rows per program of the selection kernels (memory bound; not worth tuning).
@@ -163,7 +182,10 @@ def _prune_mask_kernel(src_ptr, d_ptr, state_ptr, tie_prefix_ptr, mask_ptr, rows
     tl.store(mask_ptr + r[:, None].to(tl.int64) * stride_m + cidx[None, :], pruned.to(tl.int8), mask=valid)
 
 
-@maybe_autotune(SWEEP_CONFIGS, key=["rows", "BP", "N", "M", "UNSTRUCT", "QUANT"], restore_value=["w_ptr"])
+# Trial launches of the autotuner run on the real arguments: W is restored after each; E and the per-row losses are
+# written in full by every config (any BR), so nothing a trial leaves behind survives the chosen launch.
+@autotune(SWEEP_CONFIGS, key=["rows", "BP", "N", "M", "UNSTRUCT", "QUANT"], interpret=SWEEP_INTERPRET_CONFIG,
+          restore_value=["w_ptr"], prune_configs_by={"early_config_prune": _fitting_sweep_configs})
 @triton.jit(do_not_specialize=["rows", "i1", "nb", "stride_w", "stride_u", "stride_q", "maxq", "qgroup"])
 def _sweep_block_kernel(
     w_ptr, u_ptr, mask_ptr, e_ptr, loss_ptr, qs_ptr, qz_ptr,
@@ -216,7 +238,7 @@ def _sweep_block_kernel(
         Et = tl.where(sel, err[:, None], Et)
     tl.store(w_ptrs, Wt, mask=tmask)
     tl.store(e_ptr + r64[:, None] * nb + cidx[None, :], Et, mask=tmask)
-    tl.store(loss_ptr + pid, tl.sum(lacc, axis=0))
+    tl.store(loss_ptr + r64, lacc, mask=rmask)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -295,6 +317,9 @@ def _check_block(W, U, i1, nb, n, m, qscale, qzero, qgroup):
     cols = W.shape[1]
     if not (0 <= i1 and 0 < nb and i1 + nb <= cols):
         raise ValueError(f"block [{i1}, {i1 + nb}) is outside 0..{cols}")
+    if nb > SWEEP_MAX_BLOCK:
+        raise ValueError(f"the Triton sweep holds a block in registers: block width {nb} is above its limit of "
+                         f"{SWEEP_MAX_BLOCK} columns")
     if m:
         if not 0 < n < m or nb % m or i1 % m:
             raise ValueError(f"N:M block needs 0 < N < M and M dividing the block start and width; got {n}:{m}")
@@ -323,10 +348,9 @@ def _sweep_block_op(W: torch.Tensor, U: torch.Tensor, i1: int, nb: int, sparsity
     quant = qscale is not None
     qs = qscale.contiguous() if quant else W
     qz = qzero.contiguous() if quant else W
-    meta = launch_meta(SWEEP_CONFIGS, SWEEP_INTERPRET_CONFIG)
-    max_programs = triton.cdiv(rows, min(c.kwargs["BR"] for c in [*SWEEP_CONFIGS, SWEEP_INTERPRET_CONFIG]))
-    loss = torch.zeros((max_programs,), dtype=torch.float32, device=dev)  # unused tail stays 0
-    wrap(_sweep_block_kernel)[lambda meta_: (triton.cdiv(rows, meta_["BR"]),)](
+    loss = torch.empty((rows,), dtype=torch.float32, device=dev)  # per row: every config writes all of it
+    kernel, meta = launchable(_sweep_block_kernel)
+    kernel[lambda meta_: (triton.cdiv(rows, meta_["BR"]),)](
         W, U, mask, E, loss, qs, qz,
         rows, W.stride(0), U.stride(0), i1, nb, qs.stride(0), maxq, max(qgroup, 1),
         N=n, M=m, UNSTRUCT=unstruct, QUANT=quant, BP=max(16, next_pow2(nb)), **meta,
