@@ -47,14 +47,18 @@ WORKLOADS = {
     "quick": ([(1, 32)], [1], 16, 4),
     "cpu": ([(1, 128)], [1, 8], 64, 8),
     "gpu": ([(1, 128), (1, 512), (1, 2048), (8, 512)], [1, 16, 64], 128, 32),
+    "gpu-short": ([(1, 512), (8, 512)], [1, 16], 128, 16),  # benchmarks/gpu_check.sh: within its time budget
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build_from_config(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_from_config(name: str, device: torch.device, dtype: torch.dtype, layers: int | None = None) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**CONFIGS[name], tie_word_embeddings=False)
+    kw = dict(CONFIGS[name])
+    if layers is not None:
+        kw["num_hidden_layers"] = layers
+    config = LlamaConfig(**kw, tie_word_embeddings=False)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -147,8 +151,9 @@ def measure(model: nn.Module, device: torch.device, workload, repeats: int, voca
     return out
 
 
-def run_model(name: str, device: torch.device, dtype: torch.dtype, workload, repeats: int) -> list[dict]:
-    model = load_embedded(device, dtype) if name == "embedded" else build_from_config(name, device, dtype)
+def run_model(name: str, device: torch.device, dtype: torch.dtype, workload, repeats: int,
+              layers: int | None = None) -> list[dict]:
+    model = load_embedded(device, dtype) if name == "embedded" else build_from_config(name, device, dtype, layers)
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters())
     pruned = prune_24_(model)
@@ -223,6 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--repeats", type=int, default=None, help="default: 3 on GPU, 2 on CPU")
     p.add_argument("--quick", action="store_true", help="a toy model, one repeat (smoke run)")
+    p.add_argument("--workload", default=None, choices=sorted(WORKLOADS),
+                   help="prefill/decode sizes (default: by device; gpu-short is a shorter GPU set)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of the models built from a config (default: the real model's)")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
 
@@ -232,13 +241,13 @@ def main(argv=None) -> int:
     models = args.models or (["quick"] if args.quick else ["llama-7b" if gpu else "tiny"])
     if args.embedded and "embedded" not in models:
         models = [*models, "embedded"]
-    workload = WORKLOADS["quick" if args.quick else ("gpu" if gpu else "cpu")]
+    workload = WORKLOADS[args.workload or ("quick" if args.quick else ("gpu" if gpu else "cpu"))]
     repeats = 1 if args.quick else (args.repeats or (3 if gpu else 2))
 
     rows, failed = [], []
     for name in models:
         try:
-            rows += run_model(name, device, dtype, workload, repeats)
+            rows += run_model(name, device, dtype, workload, repeats, args.layers)
         except ImportError as e:  # transformers or the embedded model's package is not installed
             print(f"skipping {name}: {e}", flush=True)
             rows.append({"model": name, "status": f"skipped: {e}", **meta(device)})

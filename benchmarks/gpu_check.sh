@@ -1,66 +1,103 @@
 #!/usr/bin/env bash
-# One script for a CUDA machine (no network needed): build the extension (CPU + CUDA), run the GPU tests, run the
-# benchmarks at real shapes, and collect everything under $OUT (default: benchmarks/out/gpu).
+# The check of the GPU path on a CUDA machine (made for one H200 with 16 cores and no network), in two phases that
+# each finish within 5 minutes of machine time, start-up not counted:
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]
+#   OUT=/some/dir bash benchmarks/gpu_check.sh A     # no compilation of the extension
+#   OUT=/some/dir bash benchmarks/gpu_check.sh B     # builds the CUDA extension (sm_90 only)
 #
-# Each step's log goes to $OUT/logs; a failing step is reported and the script goes on, exiting 1 at the end.
+# Phase A: machine facts; the compiled Triton tests (pytest -m gpu: CUDA tensors, 50%, 70%, 2:4, 4:8, 4-bit with and
+#   without groups, rows 1/7/33/777, odd column counts, ties, autotuned loss, CUDA graphs, Hessian-inverse factor,
+#   masks, opcheck); prune_layer torch vs triton at 4096x4096, 11008x4096, 4096x11008 and 12288x12288, 50% and 2:4
+#   (median of 3 runs after a warm-up, CUDA events); the Hessian-inverse factor vs torch.linalg.cholesky +
+#   cholesky_inverse at c = 4096 and 12288.
+# Phase B: builds the extension with its CUDA part (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS = the machine's cores); the
+#   CUDA-backend tests and the 2:4 export tests on the GPU; prune_layer torch vs cuda vs triton at the same shapes;
+#   2:4 semi-structured matmul vs dense (LLaMA-7B and OPT-6.7B layers); prefill/decode of a LLaMA-7B-shaped model
+#   with 8 layers, dense vs 2:4.
+#
+# Time estimate (16 cores, H200): the limits below are what each step may take: 270 s (A) and 290 s (B), plus ~5 s
+# for the machine facts and the summary.
+#   A: facts ~5 s; compiled Triton tests ~120 s: about 70 kernel compilations at ~1.5 s each on one core,
+#      autotuning included (limit 150); prune_layer ~60 s: the torch reference sweeps ~10 000 columns a second on a
+#      GPU, so 4 shapes x 2 modes x (1 + 3) runs take ~30 s, triton ~10 s, autotuning ~10 s (limit 90);
+#      Hessian-inverse factor ~15 s (limit 30).
+#   B: build ~90 s: ~60 s for the largest C++ file, the rest in parallel (limit 110; loading it, limit 10); CUDA and
+#      export tests ~30 s (limit 50); prune_layer ~60 s (limit 70); 2:4 matmul ~15 s: 6 layers x 3 token counts x
+#      dense/sparse (limit 25); end to end ~20 s (limit 25).
+#
+# Under $OUT/<phase> (at most 8 files): summary.md (the table printed last), log.txt (every step's output),
+# steps.tsv, machine.txt and the CSVs. A failing step is reported with the tail of its log and the phase goes on;
+# the script exits 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PHASE=${1:-}
+if [ "$PHASE" != "A" ] && [ "$PHASE" != "B" ]; then
+  echo "usage: OUT=DIR bash benchmarks/gpu_check.sh A|B" >&2
+  exit 2
+fi
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/out/gpu}
-QUICK=${1:-}
-mkdir -p "$OUT/logs" "$OUT/results"
-unset TRITON_INTERPRET
-export TRITON_INTERPRET=0
+D="$OUT/$PHASE"
+mkdir -p "$D"
+: >"$D/log.txt"
+: >"$D/steps.tsv"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=()
 
-step() {  # step NAME TIMEOUT_S COMMAND...
+step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
   shift 2
-  local t0=$SECONDS
-  echo "== $name"
-  if timeout "$limit" "$@" >"$OUT/logs/$name.log" 2>&1; then
+  local t0=$SECONDS log
+  log=$(mktemp)
+  echo "== $name (limit ${limit} s)"
+  if timeout "$limit" "$@" >"$log" 2>&1; then
+    status=ok
     echo "   ok ($((SECONDS - t0)) s)"
   else
-    echo "   FAILED ($((SECONDS - t0)) s): tail of $OUT/logs/$name.log"
-    tail -n 15 "$OUT/logs/$name.log" | sed 's/^/   | /'
+    status=FAILED
+    echo "   FAILED ($((SECONDS - t0)) s); tail of its log:"
+    tail -n 15 "$log" | sed 's/^/   | /'
     failed+=("$name")
   fi
+  { echo "===== $name: $status ($((SECONDS - t0)) s)"; cat "$log"; echo; } >>"$D/log.txt"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" "$limit" >>"$D/steps.tsv"
+  rm -f "$log"
 }
 
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  echo "cores: $(nproc)"
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| CUDA', torch.version.cuda, '| triton', triton.__version__)"
   nvcc --version | tail -n 1
-} >"$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+} >"$D/machine.txt" 2>&1
+cat "$D/machine.txt"
+SHAPES=(4096x4096 11008x4096 4096x11008 12288x12288)
 
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-export SPARSEGPT_KERNELS_REQUIRE_EXT=1
-step build 420 "$PY" -m pip install --no-deps --no-build-isolation -e .
-step ext_has_cuda 60 "$PY" -c "import sparsegpt_kernels._ext as e; assert e.load() and e.has_cuda(), 'no CUDA in _C'"
-step native 180 bash scripts/ci_native.sh
-# Triton's CPU-tensor tests need the interpreter; here only its CUDA tests run (TRITON_INTERPRET=0).
-step tests_triton_gpu 300 "$PY" -m pytest -q -rs tests/test_triton_backend.py -k "cuda or compile"
-step tests_gpu 300 "$PY" -m pytest -q -rs tests/test_cuda_backend.py tests/test_cpp_backend.py tests/test_export.py \
-  tests/test_prune_layer.py tests/test_reference.py
-if [ "$QUICK" = "--quick" ]; then
-  step bench_prune_layer 200 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes 4096x4096 --modes 0.5 2:4 \
-    --csv "$OUT/results/prune_layer_cuda.csv"
+if [ "$PHASE" = "A" ]; then
+  step triton_tests 150 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_triton_backend.py \
+    tests/test_precision.py
+  step prune_layer 90 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
+    --backends torch triton --repeats 3 --csv "$D/prune_layer_triton.csv"
+  step hinv 30 "$PY" benchmarks/bench_hinv.py --sizes 4096 12288 --csv "$D/hinv.csv"
 else
-  step bench_prune_layer 420 "$PY" benchmarks/bench_prune_layer.py --device cuda \
-    --shapes 4096x4096 11008x4096 4096x11008 12288x12288 --modes 0.5 2:4 --backends torch triton cuda \
-    --csv "$OUT/results/prune_layer_cuda.csv"
-  step bench_hinv 200 "$PY" benchmarks/bench_hinv.py --sizes 1024 4096 12288
-  step bench_sweep 300 "$PY" benchmarks/bench_sweep.py --shapes 4096x4096 11008x4096 4096x11008 --modes 0.5 2:4
-  step bench_nm_mask 120 "$PY" benchmarks/bench_nm_mask.py --shapes 4096x4096 11008x4096
-  step bench_sparse_matmul 300 "$PY" benchmarks/bench_sparse_matmul.py --device cuda
-  step bench_e2e 300 "$PY" benchmarks/bench_e2e.py --device cuda
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)} SPARSEGPT_KERNELS_REQUIRE_EXT=1
+  step build 110 "$PY" setup.py build_ext --inplace
+  step ext_has_cuda 10 "$PY" -c "from sparsegpt_kernels import _ext; assert _ext.load() and _ext.has_cuda(), \
+_ext.missing_reason() or 'built without CUDA'; print('CUDA extension loaded')"
+  step cuda_tests 50 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_backend.py tests/test_export.py
+  step prune_layer 70 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
+    --backends torch cuda triton --repeats 2 --csv "$D/prune_layer_cuda.csv"
+  step sparse_matmul 25 "$PY" benchmarks/bench_sparse_matmul.py --device cuda --models llama-7b opt-6.7b \
+    --tokens 16 512 4096 --dtypes float16 --csv "$D/sparse_matmul.csv"
+  step e2e 25 "$PY" benchmarks/bench_e2e.py --device cuda --models llama-7b --layers 8 --workload gpu-short \
+    --repeats 2 --csv "$D/e2e.csv"
 fi
-cp benchmarks/results/*cuda* benchmarks/results/hinv.csv benchmarks/results/sweep.csv benchmarks/results/nm_mask.csv \
-  "$OUT/results/" 2>/dev/null || true
 
+echo
+"$PY" benchmarks/gpu_summary.py "$PHASE" "$D"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed steps: ${failed[*]}"
   exit 1

@@ -1,0 +1,132 @@
+"""The short table benchmarks/gpu_check.sh prints last: each step's status and the GPU targets, measured against what
+the same run measured.
+
+    python benchmarks/gpu_summary.py A|B DIR     # DIR holds steps.tsv and the phase's CSVs; writes DIR/summary.md
+
+Targets (same card, same run):
+  A  Triton prune_layer >= 20x the torch backend at 4096x4096 and 11008x4096 (50% and 2:4), within 3x of the fp32
+     floor ((1/3 c^3 + r c^2) FLOPs at the card's measured fp32 matmul rate); losses within 1e-3 of torch's;
+     Hessian-inverse factor no slower than 1.5x torch's cholesky + cholesky_inverse at c = 4096 and 12288.
+  B  cuda backend >= 10x the torch backend at the same shapes; which of triton / cuda is faster per shape (what
+     backend="auto" should pick); 2:4 semi-structured matmul and end-to-end speedups over dense.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+TARGET_SHAPES = ("4096x4096", "11008x4096")
+
+
+def _read(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _mark(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "**NO**")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _steps(d: str) -> list[str]:
+    rows = [line.rstrip("\n").split("\t") for line in open(os.path.join(d, "steps.tsv"))] if os.path.exists(
+        os.path.join(d, "steps.tsv")) else []
+    return _table(["step", "status", "seconds", "limit s"], rows)
+
+
+def _prune(d: str, fname: str, backend: str, speedup_target: float, floor_target: float | None) -> list[str]:
+    rows = _read(os.path.join(d, fname))
+    if not rows:
+        return [f"(no {fname})"]
+    by = {(r["shape"], r["mode"], r["backend"]): r for r in rows}
+    out = []
+    for (shape, mode, be), r in by.items():
+        if be != backend:
+            continue
+        t = by.get((shape, mode, "torch"))
+        sp = float(r["speedup_vs_torch"])
+        target = shape in TARGET_SHAPES
+        frac = float(r["frac_of_floor"])
+        loss_rel = abs(float(r["loss_vs_torch"]) - 1) if r.get("loss_vs_torch", "-") != "-" else float("nan")
+        out.append([
+            shape, mode, t["seconds"] if t else "-", r["seconds"], f"{sp:.1f}x",
+            _mark(sp >= speedup_target) if target else "-", f"{1 / frac:.2f}x" if frac else "-",
+            _mark(1 / frac <= floor_target) if (target and floor_target and frac) else "-",
+            f"{loss_rel:.1e}", _mark(loss_rel <= 1e-3),
+        ])
+    head = ["shape", "mode", "torch s", f"{backend} s", "speedup", f">= {speedup_target:g}x",
+            "time / floor", f"<= {floor_target:g}x" if floor_target else "floor target", "loss vs torch", "<= 1e-3"]
+    return _table(head, out)
+
+
+def _hinv(d: str) -> list[str]:
+    rows = _read(os.path.join(d, "hinv.csv"))
+    if not rows:
+        return ["(no hinv.csv)"]
+    by = {(r["c"], r["impl"]): r for r in rows}
+    out = []
+    for (c, impl), r in by.items():
+        if impl != "triton":
+            continue
+        ci = by[(c, "torch_cholesky_inverse")]
+        ratio = float(r["seconds"]) / float(ci["seconds"])
+        out.append([c, r["seconds"], ci["seconds"], by[(c, "torch")]["seconds"], f"{ratio:.2f}x",
+                    _mark(ratio <= 1.5) if int(c) in (4096, 12288) else "-", r["max_rel_diff_vs_torch"]])
+    return _table(["c", "triton s", "cholesky+cholesky_inverse s", "torch reference s", "triton / chol+inv",
+                   "<= 1.5x", "max rel diff"], out)
+
+
+def _auto(d: str) -> list[str]:
+    rows = _read(os.path.join(d, "prune_layer_cuda.csv"))
+    by = {(r["shape"], r["mode"], r["backend"]): float(r["seconds"]) for r in rows}
+    out = []
+    for shape, mode in sorted({(s, m) for s, m, _ in by}):
+        t, c = by.get((shape, mode, "triton")), by.get((shape, mode, "cuda"))
+        if t is not None and c is not None:
+            out.append([shape, mode, f"{t:.4f}", f"{c:.4f}", "triton" if t <= c else "cuda"])
+    return _table(["shape", "mode", "triton s", "cuda s", "faster"], out) if out else ["(no triton/cuda pair)"]
+
+
+def _speedups(d: str, fname: str, keys: list[str]) -> list[str]:
+    rows = [r for r in _read(os.path.join(d, fname)) if r.get("speedup")]
+    if not rows:
+        return [f"(no sparse timings in {fname})"]
+    return _table([*keys, "dense ms", "sparse ms", "speedup"],
+                  [[r[k] for k in keys] + [r["dense_ms"], r["sparse_ms"], r["speedup"]] for r in rows])
+
+
+def main(argv: list[str]) -> int:
+    phase, d = argv
+    lines = [f"# GPU check, phase {phase}", ""]
+    machine = os.path.join(d, "machine.txt")
+    if os.path.exists(machine):
+        lines += ["```", open(machine).read().strip(), "```", ""]
+    lines += ["## Steps", "", *_steps(d), ""]
+    if phase == "A":
+        lines += ["## prune_layer: triton vs torch", "", *_prune(d, "prune_layer_triton.csv", "triton", 20, 3), ""]
+        lines += ["## Hessian-inverse factor", "", *_hinv(d), ""]
+    else:
+        lines += ["## prune_layer: cuda vs torch", "", *_prune(d, "prune_layer_cuda.csv", "cuda", 10, None), ""]
+        lines += ["## triton or cuda (what backend=\"auto\" should pick)", "", *_auto(d), ""]
+        lines += ["## 2:4 semi-structured matmul vs dense", "",
+                  *_speedups(d, "sparse_matmul.csv", ["model", "layer", "dtype", "tokens"]), ""]
+        lines += ["## End to end (2:4 exported vs dense)", "",
+                  *_speedups(d, "e2e.csv", ["model", "phase", "batch", "prompt"]), ""]
+    text = "\n".join(lines)
+    with open(os.path.join(d, "summary.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

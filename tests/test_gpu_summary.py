@@ -1,0 +1,72 @@
+"""benchmarks/gpu_summary.py reads the CSVs the benchmark scripts write (column names included) and marks each GPU
+target met or missed; checked here on CPU-sized runs of the same scripts with stand-in backend names."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _run(*args: str, env=None) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out.stdout
+
+
+def _rename_backend(path: str, old: str, new: str, shape: str | None = None) -> None:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r["backend"] == old:
+            r["backend"] = new
+        if shape is not None:
+            r["shape"] = shape
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_phase_a_summary(tmp_path):
+    d = str(tmp_path)
+    csv_path = os.path.join(d, "prune_layer_triton.csv")
+    _run(os.path.join(BENCH, "bench_prune_layer.py"), "--device", "cpu", "--shapes", "64x128", "--modes", "0.5",
+         "--backends", "torch", "cpp", "--repeats", "1", "--peak-tflops", "1", "--csv", csv_path)
+    _rename_backend(csv_path, "cpp", "triton", shape="4096x4096")  # a target shape: the marks must be filled
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    _run(os.path.join(BENCH, "bench_hinv.py"), "--quick", "--csv", os.path.join(d, "hinv.csv"), env=env)
+    with open(os.path.join(d, "steps.tsv"), "w") as f:
+        f.write("triton_tests\tok\t12\t150\nprune_layer\tFAILED\t91\t90\n")
+    out = _run(os.path.join(BENCH, "gpu_summary.py"), "A", d)
+    assert os.path.exists(os.path.join(d, "summary.md"))
+    assert "| prune_layer | FAILED | 91 | 90 |" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("| 4096x4096 | 0.5 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[5] in ("yes", "**NO**") and cells[7] in ("yes", "**NO**") and cells[9] == "yes"  # same loss
+    assert "| 64 |" in out and "| 96 |" in out  # the Hessian-inverse rows
+
+
+def test_phase_b_summary(tmp_path):
+    d = str(tmp_path)
+    csv_path = os.path.join(d, "prune_layer_cuda.csv")
+    _run(os.path.join(BENCH, "bench_prune_layer.py"), "--device", "cpu", "--shapes", "64x128", "--modes", "2:4",
+         "--backends", "torch", "cpp", "--repeats", "1", "--peak-tflops", "1", "--csv", csv_path)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows.append({**rows[-1], "backend": "triton", "seconds": "1e9"})  # a slower triton: cuda is "faster"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _rename_backend(csv_path, "cpp", "cuda")
+    out = _run(os.path.join(BENCH, "gpu_summary.py"), "B", d)
+    prune, auto = out.split("## triton or cuda")[0], out.split("## triton or cuda")[1].split("## 2:4")[0]
+    assert "| 64x128 | 2:4 |" in prune
+    row = next(ln for ln in auto.splitlines() if ln.startswith("| 64x128 | 2:4 |"))
+    assert row.split("|")[-2].strip() == "cuda"
+    assert "(no sparse timings in sparse_matmul.csv)" in out
