@@ -22,10 +22,6 @@ class QuantGrid:
     maxq: int
     group_size: int
 
-    @property
-    def bits(self) -> int:
-        return (self.maxq + 1).bit_length() - 1
-
 
 @dataclass(frozen=True)
 class SweepSpec:
@@ -40,7 +36,3 @@ class SweepSpec:
     m: int | None
     block_size: int
     quant: QuantGrid | None = None
-
-    @property
-    def semi_structured(self) -> bool:
-        return self.m is not None

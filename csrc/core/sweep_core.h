@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "rules.h"
+
 namespace sgk {
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -58,8 +60,9 @@ inline void nm_keep_mask(const T* scores, int64_t rows, int64_t cols, int64_t n,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The factor that drives the sweep. Both run the same algorithm (ALGORITHM.md), with the same weights at the start
-// of every block and the same in-block steps, up to rounding.
+// The factor that drives the sweep. Both run the same algorithm (docs/algorithm.md, "The blocked sweep"; the
+// derivation below is summarised there in "The Cholesky-factor sweep"), with the same weights at the start of every
+// block and the same in-block steps, up to rounding.
 //
 // kInverse:  G = U, the upper Cholesky factor of H^-1 (H^-1 = U^T U). The reference, step for step: in the block,
 //            err = (w - q) / U_jj and W[:, j+1:i2] -= err * U[j, j+1:i2]; then W[:, i2:] -= E @ U[blk, i2:].
@@ -97,11 +100,6 @@ struct SweepParams {
   int64_t group_size = 0;
   int64_t maxq = 0;
 };
-
-// round-half-up of sparsity * count, clamped to count (reference.n_pruned)
-inline int64_t n_pruned(double sparsity, int64_t count) {
-  return std::min<int64_t>(count, static_cast<int64_t>(sparsity * static_cast<double>(count) + 0.5));
-}
 
 // Validates a parameter set; throws std::invalid_argument naming the problem.
 template <typename T>
@@ -249,7 +247,8 @@ inline void nm_select_lanes(const T* w, const T* diag, int64_t dstride, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Steps 1 (N:M) and 2 of ALGORITHM.md for the rows [r0, r0 + tr) (tr <= kLanes) of a block.
+// Steps 1 (N:M) and 2 of docs/algorithm.md ("The blocked sweep") for the rows [r0, r0 + tr) (tr <= kLanes) of a
+// block.
 // maskT: the unstructured mask of the block, transposed ((B, ldm), 1 = pruned; unused for N:M). PT receives what the
 // lazy update needs, transposed ((B, ldp)): -err (kInverse) or W0 - q (kCholesky). maskT and PT have at least
 // r0 + kLanes columns (padding lanes read zeros and write into the padding). The pruned weights go to W.

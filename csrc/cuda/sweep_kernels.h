@@ -6,9 +6,12 @@
 
 #include <cstdint>
 
+#include "../core/rules.h"
+
 namespace sgk_cuda {
 
-// Everything one column block [i1, i2) of the sweep needs (steps 1 for N:M, and 2, of ALGORITHM.md).
+// Everything one column block [i1, i2) of the sweep needs (step 1 for N:M, and step 2, of docs/algorithm.md,
+// "The blocked sweep").
 // W (rows, ldw) and U (cols, ldu) are row-major; `pruned` is the unstructured mask of the block ((rows, i2 - i1)
 // row-major, 1 = pruned) or nullptr for N:M (n, m > 0). E receives the errors ((rows, i2 - i1) row-major);
 // row_loss[r] += Σ_j err² for each row. Quantization is off when scale == nullptr.
@@ -31,8 +34,8 @@ struct BlockArgs {
   T* row_loss;
 };
 
-// Largest block the fused kernel takes (a warp holds one row of the block in registers: 32 values per lane).
-constexpr int64_t kMaxBlock = 1024;
+// Largest block the fused kernel takes (csrc/core/rules.h).
+constexpr int64_t kMaxBlock = sgk::kCudaMaxBlock;
 
 // One warp per row: the row's block stays in registers for all of its B rank-1 updates.
 template <typename T>

@@ -18,7 +18,8 @@ A backend is a module ``sparsegpt_kernels.backends._<name>`` exposing:
     (non-positive pivot / non-finite result) so that the caller can escalate ``damp``. Must not modify ``H``.
 ``sweep(W: Tensor, U: Tensor, spec: SweepSpec) -> float``
     ``W``: (r, c) contiguous, same dtype/device as ``U``, dead columns already zeroed; pruned (and, with
-    ``spec.quant``, quantized) in place following ALGORITHM.md. Returns the OBS loss estimate.
+    ``spec.quant``, quantized) in place following docs/algorithm.md ("The blocked sweep"). Returns the OBS loss
+    estimate.
 ``max_block_size() -> int`` (optional)
     The widest column block the backend's sweep supports; :func:`sparsegpt_kernels.prune_layer` refuses a wider
     ``block_size`` (after clamping it to the layer's width) with a ``ValueError`` before any work.

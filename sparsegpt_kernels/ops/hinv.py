@@ -1,8 +1,8 @@
 """Hessian-inverse Cholesky factor: U, the upper Cholesky factor of (H + λI)⁻¹ (H⁻¹ = Uᵀ U).
 
-One Cholesky and one triangular inverse (see ALGORITHM.md): with J the index reversal, factor A = J H J = L Lᵀ
-(blocked, right-looking), invert X = L⁻¹ (blocked, in place), and U = J X J. Everything happens inside the c×c output
-buffer plus a workspace of 2·c·BS floats:
+One Cholesky and one triangular inverse (docs/algorithm.md, "The inverse factor U"): with J the index reversal,
+factor A = J H J = L Lᵀ (blocked, right-looking), invert X = L⁻¹ (blocked, in place), and U = J X J. Everything
+happens inside the c×c output buffer plus a workspace of 2·c·BS floats:
 
 1. ``_prepare_kernel``   A[i, j] = H[c-1-i, c-1-j] on the lower triangle, with the dead-column fix (H_jj = 0 → 1) and
                          the damping λ = damp · mean(diag) fused into the diagonal.

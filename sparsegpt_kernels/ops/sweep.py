@@ -1,6 +1,6 @@
 """The blocked column sweep of SparseGPT: mask selection, OBS updates, joint quantization and the lazy batch update.
 
-Per column block [i1, i1 + nb) (see ALGORITHM.md):
+Per column block [i1, i1 + nb) (docs/algorithm.md, "The blocked sweep"):
 
 * unstructured sparsity: an exact selection finds the k-th smallest score s = w²/d² of the rows × nb block
   (k = ``reference.n_pruned(p, rows·nb)``) with a 4-pass radix select on order-preserving integer keys of the float
@@ -71,8 +71,10 @@ SWEEP_INTERPRET_CONFIG = triton.Config({"BR": 256}, num_warps=4)
 # Rows per program of the selection kernels (memory bound; not worth tuning).
 SELECT_BR_GPU = 16
 SELECT_BR_INTERPRET = 64
-HIST_BINS = 256
-INT_MIN = -2147483648
+# The radix select: 8 bits per pass (4 passes over a 32-bit key), a histogram of 2⁸ bins; SIGN_BIT flips the key's
+# top bit to read signed int32 order as unsigned.
+HIST_BINS: tl.constexpr = tl.constexpr(256)
+SIGN_BIT: tl.constexpr = tl.constexpr(-2147483648)
 
 
 def _select_br() -> int:
@@ -120,7 +122,7 @@ def _radix_hist_kernel(src_ptr, d_ptr, state_ptr, hist_ptr, rows, ncols, stride_
                        PASS: tl.constexpr, HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     pid = tl.program_id(0)
     key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
-    u = key ^ -2147483648  # unsigned order as bits
+    u = key ^ SIGN_BIT  # unsigned order as bits
     ok = valid
     if PASS > 0:
         prefix = tl.load(state_ptr)
@@ -128,8 +130,8 @@ def _radix_hist_kernel(src_ptr, d_ptr, state_ptr, hist_ptr, rows, ncols, stride_
     digit = (u >> (24 - 8 * PASS)) & 0xFF
     flat_ok = tl.reshape(ok, (BR * BC,))
     flat_digit = tl.reshape(tl.where(ok, digit, 0), (BR * BC,))
-    h = tl.histogram(flat_digit, 256)
-    bins = tl.arange(0, 256)
+    h = tl.histogram(flat_digit, HIST_BINS)
+    bins = tl.arange(0, HIST_BINS)
     n_out = tl.sum((flat_ok == 0).to(tl.int32), axis=0)
     h = h - tl.where(bins == 0, n_out, 0)  # the masked-out entries were counted in bin 0
     tl.atomic_add(hist_ptr + bins, h, mask=h != 0)
@@ -138,7 +140,7 @@ def _radix_hist_kernel(src_ptr, d_ptr, state_ptr, hist_ptr, rows, ncols, stride_
 @triton.jit(do_not_specialize=["k"])
 def _radix_pick_kernel(state_ptr, hist_ptr, k, PASS: tl.constexpr):
     """state = [bits of the k-th smallest key found so far, rank of the k-th among the remaining candidates]."""
-    bins = tl.arange(0, 256)
+    bins = tl.arange(0, HIST_BINS)
     h = tl.load(hist_ptr + bins)
     csum = tl.cumsum(h, 0)
     if PASS == 0:  # k comes as an argument: no host-to-device copy (and no sync) per block
@@ -159,7 +161,7 @@ def _tie_count_kernel(src_ptr, d_ptr, state_ptr, ties_ptr, rows, ncols, stride_s
                       HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     pid = tl.program_id(0)
     key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
-    t = tl.load(state_ptr) ^ -2147483648
+    t = tl.load(state_ptr) ^ SIGN_BIT
     tie = valid & (key == t)
     tl.store(ties_ptr + pid, tl.sum(tl.sum(tie.to(tl.int32), axis=1), axis=0))
 
@@ -169,7 +171,7 @@ def _prune_mask_kernel(src_ptr, d_ptr, state_ptr, tie_prefix_ptr, mask_ptr, rows
                        stride_m, HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     pid = tl.program_id(0)
     key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
-    t = tl.load(state_ptr) ^ -2147483648
+    t = tl.load(state_ptr) ^ SIGN_BIT
     need = tl.load(state_ptr + 1)  # how many entries equal to the threshold are pruned (in row-major order)
     tie = (valid & (key == t)).to(tl.int32)
     per_row = tl.sum(tie, axis=1)
@@ -265,7 +267,7 @@ def _select_into(mask: torch.Tensor, src: torch.Tensor, d_src: torch.Tensor | No
     has_d = d_src is not None
     d_arg = d_src if has_d else src
     state = torch.empty(2, dtype=torch.int32, device=dev)
-    hist = torch.zeros(HIST_BINS, dtype=torch.int32, device=dev)
+    hist = torch.zeros(HIST_BINS.value, dtype=torch.int32, device=dev)
     for p in range(4):
         wrap(_radix_hist_kernel)[grid](src, d_arg, state, hist, rows, ncols, stride_s, d_stride,
                                        PASS=p, HAS_D=has_d, BR=BR, BC=BC)
