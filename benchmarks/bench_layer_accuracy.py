@@ -27,13 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT_DIR, RESULTS_DIR, meta  # noqa: E402
 
 import sparsegpt_kernels as sk  # noqa: E402
-from sparsegpt_kernels.model import calibration_windows, load_model, load_text, pipeline, tokenize  # noqa: E402
+from sparsegpt_kernels.model import calibration_windows, load_model, load_text, prune_block, tokenize  # noqa: E402
 
 
 @contextlib.contextmanager
 def recording(backend: str, rows: list[dict]):
     """Make prune_model's per-layer prune_layer call also run the float32/float64 references and record losses."""
-    original = pipeline.prune_layer
+    original = prune_block.prune_layer
 
     def prune_and_compare(W, H, **kw):
         kw = {k: v for k, v in kw.items() if k != "backend"}
@@ -47,11 +47,11 @@ def recording(backend: str, rows: list[dict]):
                      "loss": res.loss, **ref})
         return res
 
-    pipeline.prune_layer = prune_and_compare
+    prune_block.prune_layer = prune_and_compare
     try:
         yield
     finally:
-        pipeline.prune_layer = original
+        prune_block.prune_layer = original
 
 
 def main(argv=None) -> int:

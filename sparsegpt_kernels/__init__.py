@@ -3,7 +3,7 @@
 Importing this package touches no GPU and compiles nothing; backends are resolved on first use.
 """
 
-from .api import FactorizationError, PruneResult, parse_pattern, prune_layer
+from .api import FactorizationError, PruneResult, prune_layer
 from .backends import BackendUnavailableError, available_backends
 from .export import (
     ExportError,
@@ -15,7 +15,8 @@ from .export import (
     validate_nm,
 )
 from .hessian import HessianAccumulator
-from .reference import nm_keep_mask
+from .masks import nm_keep_mask, unstructured_prune_mask
+from .settings import parse_pattern
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "semi_structured_support",
     "to_dense",
     "to_semi_structured",
+    "unstructured_prune_mask",
     "validate_nm",
     "wanda_prune_",
     "__version__",

@@ -14,6 +14,7 @@ from . import reference
 from .backends import select_backend
 from .hessian import HessianAccumulator
 from .precision import ieee_float32_matmul
+from .settings import parse_pattern
 from .spec import SweepSpec
 
 logger = logging.getLogger("sparsegpt_kernels")
@@ -54,18 +55,10 @@ class PruneResult:
     dead_columns: int = 0
 
 
-def parse_pattern(pattern: str) -> tuple[int, int]:
-    """Parse "N:M" (N kept of every M consecutive input columns) into (N, M)."""
-    if not isinstance(pattern, str):
-        raise TypeError(f"pattern must be a string like '2:4', got {type(pattern).__name__}")
-    parts = pattern.strip().split(":")
-    try:
-        n, m = (int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"malformed pattern {pattern!r}: expected 'N:M' with integers, e.g. '2:4'") from None
-    if not 0 < n < m:
-        raise ValueError(f"pattern {pattern!r}: need 0 < N < M (N kept of every M)")
-    return n, m
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored (in_features, out_features)."""
+    return (isinstance(module, nn.Module) and type(module).__name__ == "Conv1D"
+            and isinstance(getattr(module, "weight", None), torch.Tensor))
 
 
 def _weight_of(layer) -> tuple[torch.Tensor, bool]:
@@ -74,7 +67,7 @@ def _weight_of(layer) -> tuple[torch.Tensor, bool]:
         return layer, False
     if isinstance(layer, nn.Linear):
         return layer.weight, False
-    if isinstance(layer, nn.Module) and type(layer).__name__ == "Conv1D" and hasattr(layer, "weight"):
+    if is_conv1d(layer):
         return layer.weight, True  # transformers' Conv1D stores (in_features, out_features)
     raise TypeError(
         "layer must be an nn.Linear, a transformers Conv1D or a 2-D weight tensor (out, in), "

@@ -70,19 +70,19 @@ def test_shared_hessian_matches_separate():
 
     separate = tiny_llama()
     # forgetting which tensors were seen makes every layer accumulate its own Hessian from the same inputs
-    from sparsegpt_kernels.model import pipeline
+    from sparsegpt_kernels.model.hessians import HessianCollector
 
-    real = pipeline._Collector._linear_hook
+    real = HessianCollector._linear_hook
 
     def no_sharing(self, module, args):
         self._seen.clear()
         return real(self, module, args)
 
-    pipeline._Collector._linear_hook = no_sharing
+    HessianCollector._linear_hook = no_sharing
     try:
         prune_model(separate, ids, sparsity=0.5, device="cpu", backend="torch")
     finally:
-        pipeline._Collector._linear_hook = real
+        HessianCollector._linear_hook = real
     for (k, a), b in zip(weights(shared).items(), weights(separate).values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 

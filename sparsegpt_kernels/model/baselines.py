@@ -2,7 +2,8 @@
 
 Both prune in place without any weight update. Magnitude (unstructured) compares |W| over the whole layer; Wanda
 (Sun et al., 2023) scores |W_ij|·||X_j|| and compares within each output row. N:M uses :func:`nm_keep_mask`
-("N kept of every M consecutive input columns"). With ``quant_bits`` the kept weights are then rounded to the same
+("N kept of every M consecutive input columns"). The selections run on the compiled kernels where they can
+(:mod:`sparsegpt_kernels.masks`). With ``quant_bits`` the kept weights are then rounded to the same
 per-channel asymmetric grid SparseGPT uses (fixed from the dense weight; zeros stay zero).
 """
 
@@ -11,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..api import parse_pattern
-from ..reference import nm_keep_mask
+from ..masks import nm_keep_mask, unstructured_prune_mask
+from ..settings import parse_pattern
 
 
 def _apply(W: torch.Tensor, keep: torch.Tensor, quant_bits: int | None, quant_group_size: int | None) -> float:
@@ -40,7 +41,7 @@ def _keep_mask(scores: torch.Tensor, sparsity: float, pattern: str | None, per_r
         keep = torch.ones_like(scores, dtype=torch.bool)
         keep.scatter_(1, idx, False)
         return keep
-    return ~reference.unstructured_prune_mask(scores, reference.n_pruned(sparsity, scores.numel()))
+    return ~unstructured_prune_mask(scores, reference.n_pruned(sparsity, scores.numel()))
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..api import is_conv1d
+
 
 class NoDecoderBlocksError(ValueError):
     """The model has no recognisable list of decoder blocks."""
@@ -22,11 +24,6 @@ class NoDecoderBlocksError(ValueError):
 # --------------------------------------------------------------------------------------------------------------------
 # Prunable layers
 # --------------------------------------------------------------------------------------------------------------------
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored (in_features, out_features)."""
-    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
-
-
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -197,7 +194,7 @@ def map_tensors(obj, fn):
     return obj
 
 
-def _split_call(forward, args, kwargs) -> tuple[torch.Tensor, dict]:
+def split_call(forward, args, kwargs) -> tuple[torch.Tensor, dict]:
     """Bind a block call to its signature; return (hidden states, every other argument by name)."""
     sig = inspect.signature(forward)
     bound = sig.bind_partial(*args, **kwargs)
@@ -258,7 +255,7 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
         orig = block.forward
 
         def stub(*args, **kwargs):
-            hidden, named = _split_call(orig, args, kwargs)
+            hidden, named = split_call(orig, args, kwargs)
             if state["sample"] == 0:
                 captured.kwargs[i] = named
             if i == 0 and keep_hidden:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..settings import parse_setting
 from .evaluate import perplexity
 from .pipeline import METHODS, prune_model
 
@@ -21,28 +22,6 @@ class CompareRow:
     sparsity: float
     prune_seconds: float
     eval_seconds: float
-
-
-def parse_setting(text: str) -> dict:
-    """"50%" / "0.5" / "2:4", optionally "+4bit" → prune_model keyword arguments."""
-    t = text.strip().lower()
-    quant = None
-    if "+" in t:
-        t, q = t.split("+", 1)
-        if not q.endswith("bit") or not q[:-3].isdigit():
-            raise ValueError(f"setting {text!r}: expected a suffix like '+4bit'")
-        quant = int(q[:-3])
-    if ":" in t:
-        return {"pattern": t, "quant_bits": quant}
-    value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    if not 0 <= value < 1:
-        raise ValueError(f"setting {text!r}: sparsity must be in [0, 1)")
-    return {"sparsity": value, "quant_bits": quant}
-
-
-def setting_label(kwargs: dict) -> str:
-    base = kwargs["pattern"] if kwargs.get("pattern") else f"{round(kwargs['sparsity'] * 100, 2):g}%"
-    return base + (f"+{kwargs['quant_bits']}bit" if kwargs.get("quant_bits") else "")
 
 
 def compare(model: nn.Module, calibration: torch.Tensor, eval_ids: torch.Tensor, *, methods=("dense",) + METHODS,
@@ -66,7 +45,7 @@ def compare(model: nn.Module, calibration: torch.Tensor, eval_ids: torch.Tensor,
     for m in methods:
         if m != "dense" and m not in METHODS:
             raise ValueError(f"unknown method {m!r}: expected dense or one of {', '.join(METHODS)}")
-    parsed = [parse_setting(s) for s in settings]
+    parsed = [parse_setting(s, f"setting {s!r}", allow_quant=True) for s in settings]
     if "dense" in methods:
         t0 = time.perf_counter()
         ppl = perplexity(model, eval_ids, device=device, progress=progress)
@@ -74,12 +53,13 @@ def compare(model: nn.Module, calibration: torch.Tensor, eval_ids: torch.Tensor,
     for m in methods:
         if m == "dense":
             continue
-        for kw in parsed:
+        for setting in parsed:
             work = copy.deepcopy(model)
-            rep = prune_model(work, calibration, method=m, device=device, progress=progress, **kw, **prune_kwargs)
+            rep = prune_model(work, calibration, method=m, device=device, progress=progress,
+                              **setting.prune_kwargs(), **prune_kwargs)
             t0 = time.perf_counter()
             ppl = perplexity(work, eval_ids, device=device, progress=progress)
-            emit(CompareRow(m, setting_label(kw), ppl, rep.sparsity, rep.seconds, time.perf_counter() - t0))
+            emit(CompareRow(m, setting.label, ppl, rep.sparsity, rep.seconds, time.perf_counter() - t0))
             del work
     return rows
 

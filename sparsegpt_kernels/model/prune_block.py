@@ -1,0 +1,115 @@
+"""One decoder block: collect its layers' Hessians on the calibration activations, then prune each layer with
+SparseGPT (or a baseline). The block loop of :func:`sparsegpt_kernels.prune_model` calls :func:`prune_block` once per
+block; how the block is run on the activations, and what happens to the Hessians between collection and pruning, come
+from the caller (``run_block``, ``reduce_hessians``), so that other drivers (several processes, weights streamed from
+disk) can reuse it."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..api import prune_layer
+from ..hessian import HessianAccumulator
+from ..settings import Setting
+from . import baselines
+from .blocks import PrunableLayer
+from .hessians import HessianCollector
+from .report import LayerReport
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Options passed to every layer's pruning (see :func:`sparsegpt_kernels.prune_layer`)."""
+
+    method: str = "sparsegpt"
+    quant_bits: int | None = None
+    quant_group_size: int | None = None
+    block_size: int = 128
+    damp: float = 0.01
+    backend: str = "auto"
+
+
+def progress_bar(iterable, *, desc: str, total: int | None = None, enabled: bool, leave: bool = True, position=0):
+    """``iterable`` wrapped in a tqdm bar on stderr when ``enabled``."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a bar is not worth failing for
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=leave, file=sys.stderr, position=position, dynamic_ncols=True)
+
+
+def prune_block(prefix: str, items: list[tuple[PrunableLayer, Setting]], opts: LayerOptions,
+                run_block: Callable[[HessianCollector | None], object], device: torch.device, *,
+                true_sequential: bool = False, progress: bool = False,
+                reduce_hessians: Callable[[list[HessianAccumulator]], None] | None = None) -> list[LayerReport]:
+    """Prune the (layer, setting) ``items`` of the block named ``prefix``; returns their reports in ``items`` order.
+
+    ``run_block(collector)`` runs the dense block over every calibration batch with ``collector``'s hooks in place
+    (calling ``collector.end_pass()`` after each batch). ``reduce_hessians``, if given, is called with the distinct
+    accumulators (in collection order) before any layer is pruned, e.g. to sum them across processes.
+    """
+    setting = {id(t): s for t, s in items}
+    targets = [t for t, _ in items]
+    reports: dict[str, LayerReport] = {}
+
+    def prune(ts: list[PrunableLayer], acc: dict[str, HessianAccumulator]):
+        for t in progress_bar(ts, desc=prefix.rsplit(".", 1)[-1].join(("block ", "")), enabled=progress,
+                              leave=False, position=1):
+            reports[t.name] = prune_one(f"{prefix}.{t.name}", t, setting[id(t)], opts, acc.get(t.name))
+
+    def collect(ts: list[PrunableLayer]) -> HessianCollector:
+        with HessianCollector(ts, device) as col:
+            run_block(col)
+        if reduce_hessians is not None:
+            distinct = {id(col.acc[name]): col.acc[name] for name in col.order}  # shared ones once, in order
+            reduce_hessians(list(distinct.values()))
+        return col
+
+    if opts.method == "magnitude":
+        prune(targets, {})
+    else:
+        col = collect(targets)
+        missing = [t.name for t in targets if t.name not in col.acc]
+        if missing:
+            raise RuntimeError(f"{prefix}: layers {missing} never ran during the block's forward pass")
+        if not true_sequential:
+            prune(targets, col.acc)
+        else:
+            by_name = {t.name: t for t in targets}
+            for g, names in enumerate(col.groups):
+                ts = [by_name[n] for n in names]
+                prune(ts, col.acc if g == 0 else collect(ts).acc)
+    return [reports[t.name] for t in targets]
+
+
+def prune_one(full: str, t: PrunableLayer, s: Setting, opts: LayerOptions,
+              acc: HessianAccumulator | None) -> LayerReport:
+    """Prune one weight matrix with ``opts.method`` at setting ``s``, given its Hessian (none for magnitude)."""
+    W = t.weight()
+    method = opts.method
+    common = dict(name=full, shape=tuple(W.shape), method=method, pattern=s.pattern, target_sparsity=s.sparsity,
+                  quant_bits=opts.quant_bits, tokens=0 if acc is None else acc.count)
+    if method != "magnitude" and (acc is None or acc.count == 0):
+        return LayerReport(loss=math.nan, sparsity=float((W == 0).sum()) / W.numel(), damp=0.0, seconds=0.0,
+                           backend="-", skipped="no calibration tokens reached this layer", **common)
+    t0 = time.perf_counter()
+    quant = dict(quant_bits=opts.quant_bits, quant_group_size=opts.quant_group_size)
+    if method == "sparsegpt":
+        r = prune_layer(W, acc.hessian.to(W.device), sparsity=s.sparsity, pattern=s.pattern,
+                        block_size=opts.block_size, damp=opts.damp, backend=opts.backend, **quant)
+        return LayerReport(loss=r.loss, sparsity=r.sparsity, damp=r.damp, seconds=r.seconds, backend=r.backend,
+                           **common)
+    if method == "wanda":
+        sp = baselines.wanda_prune_(W, acc.hessian.diagonal(), sparsity=s.sparsity, pattern=s.pattern, **quant)
+    else:
+        sp = baselines.magnitude_prune_(W, sparsity=s.sparsity, pattern=s.pattern, **quant)
+    return LayerReport(loss=math.nan, sparsity=sp, damp=0.0, seconds=time.perf_counter() - t0, backend=method,
+                       **common)
