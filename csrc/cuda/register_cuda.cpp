@@ -11,14 +11,11 @@
 #include <cstdint>
 #include <optional>
 
+#include "../core/rules.h"
 #include "../cpu/aten_ops.h"
 #include "sweep_kernels.h"
 
 namespace {
-
-int64_t n_pruned(double sparsity, int64_t count) {
-  return std::min<int64_t>(count, static_cast<int64_t>(sparsity * static_cast<double>(count) + 0.5));
-}
 
 // (rows, B) uint8 mask (1 = pruned) of exactly the k lowest scores, ties in row-major order (reference semantics);
 // computed on the device without synchronizing.
@@ -76,7 +73,7 @@ at::Tensor sweep_cuda(const at::Tensor& W, const at::Tensor& U, double sparsity,
     if (m == 0) {
       const at::Tensor W1 = W.slice(1, i1, i2);
       const at::Tensor d1 = d.slice(0, i1, i2);
-      mask = unstructured_mask(W1.mul(W1).div(d1.mul(d1)), n_pruned(sparsity, rows * B));
+      mask = unstructured_mask(W1.mul(W1).div(d1.mul(d1)), sgk::n_pruned(sparsity, rows * B));
     }
     at::Tensor E = E_buf.narrow(0, 0, rows * B).view({rows, B});
     AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "ext_sweep", [&] {

@@ -4,20 +4,19 @@ The sweep runs one fused kernel per column block (a warp per row, the row's bloc
 rank-1 updates), N:M selection inside that kernel, unstructured selection with ATen (kthvalue + row-major
 tie-breaking) and the lazy batch update as one cuBLAS GEMM per block. The inverse factor uses ATen's
 cuSOLVER-backed Cholesky with the reversal identity and a GEMM-based triangular inverse. float32 and float64.
-Block sizes above 1024 columns are not supported (the reference's default is 128).
+Block sizes above the kernel's limit (1024 columns, defined in csrc/core/rules.h and read from the extension) are
+refused; the reference's default is 128.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _ext
 from ..spec import SweepSpec
+from . import extension as _ext
 
 NAME = "cuda"
 PRIORITY = 10
-
-MAX_BLOCK = 1024
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -33,7 +32,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def max_block_size() -> int:
     """The widest column block of the fused CUDA sweep kernel (a warp per row, the row's block in registers)."""
-    return MAX_BLOCK
+    mod = _ext.load()
+    if mod is None:
+        raise RuntimeError(_ext.missing_reason())
+    return int(mod.CUDA_MAX_BLOCK)
 
 
 def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
@@ -41,6 +43,7 @@ def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
 
 
 def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
-    if min(spec.block_size, W.shape[1]) > MAX_BLOCK:
-        raise ValueError(f"the cuda backend supports block_size <= {MAX_BLOCK}, got {spec.block_size}")
+    limit = max_block_size()
+    if min(spec.block_size, W.shape[1]) > limit:
+        raise ValueError(f"the cuda backend supports block_size <= {limit}, got {spec.block_size}")
     return _ext.sweep(W, U, spec, NAME)
