@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "sparsegpt_kernels._C"
@@ -220,4 +221,25 @@ def _extensions() -> dict:
             "cmdclass": {"build_ext": BuildExt.with_options(use_ninja=True)}}
 
 
-setup(**_extensions())
+class BuildPyWithSources(build_py):
+    """build_py that also ships the C++/CUDA sources inside the package (``sparsegpt_kernels/_csrc``), so that an
+    install without the compiled extension can build it on first use (sparsegpt_kernels/backends/extension.py)."""
+
+    def run(self):
+        super().run()
+        src = os.path.join(ROOT, "csrc")
+        if not os.path.isdir(src) or self.editable_mode:
+            return  # an editable install reads the repository's csrc/ directly
+        dst = os.path.join(self.build_lib, "sparsegpt_kernels", "_csrc")
+        for root, dirs, names in os.walk(src):
+            dirs[:] = [d for d in dirs if d != "tests"]  # the C++ unit tests are not part of the extension
+            for name in names:
+                if name.endswith((".h", ".hpp", ".cpp", ".cu", ".cuh", ".txt")):
+                    rel = os.path.relpath(os.path.join(root, name), src)
+                    self.mkpath(os.path.dirname(os.path.join(dst, rel)))
+                    self.copy_file(os.path.join(root, name), os.path.join(dst, rel))
+
+
+_setup = _extensions()
+_setup["cmdclass"] = {**_setup.get("cmdclass", {}), "build_py": BuildPyWithSources}
+setup(**_setup)

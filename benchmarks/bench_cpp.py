@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT_DIR, RESULTS_DIR, measured_matmul_tflops, meta, print_table, prune_flops, time_fn, write_csv  # noqa: E402
 
 import sparsegpt_kernels as sk  # noqa: E402
-from sparsegpt_kernels import _ext  # noqa: E402
+from sparsegpt_kernels.backends import extension as _ext  # noqa: E402
 
 SHAPES = ["2048x2048", "4096x4096"]
 QUICK_SHAPES = ["64x128", "96x256"]

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT_DIR, RESULTS_DIR, meta, print_table, time_fn, write_csv  # noqa: E402
 
-from sparsegpt_kernels.export import _subclass, keep_dense_reason, prepare_weight, semi_structured_support  # noqa: E402
+from sparsegpt_kernels.export import semi_structured_class, keep_dense_reason, prepare_weight, semi_structured_support  # noqa: E402
 from sparsegpt_kernels.reference import nm_keep_mask  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def run(models: dict[str, dict[str, tuple[int, int]]], tokens: list[int], dtypes
                 Ws = None
                 if reason is None:
                     try:
-                        Ws = _subclass(support.backend).from_dense(W)
+                        Ws = semi_structured_class(support.backend).from_dense(W)
                     except (RuntimeError, NotImplementedError) as e:
                         reason = f"conversion failed: {str(e).splitlines()[0]}"
                 for t in tokens:

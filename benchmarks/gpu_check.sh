@@ -85,7 +85,7 @@ else
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} SPARSEGPT_KERNELS_REQUIRE_EXT=1
   step build 110 "$PY" setup.py build_ext --inplace
-  step ext_has_cuda 10 "$PY" -c "from sparsegpt_kernels import _ext; assert _ext.load() and _ext.has_cuda(), \
+  step ext_has_cuda 10 "$PY" -c "from sparsegpt_kernels.backends import extension as _ext; assert _ext.load() and _ext.has_cuda(), \
 _ext.missing_reason() or 'built without CUDA'; print('CUDA extension loaded')"
   step cuda_tests 50 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_backend.py tests/test_export.py
   step prune_layer 70 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \

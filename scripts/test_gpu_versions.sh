@@ -47,7 +47,7 @@ fi
 SPARSEGPT_KERNELS_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-2} "$V" -m pip install --quiet --no-build-isolation --no-deps -e .
 "$V" - "$nvcc_found" <<'EOF'
 import sys
-from sparsegpt_kernels import _ext
+from sparsegpt_kernels.backends import extension as _ext
 assert _ext.load() is not None, _ext.missing_reason()
 if sys.argv[1] == "1":
     assert _ext.has_cuda(), "nvcc was found but the extension has no CUDA part"

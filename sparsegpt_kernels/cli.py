@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 
@@ -24,12 +26,15 @@ def _csv(text: str) -> list[str]:
 
 def _blocks(text: str) -> list[int]:
     out: list[int] = []
-    for part in _csv(text):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+    try:
+        for part in _csv(text):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like '0-3,7', got {text!r}") from None
     return out
 
 
@@ -60,6 +65,68 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
 
 
+class UsageError(ValueError):
+    """A bad option or path, reported in one line with exit status 2."""
+
+
+def _check_args(args) -> None:
+    """Every option and path that can be checked without loading the model, before anything is loaded."""
+    from .backends import KNOWN_BACKENDS
+    from .model.data import check_source
+    from .model.embedded import check_model_source
+    from .model.plan import METHODS
+    from .settings import parse_pattern, parse_setting
+
+    check_model_source(args.model)
+    check_source(args.data)
+    if args.seqlen is not None and args.seqlen < 1:
+        raise UsageError(f"--seqlen must be >= 1, got {args.seqlen}")
+    if args.eval_windows < 0:
+        raise UsageError(f"--eval-windows must be >= 0 (0: all), got {args.eval_windows}")
+    if args.command == "eval":
+        return
+    methods = _csv(args.methods) if args.command == "compare" else [args.method]
+    for m in methods:
+        if m not in ("dense", *METHODS):
+            raise UsageError(f"unknown method {m!r}: expected dense or one of {', '.join(METHODS)}")
+    if any(m in ("sparsegpt", "wanda") for m in methods) and args.nsamples < 1:
+        raise UsageError(f"--nsamples must be >= 1 (calibration sequences), got {args.nsamples}")
+    if args.quant_bits is not None and not 2 <= args.quant_bits <= 8:
+        raise UsageError(f"--quant-bits must be in 2..8, got {args.quant_bits}")
+    if args.quant_group_size is not None and (args.quant_bits is None or args.quant_group_size < 1):
+        raise UsageError("--quant-group-size needs --quant-bits and must be >= 1")
+    if args.block_size < 1:
+        raise UsageError(f"--block-size must be >= 1, got {args.block_size}")
+    if not (math.isfinite(args.damp) and args.damp > 0):
+        raise UsageError(f"--damp must be a finite number > 0, got {args.damp}")
+    if args.backend not in ("auto", *KNOWN_BACKENDS):
+        raise UsageError(f"unknown backend {args.backend!r}: expected auto or one of {', '.join(KNOWN_BACKENDS)}")
+    if args.blocks is not None and min(args.blocks, default=0) < 0:
+        raise UsageError(f"--blocks must be block indices >= 0, got {args.blocks}")
+    if args.command == "compare":
+        settings = [parse_setting(s, f"--settings {s!r}", allow_quant=True) for s in _csv(args.settings)]
+        if not settings:
+            raise UsageError("--settings is empty")
+        patterns = [s.pattern for s in settings if s.pattern]
+    else:
+        if args.pattern is not None:
+            parse_pattern(args.pattern)
+            patterns = [args.pattern]
+        else:
+            parse_setting(args.sparsity, "--sparsity")
+            patterns = []
+        for path, what in ((args.output, "--output"), (args.report, "--report")):
+            if path and os.path.exists(path) and (what == "--report") == os.path.isdir(path):
+                raise UsageError(f"{what} {path!r} is a {'directory' if os.path.isdir(path) else 'file'}")
+            parent = os.path.dirname(os.path.abspath(path)) if path else None
+            if parent and not os.path.isdir(parent):
+                raise UsageError(f"{what} {path!r}: directory {parent!r} does not exist")
+    for pat in patterns:
+        m = parse_pattern(pat)[1]
+        if "sparsegpt" in methods and args.block_size % m:
+            raise UsageError(f"pattern {pat!r}: --block-size {args.block_size} is not a multiple of M={m}")
+
+
 def _load(args):
     import torch
 
@@ -67,16 +134,19 @@ def _load(args):
 
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=dtype)
+    try:
+        model, tok = load_model(args.model, dtype=dtype)
+    except OSError as e:  # transformers: not a hub id it can resolve, no network, unreadable files, ...
+        raise UsageError(f"cannot load model {args.model!r}: {e}") from e
     _log(f"loaded {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
          f"parameters) in {time.perf_counter() - t0:.1f} s")
     return model, tok
 
 
 def _seqlen(args, model) -> int:
-    from .model.pipeline import _max_positions
+    from .model.calibration import max_positions
 
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if args.seqlen is not None:
         if limit is not None and args.seqlen > limit:
             raise ValueError(f"--seqlen {args.seqlen} exceeds the model's limit of {limit} positions")
@@ -85,14 +155,10 @@ def _seqlen(args, model) -> int:
 
 
 def _texts(args, tok, seqlen: int, nsamples: int | None):
-    from .model.data import calibration_windows, eval_windows, load_text, tokenize
+    from .model.data import calibration_and_eval
 
-    splits = load_text(args.data)
-    calib = None
-    if nsamples:
-        calib = calibration_windows(tokenize(tok, splits.calibration), nsamples, seqlen, seed=args.seed)
-    ev = eval_windows(tokenize(tok, splits.evaluation), seqlen, args.eval_windows or None)
-    return calib, ev
+    return calibration_and_eval(tok, args.data, nsamples=nsamples or None, seqlen=seqlen,
+                                eval_windows_max=args.eval_windows or None, seed=args.seed)
 
 
 def _log(msg: str) -> None:
@@ -183,9 +249,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsegpt-kernels", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sparsegpt-kernels", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prune", help="prune a model and save it")
     _add_common(p)
@@ -214,18 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         return args.func(args)
     except ImportError as e:
-        print(f"error: {e} (install the Hugging Face extra: pip install 'sparsegpt_kernels[hf]')", file=sys.stderr)
+        print(f"error: {_one_line(e)} (install the Hugging Face extra: pip install 'sparsegpt_kernels[hf]')",
+              file=sys.stderr)
         return 2
     except Exception as e:
         from .model.data import DataUnavailableError
 
         if isinstance(e, (ValueError, FileNotFoundError, DataUnavailableError)):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
 

@@ -112,13 +112,14 @@ class SemiStructuredSupport:
     device: str = "cpu"
 
 
-def _subclass(backend: str):
+def semi_structured_class(backend: str):
+    """torch's semi-structured sparse tensor class of ``backend`` ("cusparselt" or "cutlass"); ``None`` if absent."""
     name = "SparseSemiStructuredTensorCUSPARSELT" if backend == "cusparselt" else "SparseSemiStructuredTensorCUTLASS"
     return getattr(torch.sparse, name, None)
 
 
 def _constraints(backend: str) -> dict:
-    cls = _subclass(backend)
+    cls = semi_structured_class(backend)
     table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None) if cls is not None else None
     if not table:
         return dict(_FALLBACK_CONSTRAINTS[backend])
@@ -141,7 +142,7 @@ def semi_structured_support(device: torch.device | str | None = None, backend: s
     if backend not in ("auto", "cusparselt", "cutlass"):
         raise ValueError(f"backend must be 'auto', 'cusparselt' or 'cutlass', got {backend!r}")
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not hasattr(torch.sparse, "to_sparse_semi_structured") or _subclass("cutlass") is None:
+    if not hasattr(torch.sparse, "to_sparse_semi_structured") or semi_structured_class("cutlass") is None:
         return SemiStructuredSupport(False, f"torch {torch.__version__} has no semi-structured sparse tensors",
                                      device=str(dev))
     if dev.type != "cuda":
@@ -253,6 +254,17 @@ def _check_conversion(sparse: torch.Tensor, dense: torch.Tensor) -> str | None:
     return None
 
 
+def _convert(w: torch.Tensor, sup: SemiStructuredSupport, verify: bool) -> tuple[torch.Tensor | None, str | None]:
+    """(the semi-structured copy of ``w``, None), or (None, why it could not be made)."""
+    dense = prepare_weight(w)
+    try:
+        sparse = semi_structured_class(sup.backend).from_dense(dense)
+        reason = _check_conversion(sparse, dense) if verify else None
+    except (RuntimeError, NotImplementedError) as e:
+        sparse, reason = None, f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return (sparse, None) if reason is None else (None, reason)
+
+
 def to_semi_structured(model: nn.Module, *, layers: Iterable[str] | str | None = None, strict: bool = False,
                        backend: str = "auto", verify: bool = True) -> ExportReport:
     """Swap the weights of 2:4-pruned ``nn.Linear`` layers of ``model`` for semi-structured sparse tensors, in place.
@@ -310,23 +322,27 @@ def to_semi_structured(model: nn.Module, *, layers: Iterable[str] | str | None =
             listing += f"; ... ({len(bad)} in all)" if len(bad) > 8 else ""
             raise ExportError(f"{len(bad)} selected linear layers cannot be converted: {listing}")
 
+    # Convert (and check) every layer; in strict mode nothing is swapped until every conversion has succeeded, so a
+    # failure late in the model leaves it untouched (the converted copies are held meanwhile: up to ~0.6x the
+    # selected weights in extra memory). Otherwise each layer is swapped as soon as it is converted.
+    staged = []
     for name, mod, sup, reason in plan:
         w = mod.weight
         shape = (int(w.shape[0]), int(w.shape[1])) if w.dim() == 2 else tuple(int(s) for s in w.shape)
         dtype = str(w.dtype).replace("torch.", "")
+        sparse = None
         if reason is None:
-            dense = prepare_weight(w)
-            try:
-                sparse = _subclass(sup.backend).from_dense(dense)
-                reason = _check_conversion(sparse, dense) if verify else None
-            except (RuntimeError, NotImplementedError) as e:
-                reason = f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if reason is None:
-                mod.weight = nn.Parameter(sparse, requires_grad=False)
-            del dense
-        report.layers.append(LayerExport(name, shape, dtype, reason is None, reason))
+            sparse, reason = _convert(w, sup, verify)
         if strict and reason is not None:
-            raise ExportError(f"{name}: {reason}")
+            raise ExportError(f"{name}: {reason}; no layer was converted")
+        if sparse is not None:
+            if strict:
+                staged.append((mod, sparse))
+            else:
+                mod.weight = nn.Parameter(sparse, requires_grad=False)
+        report.layers.append(LayerExport(name, shape, dtype, reason is None, reason))
+    for mod, sparse in staged:
+        mod.weight = nn.Parameter(sparse, requires_grad=False)
 
     if not support.available:
         logger.warning("sparsegpt_kernels: %s", str(report).splitlines()[0])

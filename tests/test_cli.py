@@ -78,3 +78,57 @@ def test_datasets_source_needs_datasets():
 
     with pytest.raises(DataUnavailableError, match="datasets"):
         load_text("wikitext2")
+
+
+BAD_INVOCATIONS = [
+    (["prune", "--model", "/nonexistent/model"], "model directory '/nonexistent/model' does not exist"),
+    (["prune", "--pattern", "5:4"], "need 0 < N < M"),
+    (["prune", "--sparsity", "1.2"], "sparsity must be in [0, 1)"),
+    (["prune", "--nsamples", "0"], "--nsamples must be >= 1"),
+    (["prune", "--quant-bits", "9"], "--quant-bits must be in 2..8"),
+    (["prune", "--quant-group-size", "64"], "--quant-group-size needs --quant-bits"),
+    (["prune", "--block-size", "0"], "--block-size must be >= 1"),
+    (["prune", "--damp", "0"], "--damp must be a finite number > 0"),
+    (["prune", "--backend", "gpu"], "unknown backend 'gpu'"),
+    (["prune", "--blocks", "x"], "expected block indices like '0-3,7'"),
+    (["prune", "--pattern", "2:4", "--block-size", "6"], "not a multiple of M=4"),
+    (["prune", "--data", "/no/such/file.txt"], "unknown text source"),
+    (["prune", "--seqlen", "0"], "--seqlen must be >= 1"),
+    (["prune", "--output", "{file}"], "is a file"),
+    (["prune", "--report", "{dir}"], "is a directory"),
+    (["prune", "--output", "{dir}/missing/out"], "does not exist"),
+    (["eval", "--model", "/nonexistent/model"], "does not exist"),
+    (["eval", "--model", "{dir}"], "not a model directory (no config.json"),
+    (["eval", "--eval-windows", "-1"], "--eval-windows must be >= 0"),
+    (["eval", "--data", "nope"], "unknown text source 'nope'"),
+    (["compare", "--methods", "dense,foo"], "unknown method 'foo'"),
+    (["compare", "--settings", "50%,1.5"], "sparsity must be in [0, 1)"),
+    (["compare", "--settings", "2:4+9bit"], "expected a suffix like '+4bit'"),
+    (["compare", "--nsamples", "0"], "--nsamples must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INVOCATIONS, ids=[" ".join(a) for a, _ in BAD_INVOCATIONS])
+def test_bad_options_fail_in_one_line_before_loading_anything(argv, message, tmp_path, capsys, monkeypatch):
+    import sparsegpt_kernels.model as model_pkg
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(model_pkg, "load_model", no_loading)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    argv = [a.format(file=tmp_path / "a_file", dir=tmp_path / "a_dir") for a in argv]
+    out_dir = tmp_path / "out"
+    if argv[0] == "prune" and "--output" not in argv:
+        argv += ["--output", str(out_dir)]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    assert not out_dir.exists()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsegpt_kernels import _ext, reference
+from sparsegpt_kernels import reference
+from sparsegpt_kernels.backends import extension as _ext
 from sparsegpt_kernels.ops.hinv import hinv_factor
 from sparsegpt_kernels.ops.nm_mask import nm_keep_mask_triton
 

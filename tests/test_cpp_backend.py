@@ -13,8 +13,9 @@ import torch
 from helpers import PRUNE_MODES, correlated_inputs, hessian_of, recon_error
 
 import sparsegpt_kernels as sk
-from sparsegpt_kernels import _ext, reference
+from sparsegpt_kernels import reference
 from sparsegpt_kernels.backends import ENV_VAR, BackendUnavailableError, select_backend
+from sparsegpt_kernels.backends import extension as _ext
 from sparsegpt_kernels.spec import SweepSpec
 
 REQUIRE_EXT = os.environ.get("SPARSEGPT_KERNELS_REQUIRE_EXT", "").strip() == "1"
@@ -498,3 +499,64 @@ def test_extension_not_loaded_at_import():
     code = "import sys, sparsegpt_kernels; print('sparsegpt_kernels._C' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_rules_agree_with_python():
+    """csrc/core/rules.h and the Python rules are one definition per language; they must agree."""
+    from sparsegpt_kernels.backends import _cuda
+
+    mod = _ext.load()
+    assert mod is not None, _ext.missing_reason()
+    cases = [(p, c) for p in (0.0, 0.1, 0.25, 0.3, 0.5, 0.6, 0.7, 0.75, 0.9, 0.99, 1 - 1e-12)
+             for c in (0, 1, 2, 3, 7, 10, 127, 128, 4097, 128 * 11008, 2**31 + 1)]
+    assert [mod.n_pruned(p, c) for p, c in cases] == [reference.n_pruned(p, c) for p, c in cases]
+    assert mod.CUDA_MAX_BLOCK == 1024 and _cuda.max_block_size() == mod.CUDA_MAX_BLOCK
+
+
+def _fresh_loader(monkeypatch):
+    """The loader as in a new process where ``sparsegpt_kernels._C`` is not installed."""
+    monkeypatch.setattr(_ext, "_loaded", False)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setattr(_ext, "MODULE", "sparsegpt_kernels._not_installed")
+
+
+def test_no_jit_switch(monkeypatch, caplog):
+    _fresh_loader(monkeypatch)
+    monkeypatch.setenv(_ext.NO_JIT_ENV, "1")
+    built = []
+    monkeypatch.setattr(_ext, "_jit_build", lambda: built.append(1))
+    assert _ext.load() is None and not built
+    assert "not available" in _ext.missing_reason() and "_not_installed" in _ext.missing_reason()
+
+
+def test_failed_jit_build_is_reported_once_and_falls_back(monkeypatch, caplog):
+    _fresh_loader(monkeypatch)
+    monkeypatch.delenv(_ext.NO_JIT_ENV, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    attempts = []
+
+    def failing_build():
+        attempts.append(1)
+        raise RuntimeError("simulated: no C++ compiler")
+
+    monkeypatch.setattr(_ext, "_jit_build", failing_build)
+    with caplog.at_level("WARNING", logger="sparsegpt_kernels"):
+        for _ in range(3):
+            assert "cpp" not in sk.available_backends("cpu")
+        W = torch.randn(8, 16)
+        res = sk.prune_layer(W, torch.eye(16), sparsity=0.5, backend="auto")
+    assert res.backend != "cpp" and len(attempts) == 1
+    warnings = [r for r in caplog.records if "not available" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated: no C++ compiler" in warnings[0].getMessage()
+    assert "building it on first use failed" in _ext.missing_reason()
+
+
+def test_jit_sources_are_the_extension_sources():
+    """The first-use build compiles what setup.py compiles (csrc/sources.txt), from sources it can find."""
+    src = _ext.source_dir()
+    assert src is not None
+    cpp, cu = _ext._jit_sources(src)
+    names = sorted(os.path.relpath(p, src) for p in cpp + cu)
+    assert "module.cpp" in names and "cpu/ops.cpp" in names and "cuda/sweep_kernels.cu" in names
+    assert all(os.path.isfile(p) for p in cpp + cu)

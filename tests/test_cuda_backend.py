@@ -17,7 +17,8 @@ from helpers import (
 )
 
 import sparsegpt_kernels as sk
-from sparsegpt_kernels import _ext, reference
+from sparsegpt_kernels import reference
+from sparsegpt_kernels.backends import extension as _ext
 from sparsegpt_kernels.spec import SweepSpec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

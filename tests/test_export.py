@@ -281,3 +281,36 @@ def test_constraints_come_from_torch():
         assert torch.float16 in table and torch.bfloat16 in table
         rows, cols = table[torch.float16]
         assert rows >= 8 and cols >= 8
+
+
+def test_strict_export_failing_late_changes_nothing(monkeypatch):
+    """strict=True: a conversion that fails at the last layer, after earlier ones converted, leaves every layer as it
+    was (the conversions are staged, then swapped)."""
+    from sparsegpt_kernels import export
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)).half()
+    prune_24_(model, names=("0", "1", "2"))
+    before = [(m.weight, m.weight.detach().clone()) for m in model]
+    calls = []
+
+    class FakeSparse:
+        @staticmethod
+        def from_dense(dense):
+            calls.append(dense.shape)
+            if len(calls) == 3:
+                raise RuntimeError("simulated failure of the third conversion")
+            return dense.clone()
+
+    monkeypatch.setattr(export, "semi_structured_support", lambda *a, **k: FAKE)
+    monkeypatch.setattr(export, "keep_dense_reason", lambda *a, **k: None)
+    monkeypatch.setattr(export, "semi_structured_class", lambda backend: FakeSparse)
+    monkeypatch.setattr(export, "_check_conversion", lambda sparse, dense: None)
+    with pytest.raises(ExportError, match="2: conversion failed: RuntimeError: simulated failure"):
+        to_semi_structured(model, strict=True)
+    assert len(calls) == 3
+    for m, (param, values) in zip(model, before):
+        assert m.weight is param and torch.equal(m.weight, values)
+    calls.clear()
+    report = to_semi_structured(model, strict=False)  # not strict: the two that convert are swapped, one stays
+    assert [lay.converted for lay in report.layers] == [True, True, False]
+    assert model[0].weight is not before[0][0] and model[2].weight is before[2][0]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
 from ..spec import SweepSpec
+from . import extension as _ext
 
 NAME = "cpp"
 PRIORITY = 20

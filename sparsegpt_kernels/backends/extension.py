@@ -1,8 +1,12 @@
 """Soft loader of the compiled operators (the optional extension ``sparsegpt_kernels._C``).
 
 Nothing is imported at package import: the first call of :func:`load` (made when a backend is considered) imports
-``sparsegpt_kernels._C``, which registers ``torch.ops.sparsegpt_kernels.ext_*``. If it is missing, one log line says
-so and the ``cpp``/``cuda`` backends report it as their reason; the torch backend keeps working.
+``sparsegpt_kernels._C``, which registers ``torch.ops.sparsegpt_kernels.ext_*``. Where it was not built at install
+time (a plain ``pip install``, whose isolated build cannot see torch), the same sources, shipped in the package, are
+built once on first use with ``torch.utils.cpp_extension.load`` and ninja, into ``$SPARSEGPT_KERNELS_CACHE/extension``
+(one build per torch version, Python, machine and source set; ``SPARSEGPT_KERNELS_NO_JIT=1`` turns this off). If
+neither works, one log line says why and the ``cpp``/``cuda`` backends report it as their reason; the torch backend
+keeps working.
 
 Operators (all in the ``sparsegpt_kernels`` namespace; float32 and float64):
 
@@ -22,18 +26,26 @@ Operators (all in the ``sparsegpt_kernels`` namespace; float32 and float64):
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
+import os
+import platform
+import sys
 import threading
 from types import ModuleType
 
 import torch
 
-from .spec import SweepSpec
+from ..cache import cache_dir
+from ..spec import SweepSpec
 
 logger = logging.getLogger("sparsegpt_kernels")
 
 MODULE = "sparsegpt_kernels._C"
+#: Set to 1 to never build the extension on first use (the cpp/cuda backends are then off without an installed _C).
+NO_JIT_ENV = "SPARSEGPT_KERNELS_NO_JIT"
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _lock = threading.Lock()
 _loaded = False
@@ -41,8 +53,65 @@ _module: ModuleType | None = None
 _error: str | None = None
 
 
+def source_dir() -> str | None:
+    """The C++/CUDA sources: shipped inside the package (``_csrc``, wheels and sdists) or the repository's ``csrc``."""
+    for d in (os.path.join(_PACKAGE_DIR, "_csrc"), os.path.join(os.path.dirname(_PACKAGE_DIR), "csrc")):
+        if os.path.isfile(os.path.join(d, "sources.txt")):
+            return d
+    return None
+
+
+def _jit_sources(src: str) -> tuple[list[str], list[str]]:
+    """(C++ sources, CUDA sources) of the extension, from sources.txt (paths there are relative to the repository)."""
+    groups: dict[str, list[str]] = {}
+    with open(os.path.join(src, "sources.txt")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                group, path = (p.strip() for p in line.split(":", 1))
+                rel = path.split("/", 1)[1] if path.startswith("csrc/") else path
+                groups.setdefault(group, []).append(os.path.join(src, rel))
+    return groups["ext"], groups.get("cuda", []) + groups.get("cuda_ext", [])
+
+
+def _jit_build() -> ModuleType:
+    """Build the extension with torch.utils.cpp_extension.load into the cache (once per torch version, Python,
+    machine and source set) and import it."""
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("the C++ sources are not part of this installation")
+    cpp, cu = _jit_sources(src)
+    with_cuda = bool(cu) and torch.version.cuda is not None and torch.cuda.is_available() and (
+        cpp_extension.CUDA_HOME is not None)
+    sources = cpp + (cu if with_cuda else [])
+    digest = hashlib.sha256()
+    for path in sorted(os.path.join(root, name) for root, _, names in os.walk(src) for name in names):
+        with open(path, "rb") as f:
+            digest.update(path[len(src):].encode() + f.read())
+    tag = (f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{platform.machine()}-"
+           f"{'cuda' + str(torch.version.cuda) if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}")
+    build_dir = os.path.join(cache_dir(), "extension", tag.replace("+", "_"))
+    os.makedirs(build_dir, exist_ok=True)
+    logger.warning("sparsegpt_kernels: building the compiled extension for this machine (once, about a minute; "
+                   "cached in %s; %s=1 skips this)", build_dir, NO_JIT_ENV)
+    cflags = ["-O3", "-g0", "-ffp-contract=off"]
+    ldflags = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    if with_cuda:
+        cflags.append("-DSPARSEGPT_KERNELS_WITH_CUDA=1")
+    return cpp_extension.load(name="sparsegpt_kernels_C", sources=sources, extra_cflags=cflags,
+                              extra_ldflags=ldflags, extra_cuda_cflags=["-O3", "-DSPARSEGPT_KERNELS_WITH_CUDA=1"],
+                              extra_include_paths=[src], build_directory=build_dir, with_cuda=with_cuda,
+                              verbose=False)
+
+
 def load() -> ModuleType | None:
-    """Import the compiled module once; ``None`` (and one log line) if it is not there."""
+    """The compiled module, loaded once: the installed ``sparsegpt_kernels._C``, else built on first use from the
+    shipped sources (unless ``SPARSEGPT_KERNELS_NO_JIT=1``); ``None`` (and one log line) if neither works."""
     global _loaded, _module, _error
     if _loaded:
         return _module
@@ -53,6 +122,12 @@ def load() -> ModuleType | None:
             except (ImportError, OSError) as e:  # not built, or built against another torch
                 _module = None
                 _error = f"{type(e).__name__}: {e}"
+            if _module is None and os.environ.get(NO_JIT_ENV, "").strip() not in ("1", "true", "yes", "on"):
+                try:
+                    _module = _jit_build()
+                except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error: report, fall back
+                    _error += f"; building it on first use failed: {type(e).__name__}: {str(e)[-600:]}"
+            if _module is None:
                 logger.warning(
                     "sparsegpt_kernels: compiled extension %s is not available (%s); the 'cpp' and 'cuda' backends "
                     "are disabled. Build it with `pip install --no-build-isolation .`",
