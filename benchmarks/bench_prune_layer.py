@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                     "shape": f"{r}x{c}", "mode": mode, "backend": be,
                     "seconds": f"{med:.4f}", "min_s": f"{lo:.4f}", "max_s": f"{hi:.4f}",
                     "speedup_vs_torch": f"{base[0] / med:.2f}",
-                    "floor_s": f"{floor:.4f}", "frac_of_floor": f"{floor / med:.3f}",
+                    "floor_s": f"{floor:.4f}", "frac_of_floor": f"{floor / med:.4g}",
                     "loss": f"{res.loss:.6g}", "loss_vs_torch": f"{res.loss / base[1]:.4f}" if base[1] else "-",
                     "sparsity": f"{res.sparsity:.4f}", **info,
                 })

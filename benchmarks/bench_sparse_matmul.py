@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT_DIR, RESULTS_DIR, meta, print_table, time_fn, write_csv  # noqa: E402
 
-from sparsegpt_kernels.export import semi_structured_class, keep_dense_reason, prepare_weight, semi_structured_support  # noqa: E402
+from sparsegpt_kernels.export import keep_dense_reason, prepare_weight, semi_structured_class, semi_structured_support  # noqa: E402
 from sparsegpt_kernels.reference import nm_keep_mask  # noqa: E402
 
 

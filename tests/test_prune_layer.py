@@ -315,3 +315,18 @@ def test_bad_input_rejected_weight_untouched(name):
         sk.prune_layer(layer, H, **args)
     if before is not None:
         assert torch.equal(w.detach().view(torch.uint8), before.view(torch.uint8)), "weight changed"
+
+
+def test_mask_sparsity_is_reported_apart_from_zeros():
+    """Joint quantization can round kept weights to 0: PruneResult.sparsity counts zeros, mask_sparsity what the
+    mask pruned (exactly n_pruned per block, or 1 - N/M)."""
+    from sparsegpt_kernels import reference
+
+    X = torch.randn(512, 200, generator=torch.Generator().manual_seed(1))
+    H = 2.0 / 512 * X.T @ X
+    W = torch.randn(30, 200, generator=torch.Generator().manual_seed(2))
+    res = sk.prune_layer(W.clone(), H, sparsity=0.5, quant_bits=2, block_size=64)
+    want = sum(reference.n_pruned(0.5, 30 * min(64, 200 - i)) for i in range(0, 200, 64)) / (30 * 200)
+    assert res.mask_sparsity == want and res.sparsity > res.mask_sparsity
+    res = sk.prune_layer(W.clone(), H, pattern="2:8", block_size=64)
+    assert res.mask_sparsity == 0.75 == res.sparsity

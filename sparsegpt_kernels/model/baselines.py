@@ -44,6 +44,18 @@ def _keep_mask(scores: torch.Tensor, sparsity: float, pattern: str | None, per_r
     return ~unstructured_prune_mask(scores, reference.n_pruned(sparsity, scores.numel()))
 
 
+def mask_fraction(shape: tuple[int, int], *, sparsity: float, pattern: str | None, per_row: bool) -> float:
+    """The fraction of a weight of ``shape`` that the baselines' masks prune (N:M exactly 1 - N/M; unstructured
+    ``reference.n_pruned`` of the whole matrix, or of every row for Wanda)."""
+    rows, cols = shape
+    if pattern is not None:
+        n, m = parse_pattern(pattern)
+        return 1.0 - n / m
+    if per_row:
+        return reference.n_pruned(sparsity, cols) / cols
+    return reference.n_pruned(sparsity, rows * cols) / (rows * cols)
+
+
 @torch.no_grad()
 def magnitude_prune_(W: torch.Tensor, *, sparsity: float = 0.5, pattern: str | None = None,
                      quant_bits: int | None = None, quant_group_size: int | None = None) -> float:

@@ -167,35 +167,90 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return out
 
 
-def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, *, seed: int = 0) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at random offsets (seeded), as a (nsamples, seqlen) LongTensor."""
-    if nsamples < 1 or seqlen < 1:
-        raise ValueError(f"nsamples and seqlen must be >= 1, got {nsamples} and {seqlen}")
-    if ids.numel() <= seqlen:
+#: How windows start: "auto" follows the tokenizer (a tokenizer that puts BOS before a text gets BOS at the start of
+#: every window); "window" puts BOS at the start of every window; "stream" puts one BOS before the whole tokenized
+#: text and slices windows from it (the protocol of the published SparseGPT/Wanda tables: only the first evaluation
+#: window starts with BOS); "none" never adds BOS.
+BOS_MODES = ("auto", "window", "stream", "none")
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS token before a text by default (Gemma, LLaMA: yes; GPT-2, SmolLM2: no)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def resolve_bos(tokenizer, mode: str = "auto") -> tuple[str, int | None]:
+    """(the mode in effect: "window", "stream" or "none"; the BOS token id, or ``None`` for "none")."""
+    if mode not in BOS_MODES:
+        raise ValueError(f"bos must be one of {', '.join(BOS_MODES)}, got {mode!r}")
+    if mode == "auto":
+        mode = "window" if tokenizer_adds_bos(tokenizer) else "none"
+    if mode == "none":
+        return mode, None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError(f"bos={mode!r}: the tokenizer has no BOS token")
+    return mode, int(bos)
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, *, seed: int = 0,
+                        bos: int | None = None) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random offsets (seeded), as a (nsamples, seqlen) LongTensor.
+
+    With ``bos`` (a token id) every window is that token followed by ``seqlen - 1`` tokens of ``ids``.
+    """
+    if nsamples < 1 or seqlen < 1 or (bos is not None and seqlen < 2):
+        raise ValueError(f"nsamples and seqlen must be >= 1 (seqlen >= 2 with BOS), got {nsamples} and {seqlen}")
+    body = seqlen - (bos is not None)
+    if ids.numel() <= body:
         raise ValueError(f"the calibration text has {ids.numel()} tokens, too short for windows of {seqlen} tokens")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body, (nsamples,), generator=g)
+    return _with_bos(torch.stack([ids[s : s + body] for s in starts.tolist()]), bos)
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens from the start of ``ids`` (the paper's protocol)."""
-    n = ids.numel() // seqlen
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None, *,
+                 bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of ``ids`` (the paper's protocol); with ``bos``,
+    each window is that token followed by the next ``seqlen - 1`` tokens of ``ids``."""
+    body = seqlen - (bos is not None)
+    if body < 1:
+        raise ValueError(f"seqlen must be >= 2 with BOS, got {seqlen}")
+    n = ids.numel() // body
     if n == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, too short for one window of {seqlen}")
     if max_windows is not None:
         n = min(n, max_windows)
-    return ids[: n * seqlen].reshape(n, seqlen)
+    return _with_bos(ids[: n * body].reshape(n, body), bos)
 
 
 def calibration_and_eval(tokenizer, source: str, *, nsamples: int | None = 128, seqlen: int = 2048,
-                         eval_windows_max: int | None = None, eval_seqlen: int | None = None,
-                         seed: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
+                         eval_windows_max: int | None = None, eval_seqlen: int | None = None, seed: int = 0,
+                         bos: str = "auto") -> tuple[torch.Tensor | None, torch.Tensor]:
     """(calibration ids (nsamples, seqlen), evaluation windows (n, eval_seqlen)) from disjoint parts of ``source``;
-    no calibration ids (``None``) when ``nsamples`` is ``None``."""
+    no calibration ids (``None``) when ``nsamples`` is ``None``. ``bos``: one of :data:`BOS_MODES`."""
+    mode, bos_id = resolve_bos(tokenizer, bos)
     splits = load_text(source)
+    per_window = bos_id if mode == "window" else None
+
+    def stream(text: str) -> torch.Tensor:
+        ids = tokenize(tokenizer, text)
+        if mode == "stream":
+            ids = torch.cat([torch.tensor([bos_id], dtype=ids.dtype), ids])
+        return ids
+
     calib = None
     if nsamples is not None:
-        calib = calibration_windows(tokenize(tokenizer, splits.calibration), nsamples, seqlen, seed=seed)
-    ev = eval_windows(tokenize(tokenizer, splits.evaluation), eval_seqlen or seqlen, eval_windows_max)
+        calib = calibration_windows(stream(splits.calibration), nsamples, seqlen, seed=seed, bos=per_window)
+    ev = eval_windows(stream(splits.evaluation), eval_seqlen or seqlen, eval_windows_max, bos=per_window)
     return calib, ev

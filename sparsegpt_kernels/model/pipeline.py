@@ -151,6 +151,7 @@ def prune_model(
                 on_block_end(b, block_reports)
         report.seconds = prior_seconds + time.perf_counter() - t_start
         report.blocks_pruned = plan.blocks
+        report.model_params, report.model_zeros = _count_zeros(model)
         return report
     finally:
         if cfg is not None and old_use_cache is not None:
@@ -167,6 +168,15 @@ def _settings_record(plan: PrunePlan, opts: LayerOptions, true_sequential: bool,
         "layer_sparsity": {p: {"sparsity": s.sparsity, "pattern": s.pattern} for p, s in plan.overrides},
         "true_sequential": bool(true_sequential), "block_size": opts.block_size, "damp": opts.damp, "seed": seed,
     }
+
+
+def _count_zeros(model: nn.Module) -> tuple[int, int]:
+    """(parameters, zeros) over the whole model, every parameter once (tied embeddings are one tensor)."""
+    params = zeros = 0
+    for p in model.parameters():  # deduplicated by identity
+        params += p.numel()
+        zeros += int(p.numel() - torch.count_nonzero(p.detach()))
+    return params, zeros
 
 
 def _block_device(block: nn.Module) -> torch.device:

@@ -15,10 +15,18 @@ from .blocks import PrunableLayer, find_decoder_layers, find_prunable_layers
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
 
+def _matches_one(pattern: str, full: str, rel: str) -> bool:
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(full, pattern) or fnmatch.fnmatchcase(rel, pattern)
+    # a bare name matches whole dotted components at the end: "q_proj", "self_attn.q_proj", "3.mlp.up_proj"
+    return full == pattern or full.endswith("." + pattern)
+
+
 def matches(patterns: Iterable[str], full: str, rel: str) -> bool:
-    """Whether a layer's full name ("model.layers.3.mlp.up_proj") or its name in the block ("mlp.up_proj") matches
-    one of the glob ``patterns``."""
-    return any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(rel, p) for p in patterns)
+    """Whether a layer matches one of ``patterns``: a glob (``*``, ``?``, ``[``) against its full name
+    ("model.layers.3.mlp.up_proj") or its name in the block ("mlp.up_proj"), or a bare name that ends the full name
+    at a dot ("up_proj", "mlp.up_proj")."""
+    return any(_matches_one(p, full, rel) for p in patterns)
 
 
 def _as_list(x) -> list[str] | None:
@@ -71,10 +79,16 @@ def build_plan(model: nn.Module, *, method: str, sparsity, pattern, quant_bits, 
         raise ValueError(f"block indices {bad} are out of range: the model has {nblocks} decoder blocks")
 
     items: dict[int, list[tuple[PrunableLayer, Setting]]] = {}
+    used: set[tuple[str, str]] = set()  # (option, pattern) that matched at least one layer
+    example = None
     for b in chosen:
         block_items = []
         for t in find_prunable_layers(layers[b]):
             full = f"{prefix}.{b}.{t.name}"
+            example = example or (full, t.name)
+            for option, pats in (("include", include or []), ("exclude", exclude or []),
+                                 ("layer_sparsity", [p for p, _ in overrides])):
+                used.update((option, p) for p in pats if _matches_one(p, full, t.name))
             if include is not None and not matches(include, full, t.name):
                 continue
             if exclude is not None and matches(exclude, full, t.name):
@@ -93,6 +107,12 @@ def build_plan(model: nn.Module, *, method: str, sparsity, pattern, quant_bits, 
             block_items.append((t, s))
         if block_items:
             items[b] = block_items
+    for option, pats in (("include", include or []), ("exclude", exclude or []),
+                         ("layer_sparsity", [p for p, _ in overrides])):
+        for p in pats:
+            if (option, p) not in used:
+                hint = f"; layer names look like {example[0]!r} (or {example[1]!r} in its block)" if example else ""
+                raise ValueError(f"{option} pattern {p!r} matches no layer of the selected blocks{hint}")
     if not items:
         raise ValueError("no layer matches the include/exclude/blocks selection: nothing to prune")
     return PrunePlan(method, prefix, layers, items, default, overrides, include, exclude)

@@ -6,7 +6,6 @@ disk) can reuse it."""
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -98,18 +97,19 @@ def prune_one(full: str, t: PrunableLayer, s: Setting, opts: LayerOptions,
     common = dict(name=full, shape=tuple(W.shape), method=method, pattern=s.pattern, target_sparsity=s.sparsity,
                   quant_bits=opts.quant_bits, tokens=0 if acc is None else acc.count)
     if method != "magnitude" and (acc is None or acc.count == 0):
-        return LayerReport(loss=math.nan, sparsity=float((W == 0).sum()) / W.numel(), damp=0.0, seconds=0.0,
-                           backend="-", skipped="no calibration tokens reached this layer", **common)
+        return LayerReport(loss=None, sparsity=float((W == 0).sum()) / W.numel(), damp=0.0, seconds=0.0,
+                           backend="-", skipped="no calibration tokens reached this layer", mask_sparsity=0.0, **common)
     t0 = time.perf_counter()
     quant = dict(quant_bits=opts.quant_bits, quant_group_size=opts.quant_group_size)
     if method == "sparsegpt":
         r = prune_layer(W, acc.hessian.to(W.device), sparsity=s.sparsity, pattern=s.pattern,
                         block_size=opts.block_size, damp=opts.damp, backend=opts.backend, **quant)
         return LayerReport(loss=r.loss, sparsity=r.sparsity, damp=r.damp, seconds=r.seconds, backend=r.backend,
-                           **common)
+                           mask_sparsity=r.mask_sparsity, **common)
     if method == "wanda":
         sp = baselines.wanda_prune_(W, acc.hessian.diagonal(), sparsity=s.sparsity, pattern=s.pattern, **quant)
     else:
         sp = baselines.magnitude_prune_(W, sparsity=s.sparsity, pattern=s.pattern, **quant)
-    return LayerReport(loss=math.nan, sparsity=sp, damp=0.0, seconds=time.perf_counter() - t0, backend=method,
-                       **common)
+    mask = baselines.mask_fraction(tuple(W.shape), sparsity=s.sparsity, pattern=s.pattern, per_row=method == "wanda")
+    return LayerReport(loss=None, sparsity=sp, damp=0.0, seconds=time.perf_counter() - t0, backend=method,
+                       mask_sparsity=mask, **common)

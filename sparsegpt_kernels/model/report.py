@@ -4,19 +4,23 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 
 
 @dataclass
 class LayerReport:
-    """What happened to one weight matrix. ``loss`` is SparseGPT's OBS estimate (NaN for the baselines);
-    ``tokens`` is how many calibration tokens its Hessian saw; ``skipped`` says why a layer was left dense."""
+    """What happened to one weight matrix.
+
+    ``loss`` is SparseGPT's OBS estimate (``None`` for the baselines, which have none); ``sparsity`` is the fraction
+    of zeros in the weight afterwards and ``mask_sparsity`` the fraction the mask pruned (they differ when joint
+    quantization rounds kept weights to zero, or a weight was zero already); ``tokens`` is how many calibration tokens
+    its Hessian saw; ``skipped`` says why a layer was left dense.
+    """
 
     name: str
     shape: tuple[int, int]
-    loss: float
+    loss: float | None
     sparsity: float
     damp: float
     seconds: float
@@ -27,11 +31,16 @@ class LayerReport:
     quant_bits: int | None = None
     tokens: int = 0
     skipped: str | None = None
+    mask_sparsity: float | None = None
 
 
 @dataclass
 class PruneReport:
-    """Per-layer reports and totals of one :func:`prune_model` run."""
+    """Per-layer reports and totals of one :func:`prune_model` run.
+
+    Totals come twice: over the pruned weight matrices (``sparsity``) and over the whole model (``model_sparsity``,
+    every parameter counted once, tied embeddings included), which is what the saved checkpoint holds.
+    """
 
     layers: list[LayerReport] = field(default_factory=list)
     method: str = "sparsegpt"
@@ -39,6 +48,8 @@ class PruneReport:
     seconds: float = 0.0
     blocks_pruned: list[int] = field(default_factory=list)
     resumed_from_block: int | None = None
+    model_params: int = 0
+    model_zeros: int = 0
 
     @property
     def total_params(self) -> int:
@@ -54,8 +65,22 @@ class PruneReport:
         return self.total_zeros / max(1, self.total_params)
 
     @property
-    def total_loss(self) -> float:
-        return float(sum(r.loss for r in self.layers if not math.isnan(r.loss)))
+    def mask_sparsity(self) -> float | None:
+        """Fraction pruned by the masks over every reported weight matrix (``None`` if a layer does not say)."""
+        if any(r.mask_sparsity is None for r in self.layers) or not self.layers:
+            return None
+        return sum(r.mask_sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(1, self.total_params)
+
+    @property
+    def model_sparsity(self) -> float | None:
+        """Fraction of zeros over every parameter of the model, shared ones counted once."""
+        return self.model_zeros / self.model_params if self.model_params else None
+
+    @property
+    def total_loss(self) -> float | None:
+        """Sum of the layers' OBS losses; ``None`` when no layer has one (the baselines)."""
+        losses = [r.loss for r in self.layers if r.loss is not None]
+        return float(sum(losses)) if losses else None
 
     @property
     def skipped(self) -> list[LayerReport]:
@@ -73,16 +98,21 @@ class PruneReport:
                 "params": self.total_params,
                 "zeros": self.total_zeros,
                 "sparsity": self.sparsity,
+                "mask_sparsity": self.mask_sparsity,
                 "loss": self.total_loss,
                 "skipped": len(self.skipped),
                 "layer_seconds": sum(r.seconds for r in self.layers),
+                "model_params": self.model_params,
+                "model_zeros": self.model_zeros,
+                "model_sparsity": self.model_sparsity,
             },
             "layers": [asdict(r) for r in self.layers],
         }
 
     def save_json(self, path: str | os.PathLike) -> None:
+        """The report as JSON that a strict parser reads (no NaN/Infinity)."""
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, allow_nan=True)
+            json.dump(self.to_dict(), f, indent=1, allow_nan=False)
 
     def format_table(self) -> str:
         """A plain-text table: one line per layer, then the totals."""
@@ -90,11 +120,17 @@ class PruneReport:
         lines = [head, "-" * len(head)]
         for r in self.layers:
             shape = f"{r.shape[0]}x{r.shape[1]}"
-            loss = "-" if math.isnan(r.loss) else f"{r.loss:.4g}"
+            loss = "-" if r.loss is None else f"{r.loss:.4g}"
             extra = f"  (skipped: {r.skipped})" if r.skipped else ""
             lines.append(f"{r.name[-48:]:<48} {shape:>12} {loss:>11} {r.sparsity:>8.4f} {r.damp:>7.3g} "
                          f"{r.seconds:>6.2f} {r.backend}{extra}")
         lines.append("-" * len(head))
-        lines.append(f"{len(self.layers)} matrices, {self.total_params:,} weights, sparsity {self.sparsity:.4f}, "
-                     f"total loss {self.total_loss:.4g}, {self.seconds:.1f} s ({self.method})")
+        loss = "-" if self.total_loss is None else f"{self.total_loss:.4g}"
+        mask = self.mask_sparsity
+        masked = f" (masks: {mask:.4f})" if mask is not None and abs(mask - self.sparsity) > 5e-5 else ""
+        lines.append(f"pruned layers: {len(self.layers)} matrices, {self.total_params:,} weights, zeros "
+                     f"{self.sparsity:.4f}{masked}, total loss {loss}, {self.seconds:.1f} s ({self.method})")
+        if self.model_params:
+            lines.append(f"whole model: {self.model_params:,} parameters (shared ones once), zeros "
+                         f"{self.model_sparsity:.4f}")
         return "\n".join(lines)
