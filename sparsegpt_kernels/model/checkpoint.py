@@ -28,15 +28,26 @@ def fingerprint(settings: dict, model: nn.Module, nblocks: int, ids: torch.Tenso
 class Checkpoint:
     """``state.json`` (settings fingerprint, next block, reports) + one file of weights per finished block + the
     activations entering the next block. Every file is written to a temporary name and renamed; ``state.json`` is
-    renamed last, so a run killed at any point finds a consistent state."""
+    renamed last, so a run killed at any point finds a consistent state.
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str):
+    With several processes (``dist_ctx``) process 0 writes the state and the weights, and every process writes the
+    activations of its own share of the samples; a resume needs the same number of processes.
+    """
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str, dist_ctx=None):
         self.dir = os.fspath(directory)
         self.fingerprint = fingerprint
+        self.dist = dist_ctx
+        self.rank = dist_ctx.rank if dist_ctx is not None else 0
+        self.world = dist_ctx.world if dist_ctx is not None else 1
         os.makedirs(self.dir, exist_ok=True)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)
+
+    def _mine(self, acts_name: str) -> str:
+        """This process's file of the activations ``acts_name`` names."""
+        return acts_name if self.world == 1 else f"{acts_name[:-3]}.rank{self.rank}of{self.world}.pt"
 
     def _atomic_save(self, obj, name: str) -> None:
         tmp = self._path(name + ".tmp")
@@ -52,30 +63,40 @@ class Checkpoint:
         if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != self.fingerprint:
             raise ValueError(f"checkpoint directory {self.dir!r} holds a run with other settings, calibration data "
                              "or model; use another directory or delete it")
+        if int(state.get("world", 1)) != self.world:
+            raise ValueError(f"checkpoint directory {self.dir!r} was written by a run with {state.get('world', 1)} "
+                             f"processes; resume it with as many (this run has {self.world})")
         return state
 
     def block_weights(self, i: int) -> dict:
         return torch.load(self._path(f"block_{i:05d}.pt"), map_location="cpu", weights_only=True)
 
     def activations(self, name: str) -> torch.Tensor:
-        return torch.load(self._path(name), map_location="cpu", weights_only=True)
+        """This process's activations of the checkpoint's ``acts`` entry."""
+        return torch.load(self._path(self._mine(name)), map_location="cpu", weights_only=True)
 
     def save(self, i: int, block: nn.Module, acts: list[torch.Tensor] | None, reports: list[LayerReport],
              seconds: float) -> None:
-        self._atomic_save({k: v.detach().cpu().clone() for k, v in block.state_dict().items()}, f"block_{i:05d}.pt")
-        acts_name = None
+        acts_name = f"acts_{i + 1:05d}.pt" if acts is not None else None
         if acts is not None:
-            acts_name = f"acts_{i + 1:05d}.pt"
-            self._atomic_save(torch.cat([a.cpu() for a in acts]), acts_name)
+            self._atomic_save(torch.cat([a.cpu() for a in acts]), self._mine(acts_name))
+        if self.dist is not None:
+            self.dist.barrier("the checkpoint")  # every process's activations are on disk before the state says so
         old = self.load()
-        state = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "next_block": i + 1,
-                 "acts": acts_name, "seconds": seconds, "reports": [asdict(r) for r in reports]}
-        tmp = self._path("state.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, self._path("state.json"))
+        if self.rank == 0:
+            self._atomic_save({k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
+                              f"block_{i:05d}.pt")
+            state = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "next_block": i + 1,
+                     "acts": acts_name, "seconds": seconds, "world": self.world,
+                     "reports": [asdict(r) for r in reports]}
+            tmp = self._path("state.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, self._path("state.json"))
+        if self.dist is not None:
+            self.dist.barrier("the checkpoint")
         if old and old.get("acts") and old["acts"] != acts_name:
             try:
-                os.remove(self._path(old["acts"]))
+                os.remove(self._path(self._mine(old["acts"])))
             except OSError:
                 pass

@@ -19,6 +19,7 @@ from torch import nn
 from .blocks import call_block, capture_block_inputs, map_tensors
 from .calibration import prepare_calibration
 from .checkpoint import Checkpoint, fingerprint
+from .distributed import DistContext
 from .hessians import HessianCollector
 from .plan import METHODS, PrunePlan, build_plan
 from .prune_block import LayerOptions, progress_bar, prune_block
@@ -54,6 +55,7 @@ def prune_model(
     backend: str = "auto",
     progress: bool = False,
     on_block_end: Callable[[int, list[LayerReport]], None] | None = None,
+    process_group=None,
 ) -> PruneReport:
     """Prune a transformers causal LM in place, block by block, with SparseGPT (or a baseline).
 
@@ -77,6 +79,11 @@ def prune_model(
         block_size, damp, backend: passed to :func:`prune_layer`.
         progress: tqdm bars per block and layer on stderr.
         on_block_end: called with (block index, its layer reports) after each block has been checkpointed.
+        process_group: inside an initialised ``torch.distributed`` process group (``torchrun``), the processes share
+            the work of every block (:mod:`sparsegpt_kernels.model.distributed`): each one runs its share of the
+            calibration samples, each set of layers sharing a Hessian is pruned by one of them, and every process ends
+            with the same pruned model and report. Default: the default group when one is initialised. Every
+            process must call ``prune_model`` with the same arguments and calibration data (checked).
 
     Returns:
         :class:`PruneReport`. Bad input (no decoder blocks, empty calibration, too long sequences, a pattern that
@@ -89,9 +96,13 @@ def prune_model(
                       layer_sparsity=layer_sparsity, block_size=block_size)
     opts = LayerOptions(method=method, quant_bits=quant_bits, quant_group_size=quant_group_size,
                         block_size=block_size, damp=damp, backend=backend)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist_ctx = DistContext.current(process_group)
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     settings = _settings_record(plan, opts, true_sequential, seed)
-    report = PruneReport(method=method, settings=settings)
+    report = PruneReport(method=method, settings=settings, processes=1 if dist_ctx is None else dist_ctx.world)
     needs_data = method != "magnitude"
     ids = None
     if needs_data:
@@ -101,10 +112,17 @@ def prune_model(
                                   tokenizer=tokenizer)
         settings.update(nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]))
 
+    run_id = fingerprint(settings, model, len(plan.layers), ids)
+    local_ids = ids
+    if dist_ctx is not None:
+        dist_ctx.check_same("arguments or calibration data", run_id)
+        if ids is not None:
+            local_ids = ids[dist_ctx.shard(ids.shape[0])]
+
     # 2. Resume: the blocks a checkpoint already holds are loaded back.
     ckpt = state = None
     if checkpoint_dir is not None:
-        ckpt = Checkpoint(checkpoint_dir, fingerprint(settings, model, len(plan.layers), ids))
+        ckpt = Checkpoint(checkpoint_dir, run_id, dist_ctx)
         state = ckpt.load()
 
     was_training = model.training
@@ -126,7 +144,7 @@ def prune_model(
         # 3. The activations entering the first block to do (captured, or from the checkpoint).
         inputs, acts, store = None, [], dev
         if needs_data and start <= plan.last:
-            inputs, acts, store = _first_activations(model, plan, ids, state, ckpt, dev, offload)
+            inputs, acts, store = _first_activations(model, plan, local_ids, state, ckpt, dev, offload)
 
         # 4. Block by block: prune its layers, then run the pruned block to make the next block's inputs.
         for b in progress_bar(range(start, plan.last + 1), desc="blocks", total=plan.last + 1 - start,
@@ -139,7 +157,7 @@ def prune_model(
             block_reports = []
             if b in plan.items:
                 block_reports = prune_block(f"{plan.prefix}.{b}", plan.items[b], opts, run, dev,
-                                            true_sequential=true_sequential, progress=progress)
+                                            true_sequential=true_sequential, progress=progress, dist_ctx=dist_ctx)
                 report.layers.extend(block_reports)
             if needs_data and b < plan.last:
                 acts = run.outputs()

@@ -1,15 +1,14 @@
 """One decoder block: collect its layers' Hessians on the calibration activations, then prune each layer with
 SparseGPT (or a baseline). The block loop of :func:`sparsegpt_kernels.prune_model` calls :func:`prune_block` once per
-block; how the block is run on the activations, and what happens to the Hessians between collection and pruning, come
-from the caller (``run_block``, ``reduce_hessians``), so that other drivers (several processes, weights streamed from
-disk) can reuse it."""
+block; how the block is run on the activations comes from the caller (``run_block``), and with several processes
+the work is shared as :mod:`.distributed` describes."""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -18,6 +17,7 @@ from ..hessian import HessianAccumulator
 from ..settings import Setting
 from . import baselines
 from .blocks import PrunableLayer
+from .distributed import DistContext
 from .hessians import HessianCollector
 from .report import LayerReport
 
@@ -45,18 +45,26 @@ def progress_bar(iterable, *, desc: str, total: int | None = None, enabled: bool
     return tqdm(iterable, desc=desc, total=total, leave=leave, file=sys.stderr, position=position, dynamic_ncols=True)
 
 
+def layer_cost(t: PrunableLayer) -> float:
+    """Rough FLOPs of pruning one layer: the Cholesky (⅓c³) and the lazy updates (r·c²)."""
+    rows, cols = t.shape
+    return cols**3 / 3 + rows * cols**2
+
+
 def prune_block(prefix: str, items: list[tuple[PrunableLayer, Setting]], opts: LayerOptions,
                 run_block: Callable[[HessianCollector | None], object], device: torch.device, *,
                 true_sequential: bool = False, progress: bool = False,
-                reduce_hessians: Callable[[list[HessianAccumulator]], None] | None = None) -> list[LayerReport]:
+                dist_ctx: DistContext | None = None) -> list[LayerReport]:
     """Prune the (layer, setting) ``items`` of the block named ``prefix``; returns their reports in ``items`` order.
 
-    ``run_block(collector)`` runs the dense block over every calibration batch with ``collector``'s hooks in place
-    (calling ``collector.end_pass()`` after each batch). ``reduce_hessians``, if given, is called with the distinct
-    accumulators (in collection order) before any layer is pruned, e.g. to sum them across processes.
+    ``run_block(collector)`` runs the dense block over this process's calibration batches with ``collector``'s hooks
+    in place (calling ``collector.end_pass()`` after each batch). With ``dist_ctx`` (several processes), each set of
+    layers sharing a Hessian is pruned by one owner process after the partial Hessians are reduced to it, and the
+    pruned weights and the reports are then shared by every process (:mod:`.distributed`).
     """
     setting = {id(t): s for t, s in items}
     targets = [t for t, _ in items]
+    by_name = {t.name: t for t in targets}
     reports: dict[str, LayerReport] = {}
 
     def prune(ts: list[PrunableLayer], acc: dict[str, HessianAccumulator]):
@@ -64,28 +72,57 @@ def prune_block(prefix: str, items: list[tuple[PrunableLayer, Setting]], opts: L
                               leave=False, position=1):
             reports[t.name] = prune_one(f"{prefix}.{t.name}", t, setting[id(t)], opts, acc.get(t.name))
 
+    def prune_shared(ts: list[PrunableLayer], acc: dict[str, HessianAccumulator]):
+        if dist_ctx is None:
+            prune(ts, acc)
+            return
+        # units: the layers sharing one accumulator (or each layer, without Hessians), in a fixed order
+        units: list[list[str]] = []
+        index: dict[int, int] = {}
+        for t in ts:
+            key = id(acc[t.name]) if t.name in acc else id(t)
+            if key not in index:
+                index[key] = len(units)
+                units.append([])
+            units[index[key]].append(t.name)
+        owners = dist_ctx.assign([sum(layer_cost(by_name[n]) for n in unit) for unit in units])
+        comm: dict[str, float] = {}
+        for unit, owner in zip(units, owners):
+            if unit[0] in acc:
+                c0 = dist_ctx.comm_seconds
+                dist_ctx.reduce_hessian(acc[unit[0]], owner)
+                comm.update({n: (dist_ctx.comm_seconds - c0) / len(unit) for n in unit})
+        own = [n for unit, owner in zip(units, owners) if owner == dist_ctx.rank for n in unit]
+        prune([by_name[n] for n in own], acc)
+        for unit, owner in zip(units, owners):
+            for n in unit:
+                c0 = dist_ctx.comm_seconds
+                dist_ctx.broadcast(by_name[n].weight(), owner)
+                comm[n] = comm.get(n, 0.0) + dist_ctx.comm_seconds - c0
+        # every process gets every report, as the owner saw it (its compute and communication times)
+        shared = {n: {**asdict(reports[n]), "rank": dist_ctx.rank, "comm_seconds": comm.get(n, 0.0)} for n in own}
+        for theirs in dist_ctx.gather(shared):
+            for n, rep in theirs.items():
+                reports[n] = LayerReport(**{**rep, "shape": tuple(rep["shape"])})
+
     def collect(ts: list[PrunableLayer]) -> HessianCollector:
         with HessianCollector(ts, device) as col:
             run_block(col)
-        if reduce_hessians is not None:
-            distinct = {id(col.acc[name]): col.acc[name] for name in col.order}  # shared ones once, in order
-            reduce_hessians(list(distinct.values()))
         return col
 
     if opts.method == "magnitude":
-        prune(targets, {})
+        prune_shared(targets, {})
     else:
         col = collect(targets)
         missing = [t.name for t in targets if t.name not in col.acc]
         if missing:
             raise RuntimeError(f"{prefix}: layers {missing} never ran during the block's forward pass")
         if not true_sequential:
-            prune(targets, col.acc)
+            prune_shared(targets, col.acc)
         else:
-            by_name = {t.name: t for t in targets}
             for g, names in enumerate(col.groups):
                 ts = [by_name[n] for n in names]
-                prune(ts, col.acc if g == 0 else collect(ts).acc)
+                prune_shared(ts, col.acc if g == 0 else collect(ts).acc)
     return [reports[t.name] for t in targets]
 
 

@@ -15,7 +15,9 @@ class LayerReport:
     ``loss`` is SparseGPT's OBS estimate (``None`` for the baselines, which have none); ``sparsity`` is the fraction
     of zeros in the weight afterwards and ``mask_sparsity`` the fraction the mask pruned (they differ when joint
     quantization rounds kept weights to zero, or a weight was zero already); ``tokens`` is how many calibration tokens
-    its Hessian saw; ``skipped`` says why a layer was left dense.
+    its Hessian saw; ``skipped`` says why a layer was left dense. With several processes, ``rank`` is the process that
+    pruned it, ``seconds`` its compute time there and ``comm_seconds`` the time spent reducing its Hessian and
+    broadcasting its weights.
     """
 
     name: str
@@ -32,6 +34,8 @@ class LayerReport:
     tokens: int = 0
     skipped: str | None = None
     mask_sparsity: float | None = None
+    rank: int | None = None  # the process that pruned it (several processes; see .distributed)
+    comm_seconds: float = 0.0  # its share of the Hessian reduction and weight broadcast
 
 
 @dataclass
@@ -50,6 +54,7 @@ class PruneReport:
     resumed_from_block: int | None = None
     model_params: int = 0
     model_zeros: int = 0
+    processes: int = 1
 
     @property
     def total_params(self) -> int:
@@ -102,6 +107,8 @@ class PruneReport:
                 "loss": self.total_loss,
                 "skipped": len(self.skipped),
                 "layer_seconds": sum(r.seconds for r in self.layers),
+                "comm_seconds": sum(r.comm_seconds for r in self.layers),
+                "processes": self.processes,
                 "model_params": self.model_params,
                 "model_zeros": self.model_zeros,
                 "model_sparsity": self.model_sparsity,
@@ -130,6 +137,9 @@ class PruneReport:
         masked = f" (masks: {mask:.4f})" if mask is not None and abs(mask - self.sparsity) > 5e-5 else ""
         lines.append(f"pruned layers: {len(self.layers)} matrices, {self.total_params:,} weights, zeros "
                      f"{self.sparsity:.4f}{masked}, total loss {loss}, {self.seconds:.1f} s ({self.method})")
+        if self.processes > 1:
+            lines.append(f"{self.processes} processes: compute {sum(r.seconds for r in self.layers):.1f} s, "
+                         f"communication {sum(r.comm_seconds for r in self.layers):.1f} s (summed over layers)")
         if self.model_params:
             lines.append(f"whole model: {self.model_params:,} parameters (shared ones once), zeros "
                          f"{self.model_sparsity:.4f}")
