@@ -125,6 +125,14 @@ def _check_args(args) -> None:
         else:
             parse_setting(args.sparsity, "--sparsity")
             patterns = []
+        if args.stream:
+            if not args.output:
+                raise UsageError("--stream writes the pruned model block by block: it needs --output")
+            if args.checkpoint_dir:
+                raise UsageError("--stream keeps its progress in --output; leave out --checkpoint-dir")
+            if not os.path.isdir(os.path.expanduser(args.model)):
+                raise UsageError(f"--stream reads a local checkpoint directory; {args.model!r} is not one")
+            args.no_eval = True
         for path, what in ((args.output, "--output"), (args.report, "--report")):
             if path and os.path.exists(path) and (what == "--report") == os.path.isdir(path):
                 raise UsageError(f"{what} {path!r} is a {'directory' if os.path.isdir(path) else 'file'}")
@@ -249,8 +257,11 @@ def cmd_prune(args) -> int:
 
     t_all = time.perf_counter()
     if args.rank != 0:  # under torchrun only process 0 evaluates, prints and writes; the others share the pruning
-        args.quiet, args.no_eval, args.output, args.report = True, True, None, None
+        args.quiet, args.no_eval, args.report = True, True, None
+        args.output = args.output if args.stream else None  # a streamed output is written by process 0 only
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this worker process
+    if args.stream:
+        return _prune_streamed(args, t_all)
     model, tok = _load(args)
     need_calib = args.method != "magnitude"
     texts = _Texts(args, tok, model, args.nsamples if need_calib else None)
@@ -278,6 +289,32 @@ def cmd_prune(args) -> int:
         print(f"saved the pruned model to {args.output}")
     if args.report:
         _write_json(args.report, out)
+        print(f"wrote the report to {args.report}")
+    print(f"total time: {time.perf_counter() - t_all:.1f} s")
+    return 0
+
+
+def _prune_streamed(args, t_all: float) -> int:
+    """--stream: the model never lives in memory as a whole; blocks go from --model to --output one at a time."""
+    import types
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .model.streaming import prune_checkpoint
+
+    config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    need_calib = args.method != "magnitude"
+    texts = _Texts(args, tok, types.SimpleNamespace(config=config), args.nsamples if need_calib else None)
+    _log(texts.describe())
+    report = prune_checkpoint(args.model, args.output, texts.calib, dtype=getattr(torch, args.dtype),
+                              sparsity=args.sparsity, pattern=args.pattern, quant_bits=args.quant_bits,
+                              method=args.method, device=args.device, progress=not args.quiet, **_prune_kwargs(args))
+    print(report.format_table())
+    print(f"saved the pruned model to {args.output} (perplexity: `sparsegpt-kernels eval --model {args.output}`)")
+    if args.report:
+        _write_json(args.report, {**report.to_dict(), "texts": texts.record()})
         print(f"wrote the report to {args.report}")
     print(f"total time: {time.perf_counter() - t_all:.1f} s")
     return 0
@@ -339,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write the per-layer report as JSON here")
     p.add_argument("--checkpoint-dir", default=None, help="resume from / save progress to this directory")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity before and after")
+    p.add_argument("--stream", action="store_true",
+                   help="models bigger than memory: read one decoder block at a time from the safetensors checkpoint "
+                        "in --model and write it to --output (needs --output; no perplexity, no --checkpoint-dir: "
+                        "a rerun resumes from the output)")
     p.add_argument("--dist-timeout", type=float, default=600,
                    help="under torchrun: seconds a collective may wait before the processes give up (a process that "
                         "died makes the others stop with an error)")

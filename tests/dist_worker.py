@@ -33,6 +33,7 @@ def main() -> int:
     p.add_argument("--die-rank", type=int, default=1)
     p.add_argument("--timeout", type=float, default=60)
     p.add_argument("--rank-sparsity", default=None, help="'RANK:VALUE': that rank passes another sparsity (bad launch)")
+    p.add_argument("--stream-src", default=None, help="stream this checkpoint into --out/streamed (prune_checkpoint)")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -61,6 +62,14 @@ def main() -> int:
             os._exit(17)  # a crash: no clean-up, no goodbye to the other processes
 
     blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else None
+    if args.stream_src:
+        from sparsegpt_kernels.model.streaming import prune_checkpoint
+
+        report = prune_checkpoint(args.stream_src, os.path.join(args.out, "streamed"), ids, sparsity=sparsity,
+                                  pattern=args.pattern, blocks=blocks, device="cpu", backend="torch")
+        torch.save({"report": report.to_dict()}, os.path.join(args.out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+        return 0
     report = prune_model(model, ids if args.method != "magnitude" else None, sparsity=sparsity, pattern=args.pattern,
                          method=args.method, blocks=blocks, true_sequential=args.true_sequential, device="cpu",
                          backend="torch", checkpoint_dir=args.checkpoint_dir, on_block_end=on_block_end)

@@ -217,3 +217,20 @@ def test_torchrun_cli(tmp_path):
     assert {lay["rank"] for lay in report["layers"]} == {0, 1}
     assert abs(report["totals"]["sparsity"] - 0.5) < 1e-3 and list(out.glob("*.safetensors"))
     assert res.stdout.count("whole model:") == 1  # one process printed
+
+
+def test_two_processes_stream_a_checkpoint(tmp_path):
+    """Streaming combines with several processes: each reads the same block, process 0 writes; the output is what
+    two processes give in memory."""
+    src = tmp_path / "src"
+    tiny("llama").save_pretrained(src, max_shard_size="60KB")
+    _ok(launch(2, tmp_path, "--family", "llama", "--stream-src", str(src)))
+    in_memory = tmp_path / "in-memory"
+    in_memory.mkdir()
+    _ok(launch(2, in_memory, "--family", "llama"))
+    expected = torch.load(in_memory / "rank0.pt", weights_only=False)["state"]
+    streamed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    for k, v in expected.items():
+        assert torch.equal(streamed[k], v), k
+    report = torch.load(tmp_path / "rank0.pt", weights_only=False)["report"]
+    assert report["totals"]["processes"] == 2 and {lay["rank"] for lay in report["layers"]} == {0, 1}

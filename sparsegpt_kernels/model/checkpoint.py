@@ -34,7 +34,8 @@ class Checkpoint:
     activations of its own share of the samples; a resume needs the same number of processes.
     """
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str, dist_ctx=None):
+    def __init__(self, directory: str | os.PathLike, fingerprint: str, dist_ctx=None, keep_weights: bool = True):
+        self.keep_weights = keep_weights  # False when the weights go elsewhere as they are done (streaming)
         self.dir = os.fspath(directory)
         self.fingerprint = fingerprint
         self.dist = dist_ctx
@@ -84,8 +85,9 @@ class Checkpoint:
             self.dist.barrier("the checkpoint")  # every process's activations are on disk before the state says so
         old = self.load()
         if self.rank == 0:
-            self._atomic_save({k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
-                              f"block_{i:05d}.pt")
+            if self.keep_weights:
+                self._atomic_save({k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
+                                  f"block_{i:05d}.pt")
             state = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "next_block": i + 1,
                      "acts": acts_name, "seconds": seconds, "world": self.world,
                      "reports": [asdict(r) for r in reports]}

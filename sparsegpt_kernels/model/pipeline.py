@@ -56,6 +56,7 @@ def prune_model(
     progress: bool = False,
     on_block_end: Callable[[int, list[LayerReport]], None] | None = None,
     process_group=None,
+    weight_source=None,
 ) -> PruneReport:
     """Prune a transformers causal LM in place, block by block, with SparseGPT (or a baseline).
 
@@ -84,6 +85,8 @@ def prune_model(
             calibration samples, each set of layers sharing a Hessian is pruned by one of them, and every process ends
             with the same pruned model and report. Default: the default group when one is initialised. Every
             process must call ``prune_model`` with the same arguments and calibration data (checked).
+        weight_source: where the blocks' weights come from and go to when they do not all live in ``model``
+            (:class:`sparsegpt_kernels.model.streaming.StreamedWeights`, made by :func:`prune_checkpoint`).
 
     Returns:
         :class:`PruneReport`. Bad input (no decoder blocks, empty calibration, too long sequences, a pattern that
@@ -122,7 +125,7 @@ def prune_model(
     # 2. Resume: the blocks a checkpoint already holds are loaded back.
     ckpt = state = None
     if checkpoint_dir is not None:
-        ckpt = Checkpoint(checkpoint_dir, run_id, dist_ctx)
+        ckpt = Checkpoint(checkpoint_dir, run_id, dist_ctx, keep_weights=weight_source is None)
         state = ckpt.load()
 
     was_training = model.training
@@ -138,17 +141,23 @@ def prune_model(
             report.resumed_from_block = start
             report.layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in state["reports"]]
             for b in range(start):
-                if b in plan.items:
+                if b in plan.items and weight_source is None:  # streamed blocks are in the output already
                     plan.layers[b].load_state_dict(ckpt.block_weights(b))
 
         # 3. The activations entering the first block to do (captured, or from the checkpoint).
         inputs, acts, store = None, [], dev
         if needs_data and start <= plan.last:
+            if weight_source is not None:
+                weight_source.ensure(0)  # the capture runs block 0 once
             inputs, acts, store = _first_activations(model, plan, local_ids, state, ckpt, dev, offload)
+            if weight_source is not None and start > 0:
+                weight_source.drop(0)
 
         # 4. Block by block: prune its layers, then run the pruned block to make the next block's inputs.
         for b in progress_bar(range(start, plan.last + 1), desc="blocks", total=plan.last + 1 - start,
                               enabled=progress):
+            if weight_source is not None:
+                weight_source.ensure(b)
             block = plan.layers[b]
             home = _block_device(block)
             block.to(dev)
@@ -162,6 +171,8 @@ def prune_model(
             if needs_data and b < plan.last:
                 acts = run.outputs()
             block.to(home)
+            if weight_source is not None:
+                weight_source.release(b)
             if ckpt is not None:
                 ckpt.save(b, block, acts if (needs_data and b < plan.last) else None, report.layers,
                           prior_seconds + time.perf_counter() - t_start)
@@ -169,7 +180,8 @@ def prune_model(
                 on_block_end(b, block_reports)
         report.seconds = prior_seconds + time.perf_counter() - t_start
         report.blocks_pruned = plan.blocks
-        report.model_params, report.model_zeros = _count_zeros(model)
+        if weight_source is None:
+            report.model_params, report.model_zeros = _count_zeros(model)
         return report
     finally:
         if cfg is not None and old_use_cache is not None:
