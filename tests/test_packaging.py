@@ -19,7 +19,6 @@ DISTRIBUTION = {}
 #: declared distributions the package does not import itself, and why they are needed
 USED_INDIRECTLY = {
     "numpy": "torch.Tensor.numpy() (the checkpoint fingerprint) and Triton's interpreter",
-    "accelerate": "transformers loads GGUF checkpoints (the embedded model) through it",
     "gguf": "transformers reads the embedded model's GGUF file with it",
     "ninja": "torch.utils.cpp_extension builds the extension on first use with it (backends/extension.py)",
 }
