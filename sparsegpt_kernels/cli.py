@@ -72,6 +72,10 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--backend", default="auto", help="auto, torch, triton, cpp or cuda")
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
+    p.add_argument("--owl-m", type=float, default=5.0,
+                   help="allocation owl: a weight is an outlier above this many times the block's mean score")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="allocation owl: per-block sparsities span [S - lambda, S + lambda]")
 
 
 class UsageError(ValueError):
@@ -95,7 +99,7 @@ def _check_args(args) -> None:
         raise UsageError(f"--eval-windows must be >= 0 (0: all), got {args.eval_windows}")
     if args.command == "eval":
         return
-    methods = _csv(args.methods) if args.command == "compare" else [args.method]
+    methods = _csv(args.methods) if args.command in ("compare", "sweep") else [args.method]
     for m in methods:
         if m not in ("dense", *METHODS):
             raise UsageError(f"unknown method {m!r}: expected dense or one of {', '.join(METHODS)}")
@@ -113,7 +117,16 @@ def _check_args(args) -> None:
         raise UsageError(f"unknown backend {args.backend!r}: expected auto or one of {', '.join(KNOWN_BACKENDS)}")
     if args.blocks is not None and min(args.blocks, default=0) < 0:
         raise UsageError(f"--blocks must be block indices >= 0, got {args.blocks}")
-    if args.command == "compare":
+    if args.command == "sweep":
+        for a in _csv(args.allocations):
+            if a not in ("uniform", "owl", "error"):
+                raise UsageError(f"unknown allocation {a!r}: expected uniform, owl or error")
+        for x in _csv(args.sparsities):
+            parse_setting(x, f"--sparsities {x!r}")
+        if "dense" in methods:
+            raise UsageError("--methods: the sweep always measures dense; list pruning methods only")
+        patterns = []
+    elif args.command == "compare":
         settings = [parse_setting(s, f"--settings {s!r}", allow_quant=True) for s in _csv(args.settings)]
         if not settings:
             raise UsageError("--settings is empty")
@@ -247,9 +260,13 @@ def _init_distributed(args) -> int:
 
 
 def _prune_kwargs(args) -> dict:
-    return dict(quant_group_size=args.quant_group_size, blocks=args.blocks, include=args.include,
-                exclude=args.exclude, true_sequential=args.true_sequential, block_size=args.block_size,
-                damp=args.damp, backend=args.backend, offload=True if args.offload else None, seed=args.seed)
+    kw = dict(quant_group_size=args.quant_group_size, blocks=args.blocks, include=args.include,
+              exclude=args.exclude, true_sequential=args.true_sequential, block_size=args.block_size,
+              damp=args.damp, backend=args.backend, offload=True if args.offload else None, seed=args.seed,
+              owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+    if getattr(args, "allocation", None) is not None:
+        kw["allocation"] = args.allocation
+    return kw
 
 
 def cmd_prune(args) -> int:
@@ -355,6 +372,28 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .model.sweep import format_table, plot, sweep
+
+    t0 = time.perf_counter()
+    model, tok = _load(args)
+    texts = _Texts(args, tok, model, args.nsamples)
+    _log(texts.describe())
+    kw = _prune_kwargs(args)
+    rows = sweep(model, texts.calib, texts.ev, args.output, sparsities=[float(x) for x in _csv(args.sparsities)],
+                 methods=_csv(args.methods), allocations=_csv(args.allocations), device=args.device,
+                 progress=not args.quiet, log=_log, **kw)
+    title = f"{args.model}: {texts.describe()}"
+    table = format_table(rows)
+    with open(os.path.join(args.output, "sweep.md"), "w") as f:
+        f.write(f"# Sparsity sweep\n\n{title}\n\n{table}\n")
+    plot(rows, os.path.join(args.output, "sweep.png"), title)
+    print(f"held-out perplexity of {args.model} ({texts.describe()}):")
+    print(table)
+    print(f"wrote {args.output}/sweep.csv, sweep.md and sweep.png; total time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (no usage block), exit status 2."""
 
@@ -380,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models bigger than memory: read one decoder block at a time from the safetensors checkpoint "
                         "in --model and write it to --output (needs --output; no perplexity, no --checkpoint-dir: "
                         "a rerun resumes from the output)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "error"],
+                   help="how --sparsity is spread over the layers: uniform, owl (outlier-weighted per block) or error "
+                        "(per layer, from the solver's measured losses); the global sparsity stays --sparsity")
     p.add_argument("--dist-timeout", type=float, default=600,
                    help="under torchrun: seconds a collective may wait before the processes give up (a process that "
                         "died makes the others stop with an error)")
@@ -397,6 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="perplexity over sparsities x methods x allocations: table, CSV and plot")
+    _add_common(p)
+    _add_prune_options(p)
+    p.add_argument("--sparsities", default="0.5,0.6,0.7,0.8", help="comma-separated fractions")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--allocations", default="uniform,owl,error")
+    p.add_argument("--output", default="sweep", help="directory of sweep.csv (finished cells are not redone), "
+                                                     "sweep.md and sweep.png")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

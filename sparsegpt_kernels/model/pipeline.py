@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from .allocation import OWL_LAMBDA, OWL_M, allocate, check_allocation
+from .allocation import apply as apply_allocation
 from .blocks import call_block, capture_block_inputs, map_tensors
 from .calibration import prepare_calibration
 from .checkpoint import Checkpoint, fingerprint
@@ -57,6 +59,9 @@ def prune_model(
     on_block_end: Callable[[int, list[LayerReport]], None] | None = None,
     process_group=None,
     weight_source=None,
+    allocation: str = "uniform",
+    owl_m: float = OWL_M,
+    owl_lambda: float = OWL_LAMBDA,
 ) -> PruneReport:
     """Prune a transformers causal LM in place, block by block, with SparseGPT (or a baseline).
 
@@ -87,6 +92,10 @@ def prune_model(
             process must call ``prune_model`` with the same arguments and calibration data (checked).
         weight_source: where the blocks' weights come from and go to when they do not all live in ``model``
             (:class:`sparsegpt_kernels.model.streaming.StreamedWeights`, made by :func:`prune_checkpoint`).
+        allocation: how ``sparsity`` is spread over the layers: "uniform" (every layer the same), "owl" (blocks with
+            more outlier weights pruned less; ``owl_m``, ``owl_lambda``) or "error" (per-layer sparsities that minimise
+            the summed relative OBS loss measured with the solver); see :mod:`sparsegpt_kernels.model.allocation`.
+            The parameter-weighted sparsity stays ``sparsity``; ``layer_sparsity`` overrides are kept.
 
     Returns:
         :class:`PruneReport`. Bad input (no decoder blocks, empty calibration, too long sequences, a pattern that
@@ -104,17 +113,27 @@ def prune_model(
         dev = torch.device(device)
     else:
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    check_allocation(allocation, plan)
     settings = _settings_record(plan, opts, true_sequential, seed)
+    if allocation != "uniform":
+        settings.update(allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
     report = PruneReport(method=method, settings=settings, processes=1 if dist_ctx is None else dist_ctx.world)
     needs_data = method != "magnitude"
     ids = None
-    if needs_data:
+    if needs_data or allocation != "uniform":
         if calibration is None:
-            raise ValueError(f"method {method!r} needs calibration data")
+            raise ValueError(f"method {method!r} (allocation {allocation!r}) needs calibration data")
         ids = prepare_calibration(model, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                   tokenizer=tokenizer)
         settings.update(nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]))
 
+    if allocation != "uniform":
+        if dist_ctx is not None or weight_source is not None:
+            raise ValueError(f"allocation={allocation!r} runs in one process on a model held in memory")
+        targets = allocate(model, plan, ids, dev, allocation=allocation, opts=opts, owl_m=owl_m,
+                           owl_lambda=owl_lambda, progress=progress)
+        apply_allocation(plan, targets)
+        settings["allocated"] = {f"{plan.prefix}.{b}.{n}": s for (b, n), s in sorted(targets.items())}
     run_id = fingerprint(settings, model, len(plan.layers), ids)
     local_ids = ids
     if dist_ctx is not None:

@@ -47,6 +47,7 @@ class PrunePlan:
     overrides: list[tuple[str, Setting]] = field(default_factory=list)
     include: list[str] | None = None
     exclude: list[str] | None = None
+    overridden: set[tuple[int, str]] = field(default_factory=set)  # (block, layer) set by layer_sparsity
 
     @property
     def blocks(self) -> list[int]:
@@ -80,6 +81,7 @@ def build_plan(model: nn.Module, *, method: str, sparsity, pattern, quant_bits, 
 
     items: dict[int, list[tuple[PrunableLayer, Setting]]] = {}
     used: set[tuple[str, str]] = set()  # (option, pattern) that matched at least one layer
+    overridden: set[tuple[int, str]] = set()
     example = None
     for b in chosen:
         block_items = []
@@ -93,7 +95,11 @@ def build_plan(model: nn.Module, *, method: str, sparsity, pattern, quant_bits, 
                 continue
             if exclude is not None and matches(exclude, full, t.name):
                 continue
-            s = next((s for p, s in overrides if matches([p], full, t.name)), default)
+            s = next((s for p, s in overrides if matches([p], full, t.name)), None)
+            if s is None:
+                s = default
+            else:
+                overridden.add((b, t.name))
             if s.pattern is not None:
                 m = parse_pattern(s.pattern)[1]
                 if t.in_features % m:
@@ -115,4 +121,4 @@ def build_plan(model: nn.Module, *, method: str, sparsity, pattern, quant_bits, 
                 raise ValueError(f"{option} pattern {p!r} matches no layer of the selected blocks{hint}")
     if not items:
         raise ValueError("no layer matches the include/exclude/blocks selection: nothing to prune")
-    return PrunePlan(method, prefix, layers, items, default, overrides, include, exclude)
+    return PrunePlan(method, prefix, layers, items, default, overrides, include, exclude, overridden)

@@ -1,0 +1,177 @@
+"""Non-uniform sparsity: how a global budget S is spread over the layers before :func:`prune_model` prunes them.
+
+* ``"uniform"``: every layer gets S (SparseGPT as published; the default).
+* ``"owl"``: Outlier Weighed Layerwise sparsity (Yin et al., ICML 2024). For each decoder block, the share of its
+  weights whose Wanda score |W_ij|·||X_j|| exceeds ``owl_m`` times the block's mean score (its layerwise outlier
+  distribution, LOD) is measured on the dense model; blocks with more outliers are pruned less: the LODs are mapped
+  linearly onto a span of 2λ (λ = ``owl_lambda``), the most outlier-rich block lowest, then shifted together so that
+  their parameter-weighted mean is S (the paper's mean-centred [S - λ, S + λ]).
+* ``"error"``: each layer's OBS loss, measured with the real solver (on a copy) at five sparsities S - 0.1 .. S + 0.1
+  and divided by the layer's output energy ½·Σ_rows w H wᵀ (so the loss is a relative output error), gives a convex
+  cost curve per layer; the sparsities that minimise the summed cost under the budget are found by a Lagrangian
+  search (each layer independently minimises cost(s) - μ·params·s; μ is bisected until the budget is met). This uses
+  what only a fast solver can afford: five extra solves per layer.
+
+Both measure on the dense model in one extra pass over the calibration data, block by block (the statistics of block
+b come from the dense outputs of block b - 1), before the pruning pass. In every mode the parameter-weighted sparsity
+over the allocated layers is exactly S up to the per-block rounding of the selection (well within 0.1%), every
+layer's sparsity lies in [0, 0.99], and ``layer_sparsity`` overrides are kept (and left out of the budget).
+Allocations distribute an unstructured sparsity; N:M patterns fix the sparsity of their layers and are refused here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..api import prune_layer
+from ..settings import Setting
+from .blocks import call_block, capture_block_inputs, map_tensors
+from .hessians import HessianCollector
+
+ALLOCATIONS = ("uniform", "owl", "error")
+OWL_M = 5.0
+OWL_LAMBDA = 0.08
+ERROR_OFFSETS = (-0.1, -0.05, 0.0, 0.05, 0.1)
+MAX_SPARSITY = 0.99
+
+
+def _bounded(s: float) -> float:
+    return min(MAX_SPARSITY, max(0.0, s))
+
+
+def _meet_budget(targets: dict, params: dict, S: float, lo: dict | None = None, hi: dict | None = None) -> dict:
+    """Shift the targets equally (within their bounds) until their parameter-weighted mean is S."""
+    lo = lo or {k: 0.0 for k in targets}
+    hi = hi or {k: MAX_SPARSITY for k in targets}
+    total = sum(params.values())
+    out = dict(targets)
+    for _ in range(50):
+        gap = S - sum(out[k] * params[k] for k in out) / total
+        if abs(gap) < 1e-9:
+            break
+        free = [k for k in out if (gap > 0 and out[k] < hi[k]) or (gap < 0 and out[k] > lo[k])]
+        if not free:
+            raise ValueError(f"sparsity {S} cannot be met within the per-layer bounds")
+        share = gap * total / sum(params[k] for k in free)
+        for k in free:
+            out[k] = min(hi[k], max(lo[k], out[k] + share))
+    return out
+
+
+def owl_targets(lod: dict[int, float], block_params: dict[int, int], S: float, lam: float) -> dict[int, float]:
+    """Per-block sparsities from the blocks' outlier ratios (linear map onto [S - λ, S + λ], then the exact budget)."""
+    lo_v, hi_v = min(lod.values()), max(lod.values())
+    if hi_v - lo_v <= 0:
+        return {b: S for b in lod}
+    raw = {b: S + lam - 2 * lam * (lod[b] - lo_v) / (hi_v - lo_v) for b in lod}  # most outliers: S - λ
+    return _meet_budget({b: _bounded(s) for b, s in raw.items()}, block_params, S)
+
+
+def error_targets(curves: dict, params: dict, S: float) -> dict:
+    """Per-layer sparsities minimising Σ cost_l(s_l) under Σ p_l s_l = S Σ p_l; ``curves[k]`` = (sparsities, costs)."""
+    grid = {}
+    for k, (xs, ys) in curves.items():
+        fine = torch.linspace(xs[0], xs[-1], 81, dtype=torch.float64)
+        grid[k] = (fine, torch.from_numpy(np.interp(fine.numpy(), xs, ys)))
+
+    def choose(mu: float) -> dict:
+        return {k: float(f[torch.argmin(c - mu * params[k] * f)]) for k, (f, c) in grid.items()}
+
+    def mean(sol: dict) -> float:
+        return sum(sol[k] * params[k] for k in sol) / sum(params.values())
+
+    lo, hi = 0.0, 1.0
+    while mean(choose(hi)) < S and hi < 1e12:
+        hi *= 4
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(choose(mid)) < S else (lo, mid)
+    sol = choose(hi)
+    bounds_lo = {k: float(grid[k][0][0]) for k in grid}
+    bounds_hi = {k: float(grid[k][0][-1]) for k in grid}
+    return _meet_budget(sol, params, S, bounds_lo, bounds_hi)
+
+
+def _layer_cost_curve(W: torch.Tensor, H: torch.Tensor, S: float, opts) -> tuple[list[float], list[float]]:
+    """(sparsities, OBS loss / output energy) of pruning a copy of ``W`` with the real solver."""
+    energy = 0.5 * float((W.double() @ H.double() * W.double()).sum())
+    xs, ys = [], []
+    for off in ERROR_OFFSETS:
+        s = _bounded(S + off)
+        if xs and s <= xs[-1]:
+            continue
+        res = prune_layer(W.detach().clone(), H, sparsity=s, block_size=opts.block_size, damp=opts.damp,
+                          backend=opts.backend)
+        xs.append(s)
+        ys.append(res.loss / max(energy, 1e-30))
+    return xs, ys
+
+
+@torch.no_grad()
+def allocate(model: nn.Module, plan, ids: torch.Tensor, device: torch.device, *, allocation: str, opts,
+             owl_m: float = OWL_M, owl_lambda: float = OWL_LAMBDA, progress: bool = False) -> dict:
+    """Per-layer sparsities ``{(block, layer name): s}`` for the plan's allocated layers (see the module docstring)."""
+    from .prune_block import progress_bar
+
+    S = plan.default.sparsity
+    keys = [(b, t.name) for b in plan.blocks for t, _ in plan.items[b] if (b, t.name) not in plan.overridden]
+    if not keys:
+        return {}
+    layers_of = {(b, t.name): t for b in plan.blocks for t, _ in plan.items[b]}
+    params = {k: layers_of[k].shape[0] * layers_of[k].shape[1] for k in keys}
+    inputs = capture_block_inputs(model, plan.layers, ids)
+    acts = inputs.hidden
+    lod: dict[int, float] = {}
+    curves: dict = {}
+    for b in progress_bar(range(plan.last + 1), desc=f"{allocation} statistics", total=plan.last + 1,
+                          enabled=progress):
+        block = plan.layers[b]
+        home = next(block.parameters()).device
+        block.to(device)
+        kw = map_tensors(inputs.kwargs[b], lambda t: t.to(device))
+        mine = [layers_of[k] for k in keys if k[0] == b]
+        if mine:
+            with HessianCollector(mine, device) as col:
+                for a in acts:
+                    call_block(block, a.to(device), kw)
+                    col.end_pass()
+            if allocation == "owl":
+                scores = [(t.weight().abs().float() * col.acc[t.name].hessian.diagonal().clamp(min=0).sqrt()[None, :])
+                          .flatten() for t in mine]
+                flat = torch.cat(scores)
+                lod[b] = float((flat > owl_m * flat.mean()).float().mean())
+            else:
+                for t in mine:
+                    curves[(b, t.name)] = _layer_cost_curve(t.weight(), col.acc[t.name].hessian.to(device), S, opts)
+            del col
+        if b < plan.last:
+            acts = [call_block(block, a.to(device), kw).to(a.device) for a in acts]
+        block.to(home)
+    if allocation == "owl":
+        block_params = {b: sum(p for k, p in params.items() if k[0] == b) for b in lod}
+        per_block = owl_targets(lod, block_params, S, owl_lambda)
+        return {k: per_block[k[0]] for k in keys}
+    return error_targets(curves, params, S)
+
+
+def apply(plan, targets: dict) -> None:
+    """Replace the plan's settings with the allocated sparsities."""
+    for b in plan.blocks:
+        plan.items[b] = [(t, Setting(targets[(b, t.name)]) if (b, t.name) in targets else s)
+                         for t, s in plan.items[b]]
+
+
+def check_allocation(allocation: str, plan) -> None:
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if allocation == "uniform":
+        return
+    if plan.default.pattern is not None:
+        raise ValueError(f"allocation={allocation!r} spreads an unstructured sparsity over the layers; the N:M pattern "
+                         f"{plan.default.pattern!r} fixes every layer's sparsity (use allocation='uniform')")
+    if not math.isfinite(plan.default.sparsity):
+        raise ValueError("the sparsity must be finite")

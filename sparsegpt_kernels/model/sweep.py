@@ -1,0 +1,135 @@
+"""Sparsity sweeps: held-out perplexity over a grid of sparsities x methods x allocations, as a table, a CSV and a
+plot (perplexity against sparsity, log scale, one line per method and allocation, dense as a horizontal line).
+
+Every cell prunes a fresh copy of the model with the same calibration and evaluation windows. Finished cells are
+kept in ``<output>/sweep.csv``: a rerun with the same output directory skips them.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .allocation import ALLOCATIONS
+from .evaluate import perplexity
+from .pipeline import METHODS, prune_model
+
+FIELDS = ["method", "allocation", "sparsity", "perplexity", "achieved", "prune_seconds", "eval_seconds"]
+
+
+def _read(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _key(method: str, allocation: str, sparsity: float) -> tuple:
+    return method, allocation, f"{sparsity:.4f}"
+
+
+def sweep(model: nn.Module, calibration: torch.Tensor, eval_ids: torch.Tensor, out_dir: str, *,
+          sparsities: list[float], methods: list[str], allocations: list[str], device=None, progress: bool = False,
+          log: Callable[[str], None] | None = None, **prune_kwargs) -> list[dict]:
+    """Run the grid (dense first), appending each finished cell to ``<out_dir>/sweep.csv``; returns every row."""
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}: expected one of {', '.join(METHODS)}")
+    for a in allocations:
+        if a not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {a!r}: expected one of {', '.join(ALLOCATIONS)}")
+    for s in sparsities:
+        if not 0 <= s < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {s}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "sweep.csv")
+    rows = _read(path)
+    done = {_key(r["method"], r["allocation"], float(r["sparsity"])) for r in rows}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if log is not None:
+            log(f"{row['method']:>10} {row['allocation']:>8} {float(row['sparsity']):>5.2f}  ppl "
+                f"{float(row['perplexity']):10.3f}  achieved {float(row['achieved']):.4f}  prune "
+                f"{float(row['prune_seconds']):6.1f} s")
+
+    if _key("dense", "-", 0.0) not in done:
+        t0 = time.perf_counter()
+        ppl = perplexity(model, eval_ids, device=device, progress=progress)
+        emit({"method": "dense", "allocation": "-", "sparsity": f"{0.0:.4f}", "perplexity": f"{ppl:.6g}",
+              "achieved": "0", "prune_seconds": "0", "eval_seconds": f"{time.perf_counter() - t0:.1f}"})
+    for s in sparsities:
+        for m in methods:
+            for a in allocations:
+                if _key(m, a, s) in done:
+                    continue
+                work = copy.deepcopy(model)
+                rep = prune_model(work, calibration, method=m, sparsity=s, allocation=a, device=device,
+                                  progress=progress, **prune_kwargs)
+                t0 = time.perf_counter()
+                ppl = perplexity(work, eval_ids, device=device, progress=progress)
+                emit({"method": m, "allocation": a, "sparsity": f"{s:.4f}", "perplexity": f"{ppl:.6g}",
+                      "achieved": f"{rep.mask_sparsity:.6f}", "prune_seconds": f"{rep.seconds:.1f}",
+                      "eval_seconds": f"{time.perf_counter() - t0:.1f}"})
+                del work
+    return rows
+
+
+def format_table(rows: list[dict], markdown: bool = True) -> str:
+    """Perplexity, one row per method/allocation, one column per sparsity."""
+    sparsities = sorted({float(r["sparsity"]) for r in rows if r["method"] != "dense"})
+    dense = next((float(r["perplexity"]) for r in rows if r["method"] == "dense"), None)
+    lines = ["| method | allocation | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+             "|---|---|" + "---|" * len(sparsities)]
+    for m, a in dict.fromkeys((r["method"], r["allocation"]) for r in rows if r["method"] != "dense"):
+        cells = []
+        for s in sparsities:
+            r = next((r for r in rows if (r["method"], r["allocation"]) == (m, a) and float(r["sparsity"]) == s),
+                     None)
+            cells.append("-" if r is None else f"{float(r['perplexity']):.2f}")
+        lines.append(f"| {m} | {a} | " + " | ".join(cells) + " |")
+    if dense is not None:
+        lines.append(f"\ndense: {dense:.2f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> None:
+    """Perplexity against sparsity (log scale), one line per method and allocation, dense as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    styles = {"uniform": "-", "owl": "--", "error": ":"}
+    for m, a in dict.fromkeys((r["method"], r["allocation"]) for r in rows if r["method"] != "dense"):
+        pts = sorted((float(r["sparsity"]), float(r["perplexity"])) for r in rows
+                     if (r["method"], r["allocation"]) == (m, a) and math.isfinite(float(r["perplexity"])))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", linestyle=styles.get(a, "-"), label=f"{m} ({a})")
+    dense = next((float(r["perplexity"]) for r in rows if r["method"] == "dense"), None)
+    if dense is not None:
+        ax.axhline(dense, color="black", linewidth=1, label=f"dense ({dense:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("held-out perplexity")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
