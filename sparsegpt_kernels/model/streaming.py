@@ -166,7 +166,7 @@ class StreamedWeights:
 
     def copy_block(self, b: int) -> None:
         """A block nothing happens to: copied from the source to the output without keeping it."""
-        if not self.done(b):
+        if self.writer and not self.done(b):
             tensors = self.source.load(self.map[n] for n in self.block_names[b])
             self._write(b, {n: tensors[self.map[n]].to(self.dtype) for n in self.block_names[b]})
 
