@@ -387,10 +387,14 @@ def cmd_sweep(args) -> int:
     table = format_table(rows)
     with open(os.path.join(args.output, "sweep.md"), "w") as f:
         f.write(f"# Sparsity sweep\n\n{title}\n\n{table}\n")
-    plot(rows, os.path.join(args.output, "sweep.png"), title)
+    written = "sweep.csv, sweep.md and sweep.png"
+    try:
+        plot(rows, os.path.join(args.output, "sweep.png"), title)
+    except ImportError:
+        written = "sweep.csv and sweep.md (no plot: matplotlib is not installed; pip install 'sparsegpt_kernels[plot]')"
     print(f"held-out perplexity of {args.model} ({texts.describe()}):")
     print(table)
-    print(f"wrote {args.output}/sweep.csv, sweep.md and sweep.png; total time: {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.output}/{written}; total time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 
