@@ -117,36 +117,43 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 # Column sweep
 # --------------------------------------------------------------------------------------------------------------------
 def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
-    """Blocked column sweep with lazy batch updates; prunes (and quantizes) ``W`` in place, returns the OBS loss."""
+    """Blocked column sweep with lazy batch updates; prunes (and quantizes) ``W`` in place, returns the OBS loss.
+
+    Each block is worked on transposed, (B, rows), so that column j of the block is the contiguous row ``Wt[j]``
+    and every per-column step is a few whole-vector operations (the arithmetic of each weight is the same either
+    way: the rank-1 update is one multiply and one subtract per weight).
+    """
     rows, cols = W.shape
     B = spec.block_size
     quant = spec.quant
     loss = torch.zeros((), dtype=W.dtype, device=W.device)
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
-        W1 = W[:, i1:i2].clone()
+        Wt = W[:, i1:i2].T.contiguous()  # (B, rows): Wt[j] is column i1 + j
         U1 = U[i1:i2, i1:i2]
         d = U1.diagonal()
-        E = torch.empty_like(W1)
+        E = torch.empty_like(Wt)  # E[j] = err of column i1 + j
         if spec.m is None:
-            pruned = unstructured_prune_mask(W1**2 / d**2, n_pruned(spec.sparsity, W1.numel()))
+            # the block's scores in (rows, B) order: ties are pruned in row-major order of the block
+            scores = W[:, i1:i2] ** 2 / d**2
+            pruned = unstructured_prune_mask(scores, n_pruned(spec.sparsity, scores.numel())).T.contiguous()
         else:
-            pruned = torch.zeros_like(W1, dtype=torch.bool)
+            pruned = torch.empty_like(Wt, dtype=torch.bool)
+        d_list = d.tolist()  # python floats equal to the float32/64 entries: dividing by them rounds the same
         for j in range(i2 - i1):
             if spec.m is not None and j % spec.m == 0:
                 grp = slice(j, j + spec.m)
-                pruned[:, grp] = ~nm_keep_mask(W1[:, grp] ** 2 / d[grp] ** 2, spec.n, spec.m)
-            w = W1[:, j]
-            q = torch.where(pruned[:, j], torch.zeros_like(w), w)
+                pruned[grp] = ~nm_keep_mask((Wt[grp] ** 2 / d[grp, None] ** 2).T, spec.n, spec.m).T
+            w = Wt[j]
+            q = w.masked_fill(pruned[j], 0)
             if quant is not None:
                 g = (i1 + j) // quant.group_size
                 q = quantize(q, quant.scale[:, g], quant.zero[:, g], quant.maxq)
-            err = (w - q) / d[j]
-            loss += (err**2).sum() / 2
-            W1[:, j] = q
-            W1[:, j + 1 :] -= err[:, None] * U1[j, j + 1 :][None, :]
-            E[:, j] = err
-        W[:, i1:i2] = W1
+            err = torch.sub(w, q, out=E[j]).div_(d_list[j])  # (w - q) / d
+            w.copy_(q)
+            Wt[j + 1 :].sub_(U1[j, j + 1 :, None] * err[None, :])  # w_k -= err * U_jk for the block's later columns
+        loss += (E**2).sum() / 2
+        W[:, i1:i2] = Wt.T
         if i2 < cols:
-            W[:, i2:] -= E @ U[i1:i2, i2:]
+            W[:, i2:].sub_(E.T @ U[i1:i2, i2:])
     return float(loss)

@@ -291,6 +291,26 @@ def test_factor_failure_matches_reference(op):
     assert getattr(_cpp, op)(H, 100.0) is not None
 
 
+@pytest.mark.parametrize("where", [0, 290, 599])
+def test_cholesky_factor_failure_in_any_block(where):
+    # the factorisation is blocked from the bottom-right corner (256 columns at a time): a pair of columns that makes
+    # H indefinite fails it whichever block it lands in, and enough damping repairs it, as for the reference
+    X = correlated_inputs(1200, 600, seed=3, dtype=torch.float64)
+    H = hessian_of(X).float()
+    other = (where + 1) % 600
+    big = 5 * float(H[where, where] * H[other, other]) ** 0.5  # the 2x2 minor is negative
+    H[where, other] = H[other, where] = big
+    assert reference.inverse_factor(H, 1e-3) is None
+    _, info = ops().ext_cholesky_factor(H, 1e-3)
+    assert int(info) != 0
+    from sparsegpt_kernels.backends import _cpp
+
+    assert _cpp.cholesky_factor(H, 1e-3) is None
+    assert reference.inverse_factor(H, 100.0) is not None
+    R = _cpp.cholesky_factor(H, 100.0)
+    assert R is not None and torch.equal(R, R.triu())
+
+
 @pytest.mark.parametrize("cols", [1, 64, 300, 700])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cholesky_factor_against_reference(cols, dtype):

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -99,6 +100,31 @@ struct SweepParams {
   int64_t ldq = 0;
   int64_t group_size = 0;
   int64_t maxq = 0;
+  // where the time went (seconds added per phase, see Phase), or nullptr
+  double* phase_seconds = nullptr;
+};
+
+// The phases of the sweep, for SweepParams::phase_seconds: kBlockStart: the block's weights at its start and its
+// (B, B) factor block (kCholesky: the triangular inverse of R's block and the (rows, B) x (B, B) GEMM); kSelect: the
+// unstructured scores and threshold; kTiles: the in-block steps (N:M selection, pruning, quantization, updates);
+// kLazy: the lazy batch update GEMM of everything right of the block.
+enum Phase { kBlockStart = 0, kSelect = 1, kTiles = 2, kLazy = 3, kNumPhases = 4 };
+
+// Adds the seconds since the last call to one phase of `sink` (a no-op without a sink).
+class PhaseClock {
+ public:
+  explicit PhaseClock(double* sink) : sink_(sink), last_(sink ? std::chrono::steady_clock::now() : Clock::time_point()) {}
+  void lap(Phase phase) {
+    if (sink_ == nullptr) return;
+    const auto now = Clock::now();
+    sink_[phase] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  double* sink_;
+  Clock::time_point last_;
 };
 
 // Validates a parameter set; throws std::invalid_argument naming the problem.
@@ -442,6 +468,7 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
   // when they are scored); otherwise one column at a time
   const int64_t chunk = !nm || kChunk<T> % p.m == 0 || p.m % kChunk<T> == 0 ? kChunk<T> : 1;
   double loss = 0.0;
+  PhaseClock clock(p.phase_seconds);
   for (int64_t i1 = 0; i1 < p.cols; i1 += Bmax) {
     const int64_t i2 = std::min(i1 + Bmax, p.cols);
     const int64_t B = i2 - i1;
@@ -468,6 +495,7 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
       v.Ub = p.G + i1 * p.ldg + i1;
       v.ldub = p.ldg;
     }
+    clock.lap(kBlockStart);
     if (!nm) {
       // step 1: one threshold over the whole (rows, B) block, scores from the current weights
       parallel(p.rows, kScoreGrainRows, [&](int64_t b, int64_t e) {
@@ -481,6 +509,7 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
         }
       });
       select_block(scores.data(), p.rows, B, n_pruned(p.sparsity, p.rows * B), maskT.data(), ldp, parallel);
+      clock.lap(kSelect);
     }
     // step 2: tiles of rows through the whole block
     const int64_t tile_grain = std::max<int64_t>(1, kSweepGrainElems / (kLanes * B * B / 2 + 1));
@@ -493,6 +522,7 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
       }
     });
     for (double x : partial) loss += x;
+    clock.lap(kTiles);
     // step 3: lazy batch update of everything to the right
     if (i2 < p.cols) {
       const T* Gr = p.G + i1 * p.ldg + i2;  // G[blk, i2:]
@@ -504,6 +534,7 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
              1);  // W[:, i2:] += (-E) @ U[blk, i2:]
       }
     }
+    clock.lap(kLazy);
   }
   return loss / 2;
 }
