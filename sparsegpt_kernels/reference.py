@@ -76,16 +76,20 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
     The ``m - n`` lowest scores of each group are pruned; among equal scores the earlier column is pruned first.
     ``scores.shape[-1]`` must be a multiple of ``m``.
+
+    Each entry's rank in its group is counted directly, rank(i) = #{j : s_j < s_i, or s_j == s_i and j < i} (its
+    position in a stable ascending sort), and the ``m - n`` lowest ranks are pruned: m² comparisons per group, which
+    for the small M of N:M patterns is far cheaper than a sort.
     """
     if not 0 < n < m:
         raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
     if scores.shape[-1] % m:
         raise ValueError(f"last dimension {scores.shape[-1]} is not a multiple of M={m}")
     g = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
-    order = torch.argsort(g, dim=-1, stable=True)  # ascending; ties keep positional order
-    keep = torch.ones_like(g, dtype=torch.bool)
-    keep.scatter_(-1, order[..., : m - n], False)
-    return keep.reshape(scores.shape)
+    si, sj = g[..., :, None], g[..., None, :]  # [..., i, j]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=scores.device).tril_(-1)  # j < i
+    rank = ((sj < si) | ((sj == si) & earlier)).sum(-1)
+    return (rank >= m - n).reshape(scores.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -402,6 +402,40 @@ def test_sweep_cholesky_against_reference(spec_kw, quant, dtype, rows):
     torch.testing.assert_close(Wc, Wr, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("block_size", [128, 96, 200])
+@pytest.mark.parametrize("kw", [{"sparsity": 0.5, "n": None, "m": None}, {"sparsity": 0.5, "n": 2, "m": 4}],
+                         ids=["50%", "2:4"])
+def test_sweep_cholesky_groups_of_blocks(block_size, kw):
+    """Wider than the column groups whose lazy updates the Cholesky sweep defers to the group's end (kLazyWidth = 512
+    columns): several groups, a partial last group and (B = 96) a partial last block, against the reference."""
+    X, W, H = _problem(37, 1200, dtype=torch.float64, seed=5)
+    from sparsegpt_kernels.backends import _cpp
+
+    R = _cpp.cholesky_factor(H, 0.01)
+    U = reference.inverse_factor(H, 0.01)
+    spec = SweepSpec(block_size=block_size, **kw)
+    Wc, Wr = W.clone(), W.clone()
+    lc = _cpp.sweep_cholesky(Wc, R, spec)
+    lr = reference.sweep(Wr, U, spec)
+    assert torch.equal(Wc == 0, Wr == 0)
+    assert lc == pytest.approx(lr, rel=1e-9)
+    torch.testing.assert_close(Wc, Wr, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kw", [{"sparsity": 0.5}, {"pattern": "2:4"}, {"sparsity": 0.6, "quant_bits": 4}])
+def test_wide_simd_tiles_give_the_same_bits(monkeypatch, kw):
+    """The in-block steps' AVX2 copy (used where the CPU has AVX2) and the baseline build's agree bit for bit."""
+    X, W, H = _problem(45, 300, seed=2)
+    out = {}
+    for simd in ("auto", "baseline"):
+        monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", simd)
+        Wc = W.clone()
+        out[simd] = (sk.prune_layer(Wc, H, block_size=64, backend="cpp", **kw).loss, Wc)
+    monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", "baseline")
+    assert not ops().ext_cpu_wide_simd()
+    assert out["auto"][0] == out["baseline"][0] and torch.equal(out["auto"][1], out["baseline"][1])
+
+
 def test_sweep_cholesky_tracks_float64_like_the_reference():
     """On a rank-deficient Hessian (condition number ~2e4 after damping) float32 results stay as close to the
     float64 result as the float32 reference's do."""

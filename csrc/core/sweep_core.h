@@ -102,6 +102,9 @@ struct SweepParams {
   int64_t maxq = 0;
   // where the time went (seconds added per phase, see Phase), or nullptr
   double* phase_seconds = nullptr;
+  // run the in-block steps with the widest vector instructions the CPU has (false: the baseline build's), see
+  // sweep_tile_dispatch; the results are the same bit for bit
+  bool wide_simd = true;
 };
 
 // The phases of the sweep, for SweepParams::phase_seconds: kBlockStart: the block's weights at its start and its
@@ -175,6 +178,7 @@ constexpr int64_t kLanes = 8;
 // Threads only pay off for enough work per chunk: a thread synchronisation costs far more than a small tile.
 constexpr int64_t kScoreGrainRows = 512;
 constexpr int64_t kSweepGrainElems = int64_t{1} << 21;  // ~ rows * B * B / 2 multiply-adds per chunk
+constexpr int64_t kLazyWidth = 512;  // columns whose lazy update goes out as one GEMM (kCholesky)
 
 // kLanes values as one SIMD value. With GCC/Clang vector extensions the compiler maps it onto the target's vector
 // registers (two SSE registers for float on baseline x86-64); elsewhere a plain loop the compiler may vectorise.
@@ -363,6 +367,49 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
   return total;
 }
 
+// The in-block steps compiled for AVX2 as well, chosen at run time. The extension is built for the baseline of its
+// target (SSE2 on x86-64), where a kLanes-float LaneVec is two 128-bit registers; the AVX2 copy (sweep_tile inlined
+// into a function built for AVX2, `flatten`) holds it in one 256-bit register. No FMA is enabled: every multiply
+// and add is still rounded on its own, so both copies give the same bits.
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define SGK_HAVE_AVX2_TILES 1
+template <typename T, Factor F, bool nm, bool quant>
+__attribute__((target("avx2"), flatten)) double sweep_tile_avx2(const SweepParams<T>& p, const BlockView<T>& v,
+                                                                int64_t r0, int64_t tr, const uint8_t* maskT,
+                                                                int64_t ldm, T* PT, int64_t ldp, TileScratch<T>& s,
+                                                                int64_t chunk) {
+  return sweep_tile<T, F, nm, quant>(p, v, r0, tr, maskT, ldm, PT, ldp, s, chunk);
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+// Whether sweep_tile_dispatch runs the AVX2 copy for these parameters.
+template <typename T>
+inline bool uses_avx2_tiles(const SweepParams<T>& p) {
+#ifdef SGK_HAVE_AVX2_TILES
+  return p.wide_simd && cpu_has_avx2();
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+template <typename T, Factor F, bool nm, bool quant>
+inline double sweep_tile_dispatch(bool avx2, const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr,
+                                  const uint8_t* maskT, int64_t ldm, T* PT, int64_t ldp, TileScratch<T>& s,
+                                  int64_t chunk) {
+#ifdef SGK_HAVE_AVX2_TILES
+  if (avx2) return sweep_tile_avx2<T, F, nm, quant>(p, v, r0, tr, maskT, ldm, PT, ldp, s, chunk);
+#else
+  (void)avx2;
+#endif
+  return sweep_tile<T, F, nm, quant>(p, v, r0, tr, maskT, ldm, PT, ldp, s, chunk);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Exact unstructured selection over a whole block, in parallel: the k lowest of the (rows, B) row-major scores
 // (non-negative), ties in row-major order (the first ones in index order are pruned). A radix select on the scores' bit patterns (for
@@ -458,7 +505,11 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
   const int64_t Bmax = std::min(p.block_size, p.cols);
   const int64_t ntiles = (p.rows + kLanes - 1) / kLanes;
   const int64_t ldp = ntiles * kLanes;  // rows rounded up to whole tiles: padding lanes write there
-  std::vector<T> PT(static_cast<size_t>(Bmax * ldp));
+  // kCholesky defers the lazy update of the columns right of a group of blocks ("superblock", kLazyWidth columns) to
+  // the group's end: one GEMM with K = kLazyWidth instead of kLazyWidth / B GEMMs with K = B (BLAS runs K = 512 at
+  // about 1.3x the rate of K = 128 on 2 cores); inside the group each block still updates the group's later columns.
+  const int64_t group = chol ? std::max<int64_t>(1, kLazyWidth / Bmax) : 1;
+  std::vector<T> PT(static_cast<size_t>(group * Bmax * ldp));  // the group's (W0 - Q) or -E, transposed
   std::vector<uint8_t> maskT(nm ? 0 : static_cast<size_t>(Bmax * ldp));  // padding stays 0
   std::vector<T> scores(nm ? 0 : static_cast<size_t>(p.rows * Bmax));
   std::vector<T> S(chol ? static_cast<size_t>(p.rows * Bmax) : 0);  // kCholesky: weights at the block start
@@ -468,10 +519,13 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
   // when they are scored); otherwise one column at a time
   const int64_t chunk = !nm || kChunk<T> % p.m == 0 || p.m % kChunk<T> == 0 ? kChunk<T> : 1;
   double loss = 0.0;
+  const bool avx2 = uses_avx2_tiles(p);
   PhaseClock clock(p.phase_seconds);
   for (int64_t i1 = 0; i1 < p.cols; i1 += Bmax) {
     const int64_t i2 = std::min(i1 + Bmax, p.cols);
     const int64_t B = i2 - i1;
+    const int64_t s0 = i1 / (group * Bmax) * (group * Bmax), s1 = std::min(s0 + group * Bmax, p.cols);
+    T* PTb = PT.data() + (i1 - s0) * ldp;  // this block's rows of PT
     BlockView<T> v;
     v.i1 = i1;
     v.i2 = i2;
@@ -517,8 +571,8 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
       TileScratch<T> scratch(B, nm ? p.m : 0, chol);
       for (int64_t t = b; t < e; ++t) {
         const int64_t r0 = t * kLanes;
-        partial[t] = sweep_tile<T, F, nm, quant>(p, v, r0, std::min(kLanes, p.rows - r0), maskT.data(), ldp,
-                                                 PT.data(), ldp, scratch, chunk);
+        partial[t] = sweep_tile_dispatch<T, F, nm, quant>(avx2, p, v, r0, std::min(kLanes, p.rows - r0),
+                                                          maskT.data(), ldp, PTb, ldp, scratch, chunk);
       }
     });
     for (double x : partial) loss += x;
@@ -527,8 +581,14 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
     if (i2 < p.cols) {
       const T* Gr = p.G + i1 * p.ldg + i2;  // G[blk, i2:]
       if constexpr (chol) {
-        gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldp, true, Gr, p.ldg, p.A + i2, p.lda,
-             i1 == 0 ? 0 : 1);  // A[:, i2:] (+)= (W0 - Q)_blk @ R[blk, i2:]
+        // A[:, c] was written before iff an earlier group or an earlier block of this group updated it
+        if (i2 < s1) {  // A[:, i2:s1] (+)= (W0 - Q)_blk @ R[blk, i2:s1]
+          gemm(p.rows, s1 - i2, B, static_cast<const T*>(PTb), ldp, true, Gr, p.ldg, p.A + i2, p.lda,
+               s0 > 0 || i1 > s0 ? 1 : 0);
+        } else {  // the group's end: A[:, s1:] (+)= (W0 - Q)_group @ R[group, s1:]
+          gemm(p.rows, p.cols - s1, s1 - s0, static_cast<const T*>(PT.data()), ldp, true,
+               p.G + s0 * p.ldg + s1, p.ldg, p.A + s1, p.lda, s0 > 0 ? 1 : 0);
+        }
       } else {
         gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldp, true, Gr, p.ldg, p.W + i2, p.ldw,
              1);  // W[:, i2:] += (-E) @ U[blk, i2:]

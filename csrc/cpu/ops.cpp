@@ -11,8 +11,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -139,6 +141,13 @@ std::vector<double> last_sweep_phases() {
   return {g_last_phases.begin(), g_last_phases.end()};
 }
 
+bool cpu_wide_simd() {
+  const char* simd = std::getenv("SPARSEGPT_KERNELS_CPU_SIMD");
+  sgk::SweepParams<float> p;
+  p.wide_simd = simd == nullptr || std::string(simd) != "baseline";
+  return sgk::uses_avx2_tiles(p);
+}
+
 // The sweep on either factor (see sgk::Factor). kCholesky keeps its lazy updates in a scratch buffer of W's shape.
 at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double sparsity, int64_t n, int64_t m,
                           int64_t block_size, const std::optional<at::Tensor>& scale,
@@ -154,6 +163,10 @@ at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double spars
   const at::Tensor A = chol && cols > block_size ? at::empty({rows, cols}, W.options()) : at::Tensor();
   double loss = 0.0;
   std::array<double, sgk::kNumPhases> phases{};
+  // SPARSEGPT_KERNELS_CPU_SIMD=baseline: the in-block steps without AVX2 even where the CPU has it (for tests and
+  // comparisons; the results are the same)
+  const char* simd = std::getenv("SPARSEGPT_KERNELS_CPU_SIMD");
+  const bool wide_simd = simd == nullptr || std::string(simd) != "baseline";
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "ext_sweep", [&] {
     sgk::SweepParams<scalar_t> p;
     p.rows = rows;
@@ -172,6 +185,7 @@ at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double spars
     p.m = m;
     p.block_size = block_size;
     p.phase_seconds = phases.data();
+    p.wide_simd = wide_simd;
     if (sc.defined()) {
       p.scale = sc.const_data_ptr<scalar_t>();
       p.zero = zc.const_data_ptr<scalar_t>();
@@ -254,6 +268,8 @@ TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
   // seconds per phase of the last CPU sweep in this process: block start, unstructured selection, in-block steps,
   // lazy update (csrc/core/sweep_core.h, sgk::Phase); for benchmarks
   m.def("ext_last_sweep_phases() -> float[]", &last_sweep_phases);
+  // whether the CPU sweep's in-block steps run the AVX2 copy here (see SPARSEGPT_KERNELS_CPU_SIMD)
+  m.def("ext_cpu_wide_simd() -> bool", &cpu_wide_simd);
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
