@@ -221,6 +221,65 @@ inline void lane_update(T* work, const T* const* g, const T* p, int64_t k0, int6
 }
 #endif
 
+// One column of a tile without quantization, for kLanes rows: q = pruned ? 0 : w, err = (w - q) / d, loss += err²
+// (in double), and the results: pc = -err, the column becomes q, pt = W0 - q (kCholesky) or -err. Whole-vector
+// loads and stores (the next lane_update reads pc as one vector: scalar stores there would stall store-to-load
+// forwarding), the same roundings as one lane at a time.
+#if defined(__GNUC__) || defined(__clang__)
+template <typename T>
+struct LaneMask;
+template <>
+struct LaneMask<float> {
+  typedef int32_t type __attribute__((vector_size(sizeof(float) * kLanes)));
+};
+template <>
+struct LaneMask<double> {
+  typedef int64_t type __attribute__((vector_size(sizeof(double) * kLanes)));
+};
+typedef double LaneDouble __attribute__((vector_size(sizeof(double) * kLanes)));
+
+template <typename T, bool chol>
+inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt, double* loss) {
+  using V = typename LaneVec<T>::type;
+  using M = typename LaneMask<T>::type;
+  V w, o = {};
+  std::memcpy(&w, wj, sizeof(V));
+  M pruned;
+  for (int64_t t = 0; t < kLanes; ++t) pruned[t] = pr[t] ? -1 : 0;
+  const V zero = {};
+  const V q = pruned ? zero : w;
+  const V err = (w - q) / d;
+  const LaneDouble e = __builtin_convertvector(err, LaneDouble);
+  LaneDouble acc;
+  std::memcpy(&acc, loss, sizeof(acc));
+  acc += e * e;
+  std::memcpy(loss, &acc, sizeof(acc));
+  const V neg = -err;
+  std::memcpy(pc, &neg, sizeof(V));
+  std::memcpy(wj, &q, sizeof(V));
+  if (chol) {
+    std::memcpy(&o, oj, sizeof(V));
+    const V diff = o - q;
+    std::memcpy(pt, &diff, sizeof(V));
+  } else {
+    std::memcpy(pt, &neg, sizeof(V));
+  }
+}
+#else
+template <typename T, bool chol>
+inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt, double* loss) {
+  for (int64_t t = 0; t < kLanes; ++t) {
+    const T w = wj[t];
+    const T q = pr[t] ? T(0) : w;
+    const T err = (w - q) / d;
+    loss[t] += static_cast<double>(err) * static_cast<double>(err);
+    pc[t] = -err;
+    wj[t] = q;
+    pt[t] = chol ? oj[t] - q : -err;
+  }
+}
+#endif
+
 // Columns decided before their updates reach the rest of the block together (a rank-kChunk update reads and writes
 // each weight once instead of kChunk times). float: 4 (8 accumulator halves + 8 broadcasts fit 16 SSE registers).
 template <typename T>
@@ -339,15 +398,18 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
       const T* oj = w0 + j * kLanes;
       T* pt = PT + j * ldp + r0;
       T* pc = pv + c * kLanes;
-      for (int64_t t = 0; t < kLanes; ++t) {
-        const T w = wj[t];
-        T q = pr[t] ? T(0) : w;
-        if (quant) q = quantize(q, qs[t], qz[t], maxq);
-        const T err = (w - q) / d;
-        loss[t] += static_cast<double>(err) * static_cast<double>(err);
-        pc[t] = -err;  // w_k += (-err) * U_jk  ==  w_k -= err * U_jk, bit for bit
-        wj[t] = q;
-        pt[t] = chol ? oj[t] - q : -err;
+      if (quant) {
+        for (int64_t t = 0; t < kLanes; ++t) {
+          const T w = wj[t];
+          const T q = quantize(pr[t] ? T(0) : w, qs[t], qz[t], maxq);
+          const T err = (w - q) / d;
+          loss[t] += static_cast<double>(err) * static_cast<double>(err);
+          pc[t] = -err;  // w_k += (-err) * U_jk  ==  w_k -= err * U_jk, bit for bit
+          wj[t] = q;
+          pt[t] = chol ? oj[t] - q : -err;
+        }
+      } else {
+        prune_lanes<T, chol>(wj, pr, d, oj, pc, pt, loss);
       }
       lane_update<T, 1>(work, &urows[c], pc, j + 1, j0 + cw);  // the chunk's later columns
     }
