@@ -1,9 +1,11 @@
-"""Time prune_layer per backend on real layer shapes, given a Hessian.
+"""Time prune_layer per backend on real layer shapes, given a Hessian, against the published SparseGPT loop.
 
 Prints a table and writes CSV (benchmarks/results/prune_layer_shapes_<device>.csv; the suite, run_all.py, writes its
-own prune_layer_<device>.csv at the sizes it picks). Every backend is compared with the
-torch reference in the same run (speedup) and with the compute floor: (⅓c³ + r·c²) FLOPs at the measured fp32 matmul
-rate of the device (or --peak-tflops).
+own prune_layer_<device>.csv at the sizes it picks). Every backend is compared in the same run with
+- the published loop (``published_loop.py``: the paper's algorithm as its reference code runs it; speedup_vs_published),
+- the torch reference of this package (speedup_vs_torch),
+- the compute floor: (⅓c³ + r·c²) FLOPs at the measured fp32 matmul rate of the device (or --peak-tflops),
+and its result with torch's: the OBS loss and the reconstruction error tr(ΔW H ΔWᵀ) (ratios; 1.0 = the same).
 
     python benchmarks/bench_prune_layer.py                 # all shapes, all backends available here
     python benchmarks/bench_prune_layer.py --quick         # tiny shapes (smoke run)
@@ -20,12 +22,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT_DIR, RESULTS_DIR, measured_matmul_tflops, meta, print_table, prune_flops, time_fn, write_csv  # noqa: E402
+from published_loop import published_prune_mode  # noqa: E402
 
 import sparsegpt_kernels as sk  # noqa: E402
 
 SHAPES = ["1024x1024", "2048x2048", "4096x4096", "4096x11008", "11008x4096"]
 QUICK_SHAPES = ["128x256", "96x384"]
-PROGRESS = [("shape", 11), ("mode", 5), ("backend", 7), ("seconds", 9), ("speedup_vs_torch", 16), ("frac_of_floor", 13)]
+PROGRESS = [("shape", 11), ("mode", 5), ("backend", 9), ("seconds", 9), ("speedup_vs_published", 20),
+            ("speedup_vs_torch", 16), ("frac_of_floor", 13)]
+PUBLISHED = "published"
 
 
 def synthetic_hessian(cols: int, device: torch.device, tokens: int = 1024, seed: int = 0) -> torch.Tensor:
@@ -44,6 +49,10 @@ def synthetic_hessian(cols: int, device: torch.device, tokens: int = 1024, seed:
     return H * (2.0 / tokens)
 
 
+def _ratio(x: float, y: float) -> str:
+    return f"{x / y:.4f}" if y else "-"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -53,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="fp32 peak for the floor (default: measured)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke run)")
+    p.add_argument("--no-published", action="store_true", help="leave out the published loop (the anchor)")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
 
@@ -60,8 +70,9 @@ def main(argv=None) -> int:
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     repeats = 1 if args.quick else args.repeats
     backends = args.backends or sk.available_backends(device)
-    if "torch" not in backends:
-        backends = [*backends, "torch"]
+    backends = [b for b in backends if b not in ("torch", PUBLISHED)]
+    # the anchors first: the published loop, then this package's reference
+    backends = ([] if args.no_published else [PUBLISHED]) + ["torch"] + backends
     peak = args.peak_tflops or measured_matmul_tflops(device, 512 if args.quick else None)
     info = meta(device)
     print(f"# {info['date']}  {info['device']}  torch {info['torch']}  triton {info['triton']}  "
@@ -75,31 +86,43 @@ def main(argv=None) -> int:
         W0 = torch.randn(r, c, device=device) * 0.02
         for mode in args.modes:
             kw = {"pattern": mode} if ":" in mode else {"sparsity": float(mode)}
-            base = None
-            for be in sorted(backends, key=lambda b: b != "torch"):  # the reference first
+            times, losses, recon = {}, {}, {}
+            for be in backends:
                 W = W0.clone()
                 result = {}
 
-                def run(W=W, H=H, kw=kw, be=be, result=result):
-                    result["r"] = sk.prune_layer(W, H, backend=be, **kw)
+                def run(W=W, H=H, kw=kw, be=be, result=result, mode=mode):
+                    if be == PUBLISHED:
+                        result["loss"] = published_prune_mode(W, H, mode)
+                    else:
+                        result["loss"] = sk.prune_layer(W, H, backend=be, **kw).loss
 
                 med, lo, hi = time_fn(run, device, repeats=repeats, setup=lambda W=W, W0=W0: W.copy_(W0))
-                res = result["r"]
-                if be == "torch":
-                    base = (med, res.loss)
+                times[be], losses[be] = med, result["loss"]
+                D = (W0 - W).double()
+                recon[be] = float(((D @ H.double()) * D).sum())
                 floor = prune_flops(r, c) / (peak * 1e12)
                 rows.append({
                     "shape": f"{r}x{c}", "mode": mode, "backend": be,
                     "seconds": f"{med:.4f}", "min_s": f"{lo:.4f}", "max_s": f"{hi:.4f}",
-                    "speedup_vs_torch": f"{base[0] / med:.2f}",
+                    "speedup_vs_published": f"{times[PUBLISHED] / med:.2f}" if PUBLISHED in times else "-",
+                    "speedup_vs_torch": f"{times['torch'] / med:.2f}" if "torch" in times else "-",  # (see below)
                     "floor_s": f"{floor:.4f}", "frac_of_floor": f"{floor / med:.4g}",
-                    "loss": f"{res.loss:.6g}", "loss_vs_torch": f"{res.loss / base[1]:.4f}" if base[1] else "-",
-                    "sparsity": f"{res.sparsity:.4f}", **info,
+                    "loss": f"{losses[be]:.6g}",
+                    "loss_vs_torch": _ratio(losses[be], losses["torch"]) if "torch" in losses else "-",
+                    "recon_vs_torch": _ratio(recon[be], recon["torch"]) if "torch" in recon else "-",
+                    "sparsity": f"{float((W == 0).float().mean()):.4f}", **info,
                 })
                 print("  ".join(f"{rows[-1][k]:>{w}}" for k, w in PROGRESS), flush=True)
+            for row in rows[-len(backends):]:  # the anchors' own ratios, now that every backend ran
+                be = row["backend"]
+                if "torch" in times:
+                    row["speedup_vs_torch"] = f"{times['torch'] / times[be]:.2f}"
+                    row["loss_vs_torch"] = _ratio(losses[be], losses["torch"])
+                    row["recon_vs_torch"] = _ratio(recon[be], recon["torch"])
     print()
-    print_table(rows, ["shape", "mode", "backend", "seconds", "speedup_vs_torch", "floor_s", "frac_of_floor",
-                       "loss_vs_torch"])
+    print_table(rows, ["shape", "mode", "backend", "seconds", "speedup_vs_published", "speedup_vs_torch", "floor_s",
+                       "frac_of_floor", "loss_vs_torch", "recon_vs_torch"])
     out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, f"prune_layer_shapes_{device.type}.csv")
     write_csv(out, rows)
     print(f"\nwrote {out}")

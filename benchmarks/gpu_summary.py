@@ -105,6 +105,19 @@ def _speedups(d: str, fname: str, keys: list[str]) -> list[str]:
                   [[r[k] for k in keys] + [r["dense_ms"], r["sparse_ms"], r["speedup"]] for r in rows])
 
 
+def _published(d: str) -> list[str]:
+    """The torch backend against the published loop (it must never be slower)."""
+    rows = [r for r in _read(os.path.join(d, "prune_layer_published.csv")) if r["backend"] == "torch"]
+    if not rows:
+        return ["(no prune_layer_published.csv)"]
+    out = []
+    for r in rows:
+        sp = float(r["speedup_vs_published"])
+        out.append([r["shape"], r["mode"], f"{float(r['seconds']) * sp:.4f}", r["seconds"], f"{sp:.2f}x",
+                    _mark(sp >= 1.0)])
+    return _table(["shape", "mode", "published s", "torch s", "speedup", ">= 1x"], out)
+
+
 def main(argv: list[str]) -> int:
     phase, d = argv
     lines = [f"# GPU check, phase {phase}", ""]
@@ -115,6 +128,7 @@ def main(argv: list[str]) -> int:
     if phase == "A":
         lines += ["## prune_layer: triton vs torch", "", *_prune(d, "prune_layer_triton.csv", "triton", 20, 3), ""]
         lines += ["## Hessian-inverse factor", "", *_hinv(d), ""]
+        lines += ["## torch backend vs the published loop", "", *_published(d), ""]
     else:
         lines += ["## prune_layer: cuda vs torch", "", *_prune(d, "prune_layer_cuda.csv", "cuda", 10, None), ""]
         lines += ["## triton or cuda (what backend=\"auto\" should pick)", "", *_auto(d), ""]

@@ -1,6 +1,7 @@
 """The whole benchmark suite in one command, at sizes that fit the device, with CSV, PNG plots and a RESULTS.md section.
 
-  1. pruning speed per layer shape, every available backend vs the torch reference (bench_prune_layer.py);
+  1. pruning speed per layer shape, every available backend vs the published loop and the torch reference
+     (bench_prune_layer.py);
   2. 2:4 semi-structured sparse matmul vs dense, OPT/LLaMA linear shapes, tokens 1..8192 (bench_sparse_matmul.py);
   3. end-to-end prefill/decode latency, dense vs 2:4 exported (bench_e2e.py);
   4. accuracy: the perplexity table of benchmarks/results/perplexity.md (written by bench_perplexity.py), if present.
@@ -157,12 +158,16 @@ def main(argv=None) -> int:
             f"- command: `{cmd}` ({time.perf_counter() - t_all:.0f} s)", ""]
     body += [f"- {k}: {v}" for k, v in status.items()] + [""]
 
-    body += ["### 1. Pruning speed per layer (prune_layer, every backend vs the torch reference)", ""]
+    body += ["### 1. Pruning speed per layer (prune_layer, every backend vs the published loop and the torch "
+             "reference)", ""]
     if os.path.exists(files["prune_layer"]):
-        body += [_csv_table(files["prune_layer"], ["shape", "mode", "backend", "seconds", "speedup_vs_torch",
-                                                   "floor_s", "frac_of_floor", "loss_vs_torch"]), "",
-                 "speedup_vs_torch: torch reference time / backend time; frac_of_floor: (⅓c³ + r·c²) FLOPs at the "
-                 "measured fp32 matmul rate / measured time (1.0 = at the compute floor).", ""]
+        body += [_csv_table(files["prune_layer"], ["shape", "mode", "backend", "seconds", "speedup_vs_published",
+                                                   "speedup_vs_torch", "floor_s", "frac_of_floor", "loss_vs_torch",
+                                                   "recon_vs_torch"]), "",
+                 "published: the published SparseGPT loop (benchmarks/published_loop.py); speedup_vs_published / "
+                 "speedup_vs_torch: its time / the backend's time, the same for the torch reference; frac_of_floor: "
+                 "(⅓c³ + r·c²) FLOPs at the measured fp32 matmul rate / measured time (1.0 = at the compute floor); "
+                 "recon_vs_torch: reconstruction error tr(ΔW H ΔWᵀ) over the torch backend's.", ""]
         if "prune_time" in png:
             body += [_img(png["prune_time"], md_path, "prune time vs layer size"), ""]
     else:

@@ -44,7 +44,10 @@ def test_run_all_quick(tmp_path):
     assert all(r["converted"].startswith("0/") and r["sparse_ms"] == "" for r in rows)
     with open(out / "prune_layer_cpu.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {"torch"} <= {r["backend"] for r in rows} and all(r["date"] and r["device"] for r in rows)
+    assert {"published", "torch"} <= {r["backend"] for r in rows} and all(r["date"] and r["device"] for r in rows)
+    for r in rows:  # every backend against the published loop, in the same run, with the same result quality
+        assert float(r["speedup_vs_published"]) > 0 and float(r["speedup_vs_torch"]) > 0
+        assert abs(float(r["recon_vs_torch"]) - 1) < 0.05, r
 
     text = md.read_text()
     assert text.startswith("# Results\n\nhand-written notes stay.")

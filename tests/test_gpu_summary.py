@@ -40,9 +40,14 @@ def test_phase_a_summary(tmp_path):
     _rename_backend(csv_path, "cpp", "triton", shape="4096x4096")  # a target shape: the marks must be filled
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     _run(os.path.join(BENCH, "bench_hinv.py"), "--quick", "--csv", os.path.join(d, "hinv.csv"), env=env)
+    _run(os.path.join(BENCH, "bench_prune_layer.py"), "--device", "cpu", "--shapes", "64x128", "--modes", "2:4",
+         "--backends", "torch", "--repeats", "1", "--peak-tflops", "1", "--csv",
+         os.path.join(d, "prune_layer_published.csv"))
     with open(os.path.join(d, "steps.tsv"), "w") as f:
         f.write("triton_tests\tok\t12\t150\nprune_layer\tFAILED\t91\t90\n")
     out = _run(os.path.join(BENCH, "gpu_summary.py"), "A", d)
+    pub = next(ln for ln in out.splitlines() if ln.startswith("| 64x128 | 2:4 |"))
+    assert [c.strip() for c in pub.strip("|").split("|")][5] in ("yes", "**NO**")  # torch vs the published loop
     assert os.path.exists(os.path.join(d, "summary.md"))
     assert "| prune_layer | FAILED | 91 | 90 |" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("| 4096x4096 | 0.5 |"))
