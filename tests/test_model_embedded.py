@@ -93,3 +93,41 @@ def test_layer_accuracy_benchmark_quick():
         truth = float(r["torch_fp64"])
         assert truth > 0
         assert abs(float(r["loss"]) / truth - 1) < 1e-2 and abs(float(r["torch_fp32"]) / truth - 1) < 1e-2, r
+
+
+def test_token_ids_cached_on_disk(embedded, tmp_path, monkeypatch):
+    """Tokenizing megabytes of text is the slowest part of preparing calibration data: the ids are kept in the
+    cache directory, named by the tokenizer's specification and the text, and are exactly the tokenizer's."""
+    from sparsegpt_kernels.model import data
+
+    _, tok, splits = embedded
+    text = splits.evaluation[:20000]
+    want = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    monkeypatch.setenv("SPARSEGPT_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_TOKEN_CACHE", {})
+    first = tokenize(tok, text)
+    files = list((tmp_path / "tokens").glob("*.pt"))
+    assert torch.equal(first, want) and first.dtype == torch.long and len(files) == 1
+
+    class NoTokenizing:  # the same specification, but calling it fails: the ids must come from the file
+        backend_tokenizer = tok.backend_tokenizer
+        name_or_path = "elsewhere"
+
+        def __call__(self, *a, **k):
+            raise AssertionError("tokenized again")
+
+    NoTokenizing.__name__ = type(tok).__name__
+    monkeypatch.setattr(data, "_TOKEN_CACHE", {})
+    again = tokenize(NoTokenizing(), text)
+    assert torch.equal(again, want) and again.dtype == torch.long
+    assert not torch.equal(tokenize(tok, text[:-100]), want)  # another text, another file
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 2
+
+    files[0].write_bytes(b"damaged")  # a damaged file is recomputed
+    monkeypatch.setattr(data, "_TOKEN_CACHE", {})
+    assert torch.equal(tokenize(tok, text), want)
+
+    monkeypatch.setenv("SPARSEGPT_KERNELS_TOKEN_CACHE", "0")
+    monkeypatch.setattr(data, "_TOKEN_CACHE", {})
+    tokenize(tok, text[:5000])
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 2

@@ -248,3 +248,37 @@ def test_quantized_layers_report_mask_and_zeros_separately():
     for r in report.layers:
         assert r.mask_sparsity == pytest.approx(0.5, abs=1e-3) and r.sparsity >= r.mask_sparsity
     assert report.sparsity > report.mask_sparsity
+
+
+def test_report_splits_the_time(tmp_path, monkeypatch):
+    """Every second of the run is in one phase: forward passes, Hessian updates, solves, the rest; JSON and table."""
+    import json
+    import time as _time
+
+    from sparsegpt_kernels.model import prune_block as pb
+    from sparsegpt_kernels.model.timing import PHASES
+
+    real = pb.prune_one
+
+    def slow_solve(*a, **k):  # a known amount of solve time per layer
+        _time.sleep(0.02)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pb, "prune_one", slow_solve)
+    model = tiny_llama(layers=2)
+    report = prune_model(model, calib(), sparsity=0.5, device="cpu")
+    t = report.timings
+    assert set(t) == {*PHASES, "total"} and all(v >= 0 for v in t.values())
+    assert sum(v for k, v in t.items() if k != "total") == pytest.approx(t["total"], rel=1e-6)
+    assert t["total"] == pytest.approx(report.seconds, rel=0.05, abs=0.05)
+    assert t["solves"] >= 0.02 * len(report.layers)  # the sleeps land in "solves", not elsewhere
+    assert t["forward"] > 0 and t["hessians"] > 0 and t["calibration"] < 0.1 and t["allocation"] == 0
+    path = tmp_path / "report.json"
+    report.save_json(path)
+    assert json.loads(path.read_text())["timings"] == pytest.approx(t)
+    assert report.format_table().splitlines()[-1].startswith("time: forward")
+
+    # a text calibration is tokenized inside the run: that is its own phase
+    tok = type("Tok", (), {"__call__": lambda self, text, **k: {"input_ids": list(range(1, 90)) * 50}})()
+    report = prune_model(tiny_llama(layers=1), "some text", tokenizer=tok, nsamples=2, seqlen=16, device="cpu")
+    assert report.timings["calibration"] > 0

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache import cache_dir
+
 OFFLINE_SOURCES = ("shakespeare", "kjv")
 DATASETS_SOURCES = ("wikitext2", "c4")
 SOURCES = OFFLINE_SOURCES + DATASETS_SOURCES
@@ -145,21 +147,77 @@ def load_text(source: str) -> TextSplits:
 
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
 _TOKEN_CACHE_MAX = 8
+#: Set to "0" to keep token ids out of the cache directory (they are still remembered in-process).
+TOKEN_CACHE_ENV = "SPARSEGPT_KERNELS_TOKEN_CACHE"
+
+
+def _tokens_file(tokenizer, text_sha: str) -> str | None:
+    """Where the token ids of a text are kept between runs: named by the text and by everything that decides its
+    tokenization (the fast tokenizer's full specification, its class, the transformers version); ``None`` for a
+    tokenizer without a serialisable specification, or when the cache is switched off."""
+    if os.environ.get(TOKEN_CACHE_ENV, "1") == "0":
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        spec = backend.to_str() if backend is not None else None
+    except Exception:  # noqa: BLE001 - an unusual tokenizer only loses the cache
+        spec = None
+    if not spec:
+        return None
+    try:
+        import transformers
+
+        version = transformers.__version__
+    except ImportError:
+        version = "-"
+    key = hashlib.sha256(f"{type(tokenizer).__name__}\0{version}\0{spec}\0{text_sha}".encode()).hexdigest()[:40]
+    return os.path.join(cache_dir(), "tokens", f"{key}.pt")
+
+
+def _load_tokens(path: str | None) -> torch.Tensor | None:
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        ids = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged file is recomputed and replaced
+        return None
+    return ids.long() if isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.numel() > 0 else None
+
+
+def _save_tokens(path: str | None, ids: torch.Tensor) -> None:
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        small = ids.to(torch.int32) if int(ids.max()) < 2**31 else ids
+        torch.save(small, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full cache directory: tokenize again next time
+        pass
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids of ``text`` (no special tokens) as a 1-D LongTensor.
 
-    Results are remembered in-process for a few (tokenizer, text) pairs: the offline sources are megabytes of text.
+    The offline sources are megabytes of text (4 s for the Shakespeare calibration part with SmolLM2's tokenizer on
+    2 cores), so the ids are remembered in-process for a few (tokenizer, text) pairs and kept in the cache directory
+    (:func:`sparsegpt_kernels.cache.cache_dir`, ``tokens/``; ``SPARSEGPT_KERNELS_TOKEN_CACHE=0`` turns that off).
     """
     if not text or not text.strip():
         raise ValueError("the text is empty")
+    text_sha = hashlib.sha1(text.encode()).hexdigest()
     name = getattr(tokenizer, "name_or_path", None)
-    key = (type(tokenizer).__name__, name, len(text), hashlib.sha1(text.encode()).hexdigest()) if name else None
+    key = (type(tokenizer).__name__, name, len(text), text_sha) if name else None
     if key is not None and key in _TOKEN_CACHE:
         return _TOKEN_CACHE[key]
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    out = torch.tensor(ids, dtype=torch.long)
+    path = _tokens_file(tokenizer, text_sha)
+    out = _load_tokens(path)
+    if out is None:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        out = torch.tensor(ids, dtype=torch.long)
+        if out.numel():
+            _save_tokens(path, out)
     if key is not None:
         if len(_TOKEN_CACHE) >= _TOKEN_CACHE_MAX:
             _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))

@@ -4,10 +4,27 @@ mixture-of-experts modules)."""
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 
 from ..hessian import HessianAccumulator
 from .blocks import PrunableLayer, split_call
+
+
+def _timed(hook):
+    """``hook`` adding its wall time to the collector's ``seconds``."""
+
+    @functools.wraps(hook)
+    def wrapper(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return hook(self, *args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    return wrapper
 
 
 class HessianCollector:
@@ -31,6 +48,7 @@ class HessianCollector:
         self._keep: list[torch.Tensor] = []
         self._handles = []
         self._group_of: dict[int, list[str]] = {}
+        self.seconds = 0.0  # spent in the hooks (the Hessian updates), see .timing
 
     def __enter__(self):
         done = set()
@@ -57,6 +75,7 @@ class HessianCollector:
     def _new_acc(self, cols: int) -> HessianAccumulator:
         return HessianAccumulator(cols, device=self.acc_device)
 
+    @_timed
     def _linear_hook(self, module, args):
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
@@ -81,6 +100,7 @@ class HessianCollector:
             self._seen[key] = acc
             self._keep.append(x)  # keeps the storage alive so its address cannot be reused within this pass
 
+    @_timed
     def _experts_hook(self, module, args, kwargs):
         targets = self._experts[id(module)]
         info = targets[0].info

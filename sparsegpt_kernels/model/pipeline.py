@@ -26,6 +26,7 @@ from .hessians import HessianCollector
 from .plan import METHODS, PrunePlan, build_plan
 from .prune_block import LayerOptions, progress_bar, prune_block
 from .report import LayerReport, PruneReport
+from .timing import Timings
 
 __all__ = ["METHODS", "LayerReport", "PruneReport", "prepare_calibration", "prune_model"]
 
@@ -118,20 +119,23 @@ def prune_model(
     if allocation != "uniform":
         settings.update(allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
     report = PruneReport(method=method, settings=settings, processes=1 if dist_ctx is None else dist_ctx.world)
+    timings = Timings(dev)
     needs_data = method != "magnitude"
     ids = None
     if needs_data or allocation != "uniform":
         if calibration is None:
             raise ValueError(f"method {method!r} (allocation {allocation!r}) needs calibration data")
-        ids = prepare_calibration(model, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                  tokenizer=tokenizer)
+        with timings.phase("calibration"):
+            ids = prepare_calibration(model, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                      tokenizer=tokenizer)
         settings.update(nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]))
 
     if allocation != "uniform":
         if dist_ctx is not None or weight_source is not None:
             raise ValueError(f"allocation={allocation!r} runs in one process on a model held in memory")
-        targets = allocate(model, plan, ids, dev, allocation=allocation, opts=opts, owl_m=owl_m,
-                           owl_lambda=owl_lambda, progress=progress)
+        with timings.phase("allocation"):
+            targets = allocate(model, plan, ids, dev, allocation=allocation, opts=opts, owl_m=owl_m,
+                               owl_lambda=owl_lambda, progress=progress)
         apply_allocation(plan, targets)
         settings["allocated"] = {f"{plan.prefix}.{b}.{n}": s for (b, n), s in sorted(targets.items())}
     run_id = fingerprint(settings, model, len(plan.layers), ids)
@@ -168,7 +172,8 @@ def prune_model(
         if needs_data and start <= plan.last:
             if weight_source is not None:
                 weight_source.ensure(0)  # the capture runs block 0 once
-            inputs, acts, store = _first_activations(model, plan, local_ids, state, ckpt, dev, offload)
+            with timings.phase("forward"):
+                inputs, acts, store = _first_activations(model, plan, local_ids, state, ckpt, dev, offload)
             if weight_source is not None and start > 0:
                 weight_source.drop(0)
 
@@ -185,10 +190,12 @@ def prune_model(
             block_reports = []
             if b in plan.items:
                 block_reports = prune_block(f"{plan.prefix}.{b}", plan.items[b], opts, run, dev,
-                                            true_sequential=true_sequential, progress=progress, dist_ctx=dist_ctx)
+                                            true_sequential=true_sequential, progress=progress, dist_ctx=dist_ctx,
+                                            timings=timings)
                 report.layers.extend(block_reports)
             if needs_data and b < plan.last:
-                acts = run.outputs()
+                with timings.phase("forward"):
+                    acts = run.outputs()
             block.to(home)
             if weight_source is not None:
                 weight_source.release(b)
@@ -197,10 +204,11 @@ def prune_model(
                           prior_seconds + time.perf_counter() - t_start)
             if on_block_end is not None:
                 on_block_end(b, block_reports)
-        report.seconds = prior_seconds + time.perf_counter() - t_start
         report.blocks_pruned = plan.blocks
         if weight_source is None:
             report.model_params, report.model_zeros = _count_zeros(model)
+        report.seconds = prior_seconds + time.perf_counter() - t_start
+        report.timings = timings.split(time.perf_counter() - t_start)  # this process, this run (not resumed parts)
         return report
     finally:
         if cfg is not None and old_use_cache is not None:

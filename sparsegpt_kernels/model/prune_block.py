@@ -20,6 +20,7 @@ from .blocks import PrunableLayer
 from .distributed import DistContext
 from .hessians import HessianCollector
 from .report import LayerReport
+from .timing import Timings
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,16 @@ def layer_cost(t: PrunableLayer) -> float:
 def prune_block(prefix: str, items: list[tuple[PrunableLayer, Setting]], opts: LayerOptions,
                 run_block: Callable[[HessianCollector | None], object], device: torch.device, *,
                 true_sequential: bool = False, progress: bool = False,
-                dist_ctx: DistContext | None = None) -> list[LayerReport]:
+                dist_ctx: DistContext | None = None, timings: Timings | None = None) -> list[LayerReport]:
     """Prune the (layer, setting) ``items`` of the block named ``prefix``; returns their reports in ``items`` order.
 
     ``run_block(collector)`` runs the dense block over this process's calibration batches with ``collector``'s hooks
     in place (calling ``collector.end_pass()`` after each batch). With ``dist_ctx`` (several processes), each set of
     layers sharing a Hessian is pruned by one owner process after the partial Hessians are reduced to it, and the
-    pruned weights and the reports are then shared by every process (:mod:`.distributed`).
+    pruned weights and the reports are then shared by every process (:mod:`.distributed`). ``timings`` gets the
+    forward, Hessian, solve and communication time (:mod:`.timing`).
     """
+    timings = timings if timings is not None else Timings(device)
     setting = {id(t): s for t, s in items}
     targets = [t for t, _ in items]
     by_name = {t.name: t for t in targets}
@@ -70,12 +73,14 @@ def prune_block(prefix: str, items: list[tuple[PrunableLayer, Setting]], opts: L
     def prune(ts: list[PrunableLayer], acc: dict[str, HessianAccumulator]):
         for t in progress_bar(ts, desc=prefix.rsplit(".", 1)[-1].join(("block ", "")), enabled=progress,
                               leave=False, position=1):
-            reports[t.name] = prune_one(f"{prefix}.{t.name}", t, setting[id(t)], opts, acc.get(t.name))
+            with timings.phase("solves"):
+                reports[t.name] = prune_one(f"{prefix}.{t.name}", t, setting[id(t)], opts, acc.get(t.name))
 
     def prune_shared(ts: list[PrunableLayer], acc: dict[str, HessianAccumulator]):
         if dist_ctx is None:
             prune(ts, acc)
             return
+        comm0 = dist_ctx.comm_seconds
         # units: the layers sharing one accumulator (or each layer, without Hessians), in a fixed order
         units: list[list[str]] = []
         index: dict[int, int] = {}
@@ -104,10 +109,15 @@ def prune_block(prefix: str, items: list[tuple[PrunableLayer, Setting]], opts: L
         for theirs in dist_ctx.gather(shared):
             for n, rep in theirs.items():
                 reports[n] = LayerReport(**{**rep, "shape": tuple(rep["shape"])})
+        timings.add("communication", dist_ctx.comm_seconds - comm0)
 
     def collect(ts: list[PrunableLayer]) -> HessianCollector:
+        t0 = timings.now()
         with HessianCollector(ts, device) as col:
             run_block(col)
+        elapsed = timings.now() - t0
+        timings.add("hessians", col.seconds)
+        timings.add("forward", elapsed - col.seconds)
         return col
 
     if opts.method == "magnitude":

@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from .timing import format_timings
+
 
 @dataclass
 class LayerReport:
@@ -55,6 +57,8 @@ class PruneReport:
     model_params: int = 0
     model_zeros: int = 0
     processes: int = 1
+    #: seconds per phase of this run in this process (forward, hessians, solves, ...; see .timing)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_params(self) -> int:
@@ -98,6 +102,7 @@ class PruneReport:
             "seconds": self.seconds,
             "blocks_pruned": self.blocks_pruned,
             "resumed_from_block": self.resumed_from_block,
+            "timings": self.timings,
             "totals": {
                 "layers": len(self.layers),
                 "params": self.total_params,
@@ -143,4 +148,6 @@ class PruneReport:
         if self.model_params:
             lines.append(f"whole model: {self.model_params:,} parameters (shared ones once), zeros "
                          f"{self.model_sparsity:.4f}")
+        if self.timings:
+            lines.append(format_timings(self.timings))
         return "\n".join(lines)
