@@ -143,7 +143,6 @@ def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
             pruned = unstructured_prune_mask(scores, n_pruned(spec.sparsity, scores.numel())).T.contiguous()
         else:
             pruned = torch.empty_like(Wt, dtype=torch.bool)
-        d_list = d.tolist()  # python floats equal to the float32/64 entries: dividing by them rounds the same
         for j in range(i2 - i1):
             if spec.m is not None and j % spec.m == 0:
                 grp = slice(j, j + spec.m)
@@ -153,7 +152,8 @@ def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
             if quant is not None:
                 g = (i1 + j) // quant.group_size
                 q = quantize(q, quant.scale[:, g], quant.zero[:, g], quant.maxq)
-            err = torch.sub(w, q, out=E[j]).div_(d_list[j])  # (w - q) / d
+            # (w - q) / d, divided by a tensor: with a Python number CUDA would multiply by its reciprocal instead
+            err = torch.sub(w, q, out=E[j]).div_(d[j])
             w.copy_(q)
             Wt[j + 1 :].sub_(U1[j, j + 1 :, None] * err[None, :])  # w_k -= err * U_jk for the block's later columns
         loss += (E**2).sum() / 2
