@@ -221,6 +221,24 @@ inline void lane_update(T* work, const T* const* g, const T* p, int64_t k0, int6
 }
 #endif
 
+// One column of a tile for kLanes rows, one lane at a time (with quantization: q is w or 0, rounded onto the row's
+// grid qs/qz): err = (w - q) / d, loss += err² (in double), pc = -err, the column becomes q, pt = W0 - q (kCholesky)
+// or -err.
+template <typename T, bool chol, bool quant>
+inline void prune_lanes_scalar(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt, double* loss, const T* qs,
+                               const T* qz, T maxq) {
+  for (int64_t t = 0; t < kLanes; ++t) {
+    const T w = wj[t];
+    T q = pr[t] ? T(0) : w;
+    if (quant) q = quantize(q, qs[t], qz[t], maxq);
+    const T err = (w - q) / d;
+    loss[t] += static_cast<double>(err) * static_cast<double>(err);
+    pc[t] = -err;  // w_k += (-err) * U_jk  ==  w_k -= err * U_jk, bit for bit
+    wj[t] = q;
+    pt[t] = chol ? oj[t] - q : -err;
+  }
+}
+
 // One column of a tile without quantization, for kLanes rows: q = pruned ? 0 : w, err = (w - q) / d, loss += err²
 // (in double), and the results: pc = -err, the column becomes q, pt = W0 - q (kCholesky) or -err. Whole-vector
 // loads and stores (the next lane_update reads pc as one vector: scalar stores there would stall store-to-load
@@ -268,15 +286,7 @@ inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt
 #else
 template <typename T, bool chol>
 inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt, double* loss) {
-  for (int64_t t = 0; t < kLanes; ++t) {
-    const T w = wj[t];
-    const T q = pr[t] ? T(0) : w;
-    const T err = (w - q) / d;
-    loss[t] += static_cast<double>(err) * static_cast<double>(err);
-    pc[t] = -err;
-    wj[t] = q;
-    pt[t] = chol ? oj[t] - q : -err;
-  }
+  prune_lanes_scalar<T, chol, false>(wj, pr, d, oj, pc, pt, loss, nullptr, nullptr, T(0));
 }
 #endif
 
@@ -399,15 +409,7 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
       T* pt = PT + j * ldp + r0;
       T* pc = pv + c * kLanes;
       if (quant) {
-        for (int64_t t = 0; t < kLanes; ++t) {
-          const T w = wj[t];
-          const T q = quantize(pr[t] ? T(0) : w, qs[t], qz[t], maxq);
-          const T err = (w - q) / d;
-          loss[t] += static_cast<double>(err) * static_cast<double>(err);
-          pc[t] = -err;  // w_k += (-err) * U_jk  ==  w_k -= err * U_jk, bit for bit
-          wj[t] = q;
-          pt[t] = chol ? oj[t] - q : -err;
-        }
+        prune_lanes_scalar<T, chol, true>(wj, pr, d, oj, pc, pt, loss, qs, qz, maxq);
       } else {
         prune_lanes<T, chol>(wj, pr, d, oj, pc, pt, loss);
       }
@@ -449,13 +451,12 @@ inline bool cpu_has_avx2() {
 }
 #endif
 
-// Whether sweep_tile_dispatch runs the AVX2 copy for these parameters.
-template <typename T>
-inline bool uses_avx2_tiles(const SweepParams<T>& p) {
+// Whether sweep_tile_dispatch runs the AVX2 copy when wide SIMD is allowed (SweepParams::wide_simd).
+inline bool uses_avx2_tiles(bool wide_simd) {
 #ifdef SGK_HAVE_AVX2_TILES
-  return p.wide_simd && cpu_has_avx2();
+  return wide_simd && cpu_has_avx2();
 #else
-  (void)p;
+  (void)wide_simd;
   return false;
 #endif
 }
@@ -581,7 +582,7 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
   // when they are scored); otherwise one column at a time
   const int64_t chunk = !nm || kChunk<T> % p.m == 0 || p.m % kChunk<T> == 0 ? kChunk<T> : 1;
   double loss = 0.0;
-  const bool avx2 = uses_avx2_tiles(p);
+  const bool avx2 = uses_avx2_tiles(p.wide_simd);
   PhaseClock clock(p.phase_seconds);
   for (int64_t i1 = 0; i1 < p.cols; i1 += Bmax) {
     const int64_t i2 = std::min(i1 + Bmax, p.cols);

@@ -141,12 +141,14 @@ std::vector<double> last_sweep_phases() {
   return {g_last_phases.begin(), g_last_phases.end()};
 }
 
-bool cpu_wide_simd() {
+// SPARSEGPT_KERNELS_CPU_SIMD=baseline: the in-block steps without AVX2 even where the CPU has it (for tests and
+// comparisons; the results are the same)
+bool wide_simd_allowed() {
   const char* simd = std::getenv("SPARSEGPT_KERNELS_CPU_SIMD");
-  sgk::SweepParams<float> p;
-  p.wide_simd = simd == nullptr || std::string(simd) != "baseline";
-  return sgk::uses_avx2_tiles(p);
+  return simd == nullptr || std::string(simd) != "baseline";
 }
+
+bool cpu_wide_simd() { return sgk::uses_avx2_tiles(wide_simd_allowed()); }
 
 // The sweep on either factor (see sgk::Factor). kCholesky keeps its lazy updates in a scratch buffer of W's shape.
 at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double sparsity, int64_t n, int64_t m,
@@ -163,10 +165,7 @@ at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double spars
   const at::Tensor A = chol && cols > block_size ? at::empty({rows, cols}, W.options()) : at::Tensor();
   double loss = 0.0;
   std::array<double, sgk::kNumPhases> phases{};
-  // SPARSEGPT_KERNELS_CPU_SIMD=baseline: the in-block steps without AVX2 even where the CPU has it (for tests and
-  // comparisons; the results are the same)
-  const char* simd = std::getenv("SPARSEGPT_KERNELS_CPU_SIMD");
-  const bool wide_simd = simd == nullptr || std::string(simd) != "baseline";
+  const bool wide_simd = wide_simd_allowed();
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "ext_sweep", [&] {
     sgk::SweepParams<scalar_t> p;
     p.rows = rows;
