@@ -12,6 +12,7 @@ from torch import nn
 
 from . import reference
 from .backends import select_backend
+from .checks import all_finite, compiled_checks, nonzeros_and_finite
 from .hessian import HessianAccumulator
 from .precision import ieee_float32_matmul
 from .settings import parse_pattern
@@ -88,14 +89,8 @@ def _weight_of(layer) -> tuple[torch.Tensor, bool]:
     )
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry is finite: min and max propagate NaN and show ±Inf (one reduction, no temporary)."""
-    lo, hi = torch.aminmax(t.detach())
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
-
-
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not _all_finite(t):
+    if not all_finite(t):
         raise ValueError(f"{what} contains NaN or Inf")
 
 
@@ -115,7 +110,8 @@ def _max_asymmetry(H: torch.Tensor) -> float:
     return worst
 
 
-def _validate_hessian(H, in_features: int, weight: torch.Tensor) -> torch.Tensor:
+def _hessian_tensor(H, in_features: int, weight: torch.Tensor) -> torch.Tensor:
+    """The Hessian as a tensor, with its type, shape, dtype and device checked (not its values)."""
     if isinstance(H, HessianAccumulator):
         if H.count == 0:
             raise ValueError("the HessianAccumulator has seen no inputs")
@@ -130,17 +126,29 @@ def _validate_hessian(H, in_features: int, weight: torch.Tensor) -> torch.Tensor
         raise TypeError(f"hessian dtype must be float32 or float64, got {H.dtype} (accumulate in float32 or better)")
     if H.device != weight.device:
         raise ValueError(f"hessian is on {H.device} but the weight is on {weight.device}")
-    lo, hi = (float(x) for x in torch.aminmax(H))  # NaN and Inf propagate: this doubles as the finiteness check
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    return H
+
+
+def _check_hessian_values(H: torch.Tensor) -> None:
+    """Finite, symmetric (to 1e-4 of its largest entry in float32, 1e-10 in float64) and a non-negative diagonal;
+    one compiled pass where it runs, else torch reductions."""
+    ops = compiled_checks(H)
+    if ops is not None:
+        lo, hi, asym, finite = ops.ext_hessian_stats(H)
+    else:
+        lo, hi = (float(x) for x in torch.aminmax(H))  # NaN and Inf propagate: this doubles as the finiteness check
+        finite = math.isfinite(lo) and math.isfinite(hi)
+        asym = None
+    if not finite:
         raise ValueError("hessian contains NaN or Inf")
     scale = max(abs(lo), abs(hi))
     tol = (1e-4 if H.dtype == torch.float32 else 1e-10) * max(scale, 1e-30)
-    asym = _max_asymmetry(H)
+    if asym is None:
+        asym = _max_asymmetry(H)
     if asym > tol:
         raise ValueError(f"hessian is not symmetric (max |H - Hᵀ| = {asym:.3g}, |H|max = {scale:.3g})")
     if bool((H.diagonal() < 0).any()):
         raise ValueError("hessian has negative diagonal entries; it is not a Gram matrix of real inputs")
-    return H
 
 
 def prune_layer(
@@ -186,8 +194,7 @@ def prune_layer(
     rows, cols = W0.shape
     if rows == 0 or cols == 0:
         raise ValueError(f"weight has an empty dimension: shape {tuple(W0.shape)}")
-    _check_finite(W0, "weight")
-    H = _validate_hessian(hessian, cols, weight)
+    H = _hessian_tensor(hessian, cols, weight)
 
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -221,6 +228,9 @@ def prune_layer(
             f"block_size={block_size} is wider than the {be.NAME} backend supports ({max_block} columns); "
             f"use block_size <= {max_block}"
         )
+    # the value checks last: one pass each over W and H (compiled where the backend loaded the extension)
+    _check_finite(W0, "weight")
+    _check_hessian_values(H)
 
     cdtype = torch.float64 if torch.float64 in (weight.dtype, H.dtype) else torch.float32
     # float32 products at full precision whatever the process-wide TF32/bfloat16 setting (restored on the way out)
@@ -254,11 +264,14 @@ def prune_layer(
                 f"(started at {damp:g}); is it a Gram matrix of finite inputs?"
             )
         loss = sweep(W, F, spec)
-        if not _all_finite(W) or not math.isfinite(loss):
+        nonzeros, finite = nonzeros_and_finite(W)
+        if not finite or not math.isfinite(loss):
             raise FloatingPointError("pruning produced NaN/Inf; the weight was left unchanged")
         out = W.T if transposed else W
         weight.copy_(out.to(weight.dtype))
-        achieved = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
+        if weight.dtype != W.dtype:  # rounding to the weight's dtype can make more zeros
+            nonzeros = nonzeros_and_finite(weight)[0]
+        achieved = 1.0 - nonzeros / weight.numel()
     return PruneResult(
         loss=float(loss),
         sparsity=achieved,

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def require_extension() -> None:
+    """Skip (with the reason) when the compiled extension does not load; with SPARSEGPT_KERNELS_REQUIRE_EXT=1 (set
+    by CI, which builds it) fail instead. Loads it as a side effect."""
+    from sparsegpt_kernels.backends import extension
+
+    reason = extension.missing_reason()
+    if reason is not None:
+        if os.environ.get("SPARSEGPT_KERNELS_REQUIRE_EXT", "").strip() == "1":
+            pytest.fail(f"SPARSEGPT_KERNELS_REQUIRE_EXT=1 but {reason}")
+        pytest.skip(reason)
 
 
 def correlated_inputs(n: int, cols: int, *, outliers: int = 4, outlier_scale: float = 20.0, seed: int = 0,

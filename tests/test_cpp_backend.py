@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import PRUNE_MODES, correlated_inputs, hessian_of, recon_error
+from helpers import PRUNE_MODES, correlated_inputs, hessian_of, recon_error, require_extension
 
 import sparsegpt_kernels as sk
 from sparsegpt_kernels import reference
@@ -18,16 +18,10 @@ from sparsegpt_kernels.backends import ENV_VAR, BackendUnavailableError, select_
 from sparsegpt_kernels.backends import extension as _ext
 from sparsegpt_kernels.spec import SweepSpec
 
-REQUIRE_EXT = os.environ.get("SPARSEGPT_KERNELS_REQUIRE_EXT", "").strip() == "1"
-
 
 @pytest.fixture(autouse=True)
 def _need_extension():
-    reason = _ext.missing_reason()
-    if reason is not None:
-        if REQUIRE_EXT:
-            pytest.fail(f"SPARSEGPT_KERNELS_REQUIRE_EXT=1 but {reason}")
-        pytest.skip(reason)
+    require_extension()
 
 
 def ops():
@@ -423,17 +417,27 @@ def test_sweep_cholesky_groups_of_blocks(block_size, kw):
 
 
 @pytest.mark.parametrize("kw", [{"sparsity": 0.5}, {"pattern": "2:4"}, {"sparsity": 0.6, "quant_bits": 4}])
-def test_wide_simd_tiles_give_the_same_bits(monkeypatch, kw):
-    """The in-block steps' AVX2 copy (used where the CPU has AVX2) and the baseline build's agree bit for bit."""
-    X, W, H = _problem(45, 300, seed=2)
+@pytest.mark.parametrize("rows", [45, 300])
+def test_wide_simd_tiles_give_the_same_bits(monkeypatch, kw, rows):
+    """The in-block steps' AVX-512 (16-row tiles) and AVX2 copies (used where the CPU has them) and the baseline
+    build's (8-row tiles) agree bit for bit, with full and partial tiles; what each level runs is reported."""
+    X, W, H = _problem(rows, 300, seed=2)
     out = {}
-    for simd in ("auto", "baseline"):
+    for simd in ("avx512", "avx2", "baseline"):
         monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", simd)
+        used = ops().ext_cpu_simd()
+        assert used in ("avx512", "avx2", "baseline")
+        assert ("avx512", "avx2", "baseline").index(used) >= ("avx512", "avx2", "baseline").index(simd)
         Wc = W.clone()
         out[simd] = (sk.prune_layer(Wc, H, block_size=64, backend="cpp", **kw).loss, Wc)
+    for simd in ("avx2", "baseline"):
+        assert out[simd][0] == pytest.approx(out["avx512"][0], rel=1e-12)  # the loss: summed over other tiles
+        assert torch.equal(out[simd][1], out["avx512"][1]), simd
     monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", "baseline")
-    assert not ops().ext_cpu_wide_simd()
-    assert out["auto"][0] == out["baseline"][0] and torch.equal(out["auto"][1], out["baseline"][1])
+    assert ops().ext_cpu_simd() == "baseline"
+    monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", "sse9")
+    with pytest.raises(RuntimeError, match="SPARSEGPT_KERNELS_CPU_SIMD=sse9"):
+        ops().ext_cpu_simd()
 
 
 def test_sweep_cholesky_tracks_float64_like_the_reference():

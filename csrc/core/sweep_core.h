@@ -16,8 +16,10 @@
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "big_buffer.h"
 #include "rules.h"
 
 namespace sgk {
@@ -80,6 +82,10 @@ inline void nm_keep_mask(const T* scores, int64_t rows, int64_t cols, int64_t n,
 // ---------------------------------------------------------------------------------------------------------------
 enum class Factor { kInverse, kCholesky };
 
+// Instruction sets the in-block steps are compiled for: the baseline of the build target, and (x86-64 with GCC or
+// Clang) copies for AVX2 and AVX-512 chosen at run time (see sweep_tile_dispatch).
+enum class Simd { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
 // What the sweep does. n == 0 (and m == 0) means unstructured with `sparsity`.
 template <typename T>
 struct SweepParams {
@@ -102,9 +108,9 @@ struct SweepParams {
   int64_t maxq = 0;
   // where the time went (seconds added per phase, see Phase), or nullptr
   double* phase_seconds = nullptr;
-  // run the in-block steps with the widest vector instructions the CPU has (false: the baseline build's), see
-  // sweep_tile_dispatch; the results are the same bit for bit
-  bool wide_simd = true;
+  // the widest vector instructions the in-block steps may use (the CPU may have less), see sweep_tile_dispatch; the
+  // results are the same bit for bit
+  Simd simd = Simd::kAvx512;
 };
 
 // The phases of the sweep, for SweepParams::phase_seconds: kBlockStart: the block's weights at its start and its
@@ -172,62 +178,58 @@ inline void upper_inverse_columns(const T* R, int64_t ldr, int64_t B, int64_t k0
   }
 }
 
-// Rows per tile. A tile is stored column-major ((B, kLanes): the kLanes rows of one column are contiguous), so the
-// in-block updates run across rows, kLanes at a time, whatever the remaining length of the block.
-constexpr int64_t kLanes = 8;
+// Rows per tile, L: the SIMD lanes of the in-block steps. A tile is stored column-major ((B, L): the L rows of one
+// column are contiguous), so the in-block updates run across rows, L at a time, whatever the remaining length of
+// the block. 16 floats fill one AVX-512 register; AVX2 and the baseline build run 8 (one 256-bit or two 128-bit
+// registers: a 16-lane vector there spills to the stack, measured 40% slower in cache).
+inline int64_t lanes_for(Simd simd) { return simd == Simd::kAvx512 ? 16 : 8; }
 // Threads only pay off for enough work per chunk: a thread synchronisation costs far more than a small tile.
 constexpr int64_t kScoreGrainRows = 512;
 constexpr int64_t kSweepGrainElems = int64_t{1} << 21;  // ~ rows * B * B / 2 multiply-adds per chunk
 constexpr int64_t kLazyWidth = 512;  // columns whose lazy update goes out as one GEMM (kCholesky)
 
-// kLanes values as one SIMD value. With GCC/Clang vector extensions the compiler maps it onto the target's vector
-// registers (two SSE registers for float on baseline x86-64); elsewhere a plain loop the compiler may vectorise.
+// L values as one SIMD value. With GCC/Clang vector extensions the compiler maps it onto the target's vector
+// registers; elsewhere a plain loop the compiler may vectorise.
 #if defined(__GNUC__) || defined(__clang__)
-template <typename T>
-struct LaneVec;
-template <>
-struct LaneVec<float> {
-  typedef float type __attribute__((vector_size(sizeof(float) * kLanes)));
-};
-template <>
-struct LaneVec<double> {
-  typedef double type __attribute__((vector_size(sizeof(double) * kLanes)));
+template <typename T, int L>
+struct LaneVec {
+  typedef T type __attribute__((vector_size(sizeof(T) * L)));
 };
 
 // work[k] += p[0] * g[0][k], then += p[1] * g[1][k], ... (in that order, two roundings each) for k in [k0, k1);
-// work and p hold kLanes values per column / per factor row.
-template <typename T, int C>
+// work and p hold L values per column / per factor row.
+template <typename T, int C, int L>
 inline void lane_update(T* work, const T* const* g, const T* p, int64_t k0, int64_t k1) {
-  using V = typename LaneVec<T>::type;
+  using V = typename LaneVec<T, L>::type;
   V pv[C];
-  for (int c = 0; c < C; ++c) std::memcpy(&pv[c], p + c * kLanes, sizeof(V));
+  for (int c = 0; c < C; ++c) std::memcpy(&pv[c], p + c * L, sizeof(V));
   for (int64_t k = k0; k < k1; ++k) {
     V w;
-    std::memcpy(&w, work + k * kLanes, sizeof(V));
+    std::memcpy(&w, work + k * L, sizeof(V));
     for (int c = 0; c < C; ++c) w += pv[c] * g[c][k];
-    std::memcpy(work + k * kLanes, &w, sizeof(V));
+    std::memcpy(work + k * L, &w, sizeof(V));
   }
 }
 #else
-template <typename T, int C>
+template <typename T, int C, int L>
 inline void lane_update(T* work, const T* const* g, const T* p, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
-    T* w = work + k * kLanes;
+    T* w = work + k * L;
     for (int c = 0; c < C; ++c) {
       const T gk = g[c][k];
-      for (int64_t t = 0; t < kLanes; ++t) w[t] += p[c * kLanes + t] * gk;
+      for (int64_t t = 0; t < L; ++t) w[t] += p[c * L + t] * gk;
     }
   }
 }
 #endif
 
-// One column of a tile for kLanes rows, one lane at a time (with quantization: q is w or 0, rounded onto the row's
+// One column of a tile for L rows, one lane at a time (with quantization: q is w or 0, rounded onto the row's
 // grid qs/qz): err = (w - q) / d, loss += err² (in double), pc = -err, the column becomes q, pt = W0 - q (kCholesky)
 // or -err.
-template <typename T, bool chol, bool quant>
+template <typename T, bool chol, bool quant, int L>
 inline void prune_lanes_scalar(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt, double* loss, const T* qs,
                                const T* qz, T maxq) {
-  for (int64_t t = 0; t < kLanes; ++t) {
+  for (int64_t t = 0; t < L; ++t) {
     const T w = wj[t];
     T q = pr[t] ? T(0) : w;
     if (quant) q = quantize(q, qs[t], qz[t], maxq);
@@ -239,31 +241,26 @@ inline void prune_lanes_scalar(T* wj, const uint8_t* pr, T d, const T* oj, T* pc
   }
 }
 
-// One column of a tile without quantization, for kLanes rows: q = pruned ? 0 : w, err = (w - q) / d, loss += err²
+// One column of a tile without quantization, for L rows: q = pruned ? 0 : w, err = (w - q) / d, loss += err²
 // (in double), and the results: pc = -err, the column becomes q, pt = W0 - q (kCholesky) or -err. Whole-vector
 // loads and stores (the next lane_update reads pc as one vector: scalar stores there would stall store-to-load
 // forwarding), the same roundings as one lane at a time.
 #if defined(__GNUC__) || defined(__clang__)
-template <typename T>
-struct LaneMask;
-template <>
-struct LaneMask<float> {
-  typedef int32_t type __attribute__((vector_size(sizeof(float) * kLanes)));
+template <typename T, int L>
+struct LaneMask {
+  using I = typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type;
+  typedef I type __attribute__((vector_size(sizeof(T) * L)));
 };
-template <>
-struct LaneMask<double> {
-  typedef int64_t type __attribute__((vector_size(sizeof(double) * kLanes)));
-};
-typedef double LaneDouble __attribute__((vector_size(sizeof(double) * kLanes)));
 
-template <typename T, bool chol>
+template <typename T, bool chol, int L>
 inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt, double* loss) {
-  using V = typename LaneVec<T>::type;
-  using M = typename LaneMask<T>::type;
+  using V = typename LaneVec<T, L>::type;
+  using M = typename LaneMask<T, L>::type;
+  using LaneDouble = typename LaneVec<double, L>::type;
   V w, o = {};
   std::memcpy(&w, wj, sizeof(V));
   M pruned;
-  for (int64_t t = 0; t < kLanes; ++t) pruned[t] = pr[t] ? -1 : 0;
+  for (int64_t t = 0; t < L; ++t) pruned[t] = pr[t] ? -1 : 0;
   const V zero = {};
   const V q = pruned ? zero : w;
   const V err = (w - q) / d;
@@ -284,11 +281,98 @@ inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt
   }
 }
 #else
-template <typename T, bool chol>
+template <typename T, bool chol, int L>
 inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt, double* loss) {
-  prune_lanes_scalar<T, chol, false>(wj, pr, d, oj, pc, pt, loss, nullptr, nullptr, T(0));
+  prune_lanes_scalar<T, chol, false, L>(wj, pr, d, oj, pc, pt, loss, nullptr, nullptr, T(0));
 }
 #endif
+
+// Moving a tile between rows and lanes: `in` reads L rows (row t at rows[t] + k) into the tile layout
+// (tile[k * L + t]), `out` writes the tile back into the rows, for the columns [0, B) and the first tr rows (the
+// other lanes of `in` become zeros). With vector extensions, full tiles go through (L, L) squares transposed in
+// registers: log2(L) rounds of two-input shuffles that swap the off-diagonal halves of ever smaller blocks (one
+// vpermt2ps each on AVX-512), instead of L scalar loads and stores per column.
+#if defined(__GNUC__) || defined(__clang__)
+template <typename T, int L, int64_t d, size_t... K>
+inline void swap_blocks(typename LaneVec<T, L>::type& a, typename LaneVec<T, L>::type& b,
+                        std::index_sequence<K...>) {
+  using V = typename LaneVec<T, L>::type;
+  constexpr int64_t n = L;
+#if defined(__clang__) || __GNUC__ >= 12
+  const V lo = __builtin_shufflevector(a, b, ((K & d) ? n + K - d : K)...);
+  const V hi = __builtin_shufflevector(a, b, ((K & d) ? n + K : K + d)...);
+#else
+  using M = typename LaneMask<T, L>::type;
+  const V lo = __builtin_shuffle(a, b, M{((K & d) ? n + K - d : K)...});
+  const V hi = __builtin_shuffle(a, b, M{((K & d) ? n + K : K + d)...});
+#endif
+  a = lo;
+  b = hi;
+}
+
+// r[t] becomes column t of the (L, L) square whose rows r held.
+template <typename T, int L, int64_t d>
+inline void transpose_round(typename LaneVec<T, L>::type* r) {
+  for (int64_t i = 0; i < L; ++i) {
+    if (!(i & d)) swap_blocks<T, L, d>(r[i], r[i + d], std::make_index_sequence<L>{});
+  }
+}
+
+template <typename T, int L>
+inline void transpose_square(typename LaneVec<T, L>::type* r) {
+  static_assert(L == 8 || L == 16, "transpose_square is written for 8 or 16 lanes");
+  if constexpr (L == 16) transpose_round<T, L, 8>(r);
+  transpose_round<T, L, 4>(r);
+  transpose_round<T, L, 2>(r);
+  transpose_round<T, L, 1>(r);
+}
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+// The (L, L) square whose rows start at from[0..L) goes, transposed, into the rows starting at to[0..L).
+template <typename T, int L>
+inline void copy_square_transposed(const T* const* from, T* const* to) {
+  using V = typename LaneVec<T, L>::type;
+  V r[L];
+  for (int64_t t = 0; t < L; ++t) std::memcpy(&r[t], from[t], sizeof(V));
+  transpose_square<T, L>(r);
+  for (int64_t t = 0; t < L; ++t) std::memcpy(to[t], &r[t], sizeof(V));
+}
+#endif
+
+// The first columns of a full tile, in squares: tile_in (`in`) or tile_out; returns the columns done.
+template <typename T, int L, bool in>
+inline int64_t squares(const T* const* rows, T* const* out_rows, int64_t tr, int64_t B, T* tile) {
+  int64_t k0 = 0;
+#if defined(__GNUC__) || defined(__clang__)
+  if (tr == L) {
+    const T* from[L];
+    T* to[L];
+    for (; k0 + L <= B; k0 += L) {
+      for (int64_t t = 0; t < L; ++t) {
+        from[t] = in ? rows[t] + k0 : tile + (k0 + t) * L;
+        to[t] = in ? tile + (k0 + t) * L : out_rows[t] + k0;
+      }
+      copy_square_transposed<T, L>(from, to);
+    }
+  }
+#endif
+  return k0;
+}
+
+template <typename T, int L>
+inline void tile_in(const T* const* rows, int64_t tr, int64_t B, T* tile) {
+  for (int64_t k = squares<T, L, true>(rows, nullptr, tr, B, tile); k < B; ++k) {
+    for (int64_t t = 0; t < L; ++t) tile[k * L + t] = t < tr ? rows[t][k] : T(0);
+  }
+}
+
+template <typename T, int L>
+inline void tile_out(const T* tile, int64_t tr, int64_t B, T* const* rows) {
+  for (int64_t k = squares<T, L, false>(nullptr, rows, tr, B, const_cast<T*>(tile)); k < B; ++k) {
+    for (int64_t t = 0; t < tr; ++t) rows[t][k] = tile[k * L + t];
+  }
+}
 
 // Columns decided before their updates reach the rest of the block together (a rank-kChunk update reads and writes
 // each weight once instead of kChunk times). float: 4 (8 accumulator halves + 8 broadcasts fit 16 SSE registers).
@@ -298,14 +382,15 @@ constexpr int kChunk = sizeof(T) == 4 ? 4 : 2;
 // Per-thread scratch of the tile sweep.
 template <typename T>
 struct TileScratch {
-  std::vector<T> work, w0, pv, nm_scores;
+  std::vector<T> work, w0, pt, pv, nm_scores;
   std::vector<uint8_t> nm_pruned;
-  TileScratch(int64_t B, int64_t m, bool chol)
-      : work(static_cast<size_t>(B * kLanes)),
-        w0(chol ? static_cast<size_t>(B * kLanes) : 0),
-        pv(static_cast<size_t>(kChunk<T> * kLanes)),
-        nm_scores(static_cast<size_t>(m * kLanes)),
-        nm_pruned(m ? static_cast<size_t>(B * kLanes) : 0) {}
+  TileScratch(int64_t B, int64_t m, bool chol, int64_t L)
+      : work(static_cast<size_t>(B * L)),
+        w0(chol ? static_cast<size_t>(B * L) : 0),
+        pt(static_cast<size_t>(B * L)),
+        pv(static_cast<size_t>(kChunk<T> * L)),
+        nm_scores(static_cast<size_t>(m * L)),
+        nm_pruned(m ? static_cast<size_t>(B * L) : 0) {}
 };
 
 // Where the current weights of a block are read from, and the block of the in-block factor (U[blk, blk]).
@@ -318,71 +403,68 @@ struct BlockView {
   int64_t ldub = 0;
 };
 
-// N:M selection of one group for kLanes rows at once (nm_prune_group per lane, without branches): `w` holds the
-// group's m columns ((m, kLanes)), `diag` the factor's diagonal entries of those columns with stride `dstride`.
+// N:M selection of one group for L rows at once (nm_prune_group per lane, without branches): `w` holds the
+// group's m columns ((m, L)), `diag` the factor's diagonal entries of those columns with stride `dstride`.
 // pruned[(c, t)] = 1 for the m - n lowest scores w²/d² of lane t, earlier column first among equal scores.
-template <typename T>
+template <typename T, int L>
 inline void nm_select_lanes(const T* w, const T* diag, int64_t dstride, int64_t n, int64_t m, uint8_t* pruned,
                             T* sc) {
   for (int64_t c = 0; c < m; ++c) {
     const T dc = diag[c * dstride];
     const T dd = dc * dc;
-    for (int64_t t = 0; t < kLanes; ++t) sc[c * kLanes + t] = (w[c * kLanes + t] * w[c * kLanes + t]) / dd;
+    for (int64_t t = 0; t < L; ++t) sc[c * L + t] = (w[c * L + t] * w[c * L + t]) / dd;
   }
   const int64_t drop = m - n;
   for (int64_t c = 0; c < m; ++c) {
-    const T* si = sc + c * kLanes;
-    int32_t rank[kLanes] = {};
+    const T* si = sc + c * L;
+    int32_t rank[L] = {};
     for (int64_t j = 0; j < c; ++j) {  // earlier columns rank below on ties
-      const T* sj = sc + j * kLanes;
-      for (int64_t t = 0; t < kLanes; ++t) rank[t] += sj[t] <= si[t];
+      const T* sj = sc + j * L;
+      for (int64_t t = 0; t < L; ++t) rank[t] += sj[t] <= si[t];
     }
     for (int64_t j = c + 1; j < m; ++j) {
-      const T* sj = sc + j * kLanes;
-      for (int64_t t = 0; t < kLanes; ++t) rank[t] += sj[t] < si[t];
+      const T* sj = sc + j * L;
+      for (int64_t t = 0; t < L; ++t) rank[t] += sj[t] < si[t];
     }
-    for (int64_t t = 0; t < kLanes; ++t) pruned[c * kLanes + t] = rank[t] < drop;
+    for (int64_t t = 0; t < L; ++t) pruned[c * L + t] = rank[t] < drop;
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Steps 1 (N:M) and 2 of docs/algorithm.md ("The blocked sweep") for the rows [r0, r0 + tr) (tr <= kLanes) of a
+// Steps 1 (N:M) and 2 of docs/algorithm.md ("The blocked sweep") for the rows [r0, r0 + tr) (tr <= L) of a
 // block.
-// maskT: the unstructured mask of the block, transposed ((B, ldm), 1 = pruned; unused for N:M). PT receives what the
-// lazy update needs, transposed ((B, ldp)): -err (kInverse) or W0 - q (kCholesky). maskT and PT have at least
-// r0 + kLanes columns (padding lanes read zeros and write into the padding). The pruned weights go to W.
+// mask: the unstructured mask of the tile in tile layout ((B, L), 1 = pruned, zeros in the padding lanes; see
+// mask_index; unused for N:M). PT (rows, ldpt) receives, in the tile's rows and the block's columns, what the lazy
+// update needs: -err (kInverse) or W0 - q (kCholesky). The pruned weights go to W. Both are written row by row at
+// the end: PT as it goes, a transposed column a whole row apart, would cost one page per column of the tile.
 // Returns Σ err² over the tile.
 // Columns are decided in chunks of `chunk`: inside a chunk one after the other (each one's update reaching the
 // chunk's later columns first), then the chunk's updates reach the rest of the block together. Every weight gets
 // its updates in column order, with the reference's roundings, so the result does not depend on the chunking.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename T, Factor F, bool nm, bool quant>
-inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr,
-                         const uint8_t* maskT, int64_t ldm, T* PT, int64_t ldp, TileScratch<T>& s, int64_t chunk) {
+template <typename T, Factor F, bool nm, bool quant, int L>
+inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr, const uint8_t* mask,
+                         T* PT, int64_t ldpt, TileScratch<T>& s, int64_t chunk) {
   constexpr bool chol = F == Factor::kCholesky;
   constexpr int C = kChunk<T>;
   const int64_t i1 = v.i1, B = v.i2 - v.i1;
   T* work = s.work.data();
   T* w0 = s.w0.data();
-  // transpose the tile in: kLanes row streams read, contiguous writes; padding lanes are zero weights, which stay
+  // transpose the tile in: L row streams read, contiguous writes; padding lanes are zero weights, which stay
   // zero and propagate nothing
-  const T* crow[kLanes];
-  const T* orow[kLanes];
-  for (int64_t t = 0; t < kLanes; ++t) {
+  const T* crow[L];
+  T* wrow[L];  // W still holds the original weights of this block; the pruned ones go there at the end
+  for (int64_t t = 0; t < L; ++t) {
     crow[t] = t < tr ? v.cur + (r0 + t) * v.ldc : nullptr;
-    orow[t] = t < tr ? p.W + (r0 + t) * p.ldw + i1 : nullptr;  // W still holds the original weights of this block
+    wrow[t] = t < tr ? p.W + (r0 + t) * p.ldw + i1 : nullptr;
   }
-  for (int64_t k = 0; k < B; ++k) {
-    for (int64_t t = 0; t < kLanes; ++t) work[k * kLanes + t] = t < tr ? crow[t][k] : T(0);
-    if (chol) {
-      for (int64_t t = 0; t < kLanes; ++t) w0[k * kLanes + t] = t < tr ? orow[t][k] : T(0);
-    }
-  }
-  T* pv = s.pv.data();  // (chunk, kLanes): -err of the chunk's columns
+  tile_in<T, L>(crow, tr, B, work);
+  if (chol) tile_in<T, L>(wrow, tr, B, w0);
+  T* pv = s.pv.data();  // (chunk, L): -err of the chunk's columns
   const T maxq = static_cast<T>(p.maxq);
-  T qs[kLanes] = {}, qz[kLanes] = {};  // quantization grid of the tile's rows for group qg
+  T qs[L] = {}, qz[L] = {};  // quantization grid of the tile's rows for group qg
   int64_t qg = -1;
-  double loss[kLanes] = {};
+  double loss[L] = {};
   const T* urows[C];
   for (int64_t j0 = 0; j0 < B; j0 += chunk) {
     const int64_t cw = std::min(chunk, B - j0);
@@ -391,95 +473,109 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
       const T* urow = v.Ub + j * v.ldub;  // row j of U[blk, blk]
       urows[c] = urow;
       const T d = urow[j];
-      T* wj = work + j * kLanes;
+      T* wj = work + j * L;
       if (nm && j % p.m == 0) {
         // score the group with the current (already updated) weights
-        nm_select_lanes(wj, urow + j, v.ldub + 1, p.n, p.m, s.nm_pruned.data() + j * kLanes, s.nm_scores.data());
+        nm_select_lanes<T, L>(wj, urow + j, v.ldub + 1, p.n, p.m, s.nm_pruned.data() + j * L, s.nm_scores.data());
       }
       if (quant && col / p.group_size != qg) {
         qg = col / p.group_size;
-        for (int64_t t = 0; t < kLanes; ++t) {
+        for (int64_t t = 0; t < L; ++t) {
           const int64_t row = std::min(r0 + t, p.rows - 1);  // padding lanes: any finite grid (0 maps to 0)
           qs[t] = p.scale[row * p.ldq + qg];
           qz[t] = p.zero[row * p.ldq + qg];
         }
       }
-      const uint8_t* pr = nm ? s.nm_pruned.data() + j * kLanes : maskT + j * ldm + r0;
-      const T* oj = w0 + j * kLanes;
-      T* pt = PT + j * ldp + r0;
-      T* pc = pv + c * kLanes;
+      const uint8_t* pr = nm ? s.nm_pruned.data() + j * L : mask + j * L;
+      const T* oj = w0 + j * L;
+      T* pt = s.pt.data() + j * L;
+      T* pc = pv + c * L;
       if (quant) {
-        prune_lanes_scalar<T, chol, true>(wj, pr, d, oj, pc, pt, loss, qs, qz, maxq);
+        prune_lanes_scalar<T, chol, true, L>(wj, pr, d, oj, pc, pt, loss, qs, qz, maxq);
       } else {
-        prune_lanes<T, chol>(wj, pr, d, oj, pc, pt, loss);
+        prune_lanes<T, chol, L>(wj, pr, d, oj, pc, pt, loss);
       }
-      lane_update<T, 1>(work, &urows[c], pc, j + 1, j0 + cw);  // the chunk's later columns
+      lane_update<T, 1, L>(work, &urows[c], pc, j + 1, j0 + cw);  // the chunk's later columns
     }
     if (cw == C) {
-      lane_update<T, C>(work, urows, pv, j0 + cw, B);
+      lane_update<T, C, L>(work, urows, pv, j0 + cw, B);
     } else {
-      for (int64_t c = 0; c < cw; ++c) lane_update<T, 1>(work, &urows[c], pv + c * kLanes, j0 + cw, B);
+      for (int64_t c = 0; c < cw; ++c) lane_update<T, 1, L>(work, &urows[c], pv + c * L, j0 + cw, B);
     }
   }
-  T* wrow[kLanes];
-  for (int64_t t = 0; t < tr; ++t) wrow[t] = p.W + (r0 + t) * p.ldw + i1;
-  for (int64_t k = 0; k < B; ++k) {
-    for (int64_t t = 0; t < tr; ++t) wrow[t][k] = work[k * kLanes + t];
-  }
+  tile_out<T, L>(work, tr, B, wrow);
+  for (int64_t t = 0; t < tr; ++t) wrow[t] = PT + (r0 + t) * ldpt;
+  tile_out<T, L>(s.pt.data(), tr, B, wrow);
   double total = 0.0;
   for (int64_t t = 0; t < tr; ++t) total += loss[t];
   return total;
 }
 
-// The in-block steps compiled for AVX2 as well, chosen at run time. The extension is built for the baseline of its
-// target (SSE2 on x86-64), where a kLanes-float LaneVec is two 128-bit registers; the AVX2 copy (sweep_tile inlined
-// into a function built for AVX2, `flatten`) holds it in one 256-bit register. No FMA is enabled: every multiply
-// and add is still rounded on its own, so both copies give the same bits.
+// The in-block steps compiled for AVX2 and AVX-512 as well, chosen at run time. The extension is built for the
+// baseline of its target (SSE2 on x86-64), where the 8-lane LaneVec of floats is two 128-bit registers; the copies
+// (sweep_tile inlined into a function built for the wider instruction set, `flatten`) hold 8 lanes in one 256-bit
+// register (AVX2) or 16 in one 512-bit register (AVX-512). The build has -ffp-contract=off, so no copy fuses a multiply and an add: every operation is
+// still rounded on its own, and all copies give the same bits.
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-#define SGK_HAVE_AVX2_TILES 1
+#define SGK_HAVE_WIDE_TILES 1
 template <typename T, Factor F, bool nm, bool quant>
 __attribute__((target("avx2"), flatten)) double sweep_tile_avx2(const SweepParams<T>& p, const BlockView<T>& v,
-                                                                int64_t r0, int64_t tr, const uint8_t* maskT,
-                                                                int64_t ldm, T* PT, int64_t ldp, TileScratch<T>& s,
-                                                                int64_t chunk) {
-  return sweep_tile<T, F, nm, quant>(p, v, r0, tr, maskT, ldm, PT, ldp, s, chunk);
-}
-
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-#endif
-
-// Whether sweep_tile_dispatch runs the AVX2 copy when wide SIMD is allowed (SweepParams::wide_simd).
-inline bool uses_avx2_tiles(bool wide_simd) {
-#ifdef SGK_HAVE_AVX2_TILES
-  return wide_simd && cpu_has_avx2();
-#else
-  (void)wide_simd;
-  return false;
-#endif
+                                                                int64_t r0, int64_t tr, const uint8_t* mask, T* PT,
+                                                                int64_t ldpt, TileScratch<T>& s, int64_t chunk) {
+  return sweep_tile<T, F, nm, quant, 8>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
 }
 
 template <typename T, Factor F, bool nm, bool quant>
-inline double sweep_tile_dispatch(bool avx2, const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr,
-                                  const uint8_t* maskT, int64_t ldm, T* PT, int64_t ldp, TileScratch<T>& s,
-                                  int64_t chunk) {
-#ifdef SGK_HAVE_AVX2_TILES
-  if (avx2) return sweep_tile_avx2<T, F, nm, quant>(p, v, r0, tr, maskT, ldm, PT, ldp, s, chunk);
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), flatten)) double sweep_tile_avx512(
+    const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr, const uint8_t* mask, T* PT, int64_t ldpt,
+    TileScratch<T>& s, int64_t chunk) {
+  return sweep_tile<T, F, nm, quant, 16>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
+}
+
+inline Simd cpu_simd() {
+  static const Simd best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
+                               ? Simd::kAvx512
+                               : __builtin_cpu_supports("avx2") ? Simd::kAvx2 : Simd::kBaseline;
+  return best;
+}
 #else
-  (void)avx2;
+inline Simd cpu_simd() { return Simd::kBaseline; }
 #endif
-  return sweep_tile<T, F, nm, quant>(p, v, r0, tr, maskT, ldm, PT, ldp, s, chunk);
+
+// The copy of the in-block steps sweep_tile_dispatch runs when `allowed` is the widest it may use.
+inline Simd simd_used(Simd allowed) { return std::min(allowed, cpu_simd()); }
+
+inline const char* simd_name(Simd s) {
+  return s == Simd::kAvx512 ? "avx512" : s == Simd::kAvx2 ? "avx2" : "baseline";
+}
+
+template <typename T, Factor F, bool nm, bool quant>
+inline double sweep_tile_dispatch(Simd simd, const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr,
+                                  const uint8_t* mask, T* PT, int64_t ldpt, TileScratch<T>& s, int64_t chunk) {
+#ifdef SGK_HAVE_WIDE_TILES
+  if (simd == Simd::kAvx512) return sweep_tile_avx512<T, F, nm, quant>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
+  if (simd == Simd::kAvx2) return sweep_tile_avx2<T, F, nm, quant>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
+#else
+  (void)simd;
+#endif
+  return sweep_tile<T, F, nm, quant, 8>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Exact unstructured selection over a whole block, in parallel: the k lowest of the (rows, B) row-major scores
-// (non-negative), ties in row-major order (the first ones in index order are pruned). A radix select on the scores' bit patterns (for
-// non-negative IEEE values their order as unsigned integers), 11 bits per pass, one histogram per chunk of rows;
-// then one marking pass writes maskT ((B, ldm), 1 = pruned, only columns < rows written) and the ties at the
-// threshold are taken in index order.
+// (non-negative), ties in row-major order (the first ones in index order are pruned). A radix select on the scores'
+// bit patterns (for non-negative IEEE values their order as unsigned integers), 11 bits per pass, one histogram per
+// chunk of rows; then one marking pass writes the mask in tile layout (mask_index with tile_stride; 1 = pruned; the
+// padding lanes of the last tile are not written) and the ties at the threshold are taken in index order.
 // ---------------------------------------------------------------------------------------------------------------
+
+// Where (row, j) of a block's mask is in tile layout for tiles of L rows: tile row / L at tile_stride bytes from the
+// previous one, holding (B, L) bytes, column j's L rows contiguous (the order the in-block steps read them).
+inline int64_t mask_index(int64_t row, int64_t j, int64_t tile_stride, int64_t L) {
+  return (row / L) * tile_stride + j * L + row % L;
+}
+
 template <typename T>
 using score_key_t = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
 
@@ -491,15 +587,25 @@ inline score_key_t<T> score_key(T x) {
 }
 
 template <typename T, typename Parallel>
-void select_block(const T* scores, int64_t rows, int64_t B, int64_t k, uint8_t* maskT, int64_t ldm,
-                  Parallel&& parallel) {
+void select_block(const T* scores, int64_t rows, int64_t B, int64_t k, uint8_t* mask, int64_t tile_stride,
+                  int64_t L, Parallel&& parallel) {
   using K = score_key_t<T>;
   const int64_t count = rows * B;
+  const int64_t ntiles = (rows + L - 1) / L;
+  // marks the tiles [b, e): pruned(row, j) for the rows that exist
+  auto mark = [&](int64_t b, int64_t e, auto&& pruned) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t r0 = t * L, tr = std::min(L, rows - r0);
+      uint8_t* out = mask + t * tile_stride;
+      for (int64_t j = 0; j < B; ++j) {
+        for (int64_t l = 0; l < tr; ++l) out[j * L + l] = pruned(r0 + l, j);
+      }
+    }
+  };
   if (k <= 0 || k >= count) {
     const uint8_t all = k > 0 ? 1 : 0;
-    parallel(B, 1, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) std::memset(maskT + j * ldm, all, static_cast<size_t>(rows));
-    });
+    parallel(ntiles, kScoreGrainRows / L,
+             [&](int64_t b, int64_t e) { mark(b, e, [&](int64_t, int64_t) { return all; }); });
     return;
   }
   constexpr int kBits = 11;
@@ -536,19 +642,12 @@ void select_block(const T* scores, int64_t rows, int64_t B, int64_t k, uint8_t* 
     hi = lo;
   }
   const K thresh = prefix;  // the k-th lowest key; kk of the keys equal to it are pruned, the first ones
-  constexpr int64_t kMarkRows = 64;  // rows marked together: reads stay in L1, writes are contiguous runs
-  parallel((rows + kMarkRows - 1) / kMarkRows, kScoreGrainRows / kMarkRows, [&](int64_t b, int64_t e) {
-    for (int64_t r0 = b * kMarkRows; r0 < std::min(rows, e * kMarkRows); r0 += kMarkRows) {
-      const int64_t r1 = std::min(rows, r0 + kMarkRows);
-      for (int64_t j = 0; j < B; ++j) {
-        uint8_t* out = maskT + j * ldm;
-        for (int64_t r = r0; r < r1; ++r) out[r] = score_key(scores[r * B + j]) < thresh;
-      }
-    }
+  parallel(ntiles, kScoreGrainRows / L, [&](int64_t b, int64_t e) {
+    mark(b, e, [&](int64_t row, int64_t j) { return static_cast<uint8_t>(score_key(scores[row * B + j]) < thresh); });
   });
   for (int64_t i = 0; i < count && kk > 0; ++i) {
     if (score_key(scores[i]) == thresh) {
-      maskT[(i % B) * ldm + i / B] = 1;
+      mask[mask_index(i / B, i % B, tile_stride, L)] = 1;
       --kk;
     }
   }
@@ -566,29 +665,31 @@ template <typename T, Factor F, bool nm, bool quant, typename Parallel, typename
 double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
   constexpr bool chol = F == Factor::kCholesky;
   const int64_t Bmax = std::min(p.block_size, p.cols);
-  const int64_t ntiles = (p.rows + kLanes - 1) / kLanes;
-  const int64_t ldp = ntiles * kLanes;  // rows rounded up to whole tiles: padding lanes write there
+  const Simd simd = simd_used(p.simd);
+  const int64_t L = lanes_for(simd);
+  const int64_t ntiles = (p.rows + L - 1) / L;
   // kCholesky defers the lazy update of the columns right of a group of blocks ("superblock", kLazyWidth columns) to
   // the group's end: one GEMM with K = kLazyWidth instead of kLazyWidth / B GEMMs with K = B (BLAS runs K = 512 at
   // about 1.3x the rate of K = 128 on 2 cores); inside the group each block still updates the group's later columns.
   const int64_t group = chol ? std::max<int64_t>(1, kLazyWidth / Bmax) : 1;
-  std::vector<T> PT(static_cast<size_t>(group * Bmax * ldp));  // the group's (W0 - Q) or -E, transposed
-  std::vector<uint8_t> maskT(nm ? 0 : static_cast<size_t>(Bmax * ldp));  // padding stays 0
-  std::vector<T> scores(nm ? 0 : static_cast<size_t>(p.rows * Bmax));
-  std::vector<T> S(chol ? static_cast<size_t>(p.rows * Bmax) : 0);  // kCholesky: weights at the block start
+  const int64_t ldpt = group * Bmax;
+  BigBuffer<T> PT(static_cast<size_t>(p.rows * ldpt));  // (rows, ldpt): the group's W0 - Q (kCholesky) or -E
+  const int64_t tile_stride = Bmax * L;
+  BigBuffer<uint8_t> mask(nm ? 0 : static_cast<size_t>(ntiles * tile_stride), /*zero=*/true);  // padding stays 0
+  BigBuffer<T> scores(nm ? 0 : static_cast<size_t>(p.rows * Bmax));
+  BigBuffer<T> S(chol ? static_cast<size_t>(p.rows * Bmax) : 0);  // kCholesky: weights at the block start
   std::vector<T> Ub(chol ? static_cast<size_t>(Bmax * Bmax) : 0);   // kCholesky: inv(R[blk, blk])
   std::vector<double> partial(static_cast<size_t>(ntiles));
   // N:M groups must start at a chunk's first column or end inside the chunk (their columns are then up to date
   // when they are scored); otherwise one column at a time
   const int64_t chunk = !nm || kChunk<T> % p.m == 0 || p.m % kChunk<T> == 0 ? kChunk<T> : 1;
   double loss = 0.0;
-  const bool avx2 = uses_avx2_tiles(p.wide_simd);
   PhaseClock clock(p.phase_seconds);
   for (int64_t i1 = 0; i1 < p.cols; i1 += Bmax) {
     const int64_t i2 = std::min(i1 + Bmax, p.cols);
     const int64_t B = i2 - i1;
     const int64_t s0 = i1 / (group * Bmax) * (group * Bmax), s1 = std::min(s0 + group * Bmax, p.cols);
-    T* PTb = PT.data() + (i1 - s0) * ldp;  // this block's rows of PT
+    T* PTb = PT.data() + (i1 - s0);  // this block's columns of PT
     BlockView<T> v;
     v.i1 = i1;
     v.i2 = i2;
@@ -625,17 +726,17 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
           }
         }
       });
-      select_block(scores.data(), p.rows, B, n_pruned(p.sparsity, p.rows * B), maskT.data(), ldp, parallel);
+      select_block(scores.data(), p.rows, B, n_pruned(p.sparsity, p.rows * B), mask.data(), tile_stride, L, parallel);
       clock.lap(kSelect);
     }
     // step 2: tiles of rows through the whole block
-    const int64_t tile_grain = std::max<int64_t>(1, kSweepGrainElems / (kLanes * B * B / 2 + 1));
+    const int64_t tile_grain = std::max<int64_t>(1, kSweepGrainElems / (L * B * B / 2 + 1));
     parallel(ntiles, tile_grain, [&](int64_t b, int64_t e) {
-      TileScratch<T> scratch(B, nm ? p.m : 0, chol);
+      TileScratch<T> scratch(B, nm ? p.m : 0, chol, L);
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r0 = t * kLanes;
-        partial[t] = sweep_tile_dispatch<T, F, nm, quant>(avx2, p, v, r0, std::min(kLanes, p.rows - r0),
-                                                          maskT.data(), ldp, PTb, ldp, scratch, chunk);
+        const int64_t r0 = t * L;
+        partial[t] = sweep_tile_dispatch<T, F, nm, quant>(simd, p, v, r0, std::min(L, p.rows - r0),
+                                                          mask.data() + t * tile_stride, PTb, ldpt, scratch, chunk);
       }
     });
     for (double x : partial) loss += x;
@@ -646,14 +747,14 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
       if constexpr (chol) {
         // A[:, c] was written before iff an earlier group or an earlier block of this group updated it
         if (i2 < s1) {  // A[:, i2:s1] (+)= (W0 - Q)_blk @ R[blk, i2:s1]
-          gemm(p.rows, s1 - i2, B, static_cast<const T*>(PTb), ldp, true, Gr, p.ldg, p.A + i2, p.lda,
+          gemm(p.rows, s1 - i2, B, static_cast<const T*>(PTb), ldpt, false, Gr, p.ldg, p.A + i2, p.lda,
                s0 > 0 || i1 > s0 ? 1 : 0);
         } else {  // the group's end: A[:, s1:] (+)= (W0 - Q)_group @ R[group, s1:]
-          gemm(p.rows, p.cols - s1, s1 - s0, static_cast<const T*>(PT.data()), ldp, true,
+          gemm(p.rows, p.cols - s1, s1 - s0, static_cast<const T*>(PT.data()), ldpt, false,
                p.G + s0 * p.ldg + s1, p.ldg, p.A + s1, p.lda, s0 > 0 ? 1 : 0);
         }
       } else {
-        gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldp, true, Gr, p.ldg, p.W + i2, p.ldw,
+        gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldpt, false, Gr, p.ldg, p.W + i2, p.ldw,
              1);  // W[:, i2:] += (-E) @ U[blk, i2:]
       }
     }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <optional>
@@ -141,14 +142,18 @@ std::vector<double> last_sweep_phases() {
   return {g_last_phases.begin(), g_last_phases.end()};
 }
 
-// SPARSEGPT_KERNELS_CPU_SIMD=baseline: the in-block steps without AVX2 even where the CPU has it (for tests and
-// comparisons; the results are the same)
-bool wide_simd_allowed() {
-  const char* simd = std::getenv("SPARSEGPT_KERNELS_CPU_SIMD");
-  return simd == nullptr || std::string(simd) != "baseline";
+// SPARSEGPT_KERNELS_CPU_SIMD: the widest instruction set the in-block steps may use, "avx512" (the default),
+// "avx2" or "baseline" (for tests and comparisons; the results are the same bits); anything else is an error.
+sgk::Simd simd_allowed() {
+  const char* env = std::getenv("SPARSEGPT_KERNELS_CPU_SIMD");
+  const std::string simd = env == nullptr ? "" : env;
+  if (simd.empty() || simd == "avx512" || simd == "auto") return sgk::Simd::kAvx512;
+  if (simd == "avx2") return sgk::Simd::kAvx2;
+  if (simd == "baseline") return sgk::Simd::kBaseline;
+  TORCH_CHECK(false, "SPARSEGPT_KERNELS_CPU_SIMD=", simd, " is not one of avx512, avx2, baseline");
 }
 
-bool cpu_wide_simd() { return sgk::uses_avx2_tiles(wide_simd_allowed()); }
+std::string cpu_simd() { return sgk::simd_name(sgk::simd_used(simd_allowed())); }
 
 // The sweep on either factor (see sgk::Factor). kCholesky keeps its lazy updates in a scratch buffer of W's shape.
 at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double sparsity, int64_t n, int64_t m,
@@ -162,10 +167,9 @@ at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double spars
   const at::Tensor zc = zero.has_value() ? zero->contiguous() : at::Tensor();
   const int64_t rows = W.size(0), cols = W.size(1);
   const bool chol = factor == sgk::Factor::kCholesky;
-  const at::Tensor A = chol && cols > block_size ? at::empty({rows, cols}, W.options()) : at::Tensor();
   double loss = 0.0;
   std::array<double, sgk::kNumPhases> phases{};
-  const bool wide_simd = wide_simd_allowed();
+  const sgk::Simd simd = simd_allowed();
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "ext_sweep", [&] {
     sgk::SweepParams<scalar_t> p;
     p.rows = rows;
@@ -175,8 +179,10 @@ at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double spars
     p.G = Gc.const_data_ptr<scalar_t>();
     p.ldg = cols;
     p.factor = factor;
-    if (A.defined()) {
-      p.A = A.mutable_data_ptr<scalar_t>();
+    // kCholesky's lazy updates, (rows, cols), on huge pages where the OS has them (see sgk::BigBuffer)
+    sgk::BigBuffer<scalar_t> A(chol && cols > block_size ? static_cast<size_t>(rows * cols) : 0);
+    if (A.size() > 0) {
+      p.A = A.data();
       p.lda = cols;
     }
     p.sparsity = sparsity;
@@ -184,7 +190,7 @@ at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double spars
     p.m = m;
     p.block_size = block_size;
     p.phase_seconds = phases.data();
-    p.wide_simd = wide_simd;
+    p.simd = simd;
     if (sc.defined()) {
       p.scale = sc.const_data_ptr<scalar_t>();
       p.zero = zc.const_data_ptr<scalar_t>();
@@ -228,6 +234,124 @@ at::Tensor sweep_cholesky_cpu(const at::Tensor& W, const at::Tensor& R, double s
                         "ext_sweep_cholesky");
 }
 
+// ---- value checks of prune_layer's inputs and output, one pass each ----
+// Written as independent lanes (kCheckLanes accumulators, no early exit, no branches) so that the compiler
+// vectorizes them. Finiteness: x - x is 0 for finite x and NaN otherwise, and a sum of those stays 0 or becomes NaN.
+
+constexpr int64_t kCheckLanes = 16;
+// Tile side of hessian_stats: a tile and its mirror image both stay in cache while compared.
+constexpr int64_t kCheckTile = 256;
+
+// [min, max, max |H - H^T|, all finite (1 or 0)] of a square matrix, reading every entry once: tile (I, J) with
+// J >= I against the transpose of tile (J, I) (copied transposed first, so both are read along rows).
+// min/max/asymmetry are meaningful only when every entry is finite.
+std::vector<double> hessian_stats_cpu(const at::Tensor& H) {
+  TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1), "ext_hessian_stats: H must be square, got ", H.sizes());
+  TORCH_CHECK(H.device().is_cpu(), "ext_hessian_stats (CPU): H must be a CPU tensor");
+  const at::Tensor Hc = H.contiguous();
+  const int64_t c = Hc.size(0), nt = (c + kCheckTile - 1) / kCheckTile;
+  if (c == 0) return {0.0, 0.0, 0.0, 1.0};
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo, asym = 0, bad = 0;
+  std::mutex mu;
+  AT_DISPATCH_FLOATING_TYPES(Hc.scalar_type(), "ext_hessian_stats", [&] {
+    using T = scalar_t;
+    const T* h = Hc.const_data_ptr<T>();
+    // the upper triangle's tile pairs, numbered row by row: pair p is (I, J) with J >= I
+    std::vector<int64_t> pi, pj;
+    for (int64_t I = 0; I < nt; ++I)
+      for (int64_t J = I; J < nt; ++J) pi.push_back(I), pj.push_back(J);
+    at::parallel_for(0, static_cast<int64_t>(pi.size()), 1, [&](int64_t b, int64_t e) {
+      constexpr T inf = std::numeric_limits<T>::infinity();
+      T vlo[kCheckLanes], vhi[kCheckLanes], vas[kCheckLanes], vbad[kCheckLanes];
+      std::fill(vlo, vlo + kCheckLanes, inf);
+      std::fill(vhi, vhi + kCheckLanes, -inf);
+      std::fill(vas, vas + kCheckLanes, T(0));
+      std::fill(vbad, vbad + kCheckLanes, T(0));
+      // the tile's mirror image, transposed; entries past the matrix's edge stay zeros on both sides
+      std::vector<T> mt(kCheckTile * kCheckTile), at(kCheckTile * kCheckTile);
+      for (int64_t q = b; q < e; ++q) {
+        const int64_t i0 = pi[q] * kCheckTile, ni = std::min(c - i0, kCheckTile);
+        {
+          const int64_t j0 = pj[q] * kCheckTile, nj = std::min(c - j0, kCheckTile);
+          std::fill(mt.begin(), mt.end(), T(0));
+          std::fill(at.begin(), at.end(), T(0));
+          for (int64_t jj = 0; jj < nj; ++jj) {
+            const T* mrow = h + (j0 + jj) * c + i0;
+            for (int64_t ii = 0; ii < ni; ++ii) mt[ii * kCheckTile + jj] = mrow[ii];
+          }
+          for (int64_t ii = 0; ii < ni; ++ii) std::copy(h + (i0 + ii) * c + j0, h + (i0 + ii) * c + j0 + nj,
+                                                        at.begin() + ii * kCheckTile);
+          // the padding compares 0 with 0: min/max of 0 only where the matrix has no entry, fixed below
+          for (int64_t k = 0; k < kCheckTile * kCheckTile; k += kCheckLanes) {
+            for (int64_t l = 0; l < kCheckLanes; ++l) {
+              const T x = at[k + l], y = mt[k + l];
+              const T mn = x < y ? x : y, mx = x < y ? y : x, d = x < y ? y - x : x - y;
+              vlo[l] = mn < vlo[l] ? mn : vlo[l];
+              vhi[l] = mx > vhi[l] ? mx : vhi[l];
+              vas[l] = d > vas[l] ? d : vas[l];
+              vbad[l] += (x - x) + (y - y);
+            }
+          }
+        }
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      for (int64_t l = 0; l < kCheckLanes; ++l) {
+        lo = std::min(lo, static_cast<double>(vlo[l]));
+        hi = std::max(hi, static_cast<double>(vhi[l]));
+        asym = std::max(asym, static_cast<double>(vas[l]));
+        bad += static_cast<double>(vbad[l]);
+      }
+    });
+    // padded tiles (c not a multiple of kCheckTile) compared zeros that are not entries: redo min/max exactly
+    if (c % kCheckTile != 0 && bad == 0) {
+      const auto mm = at::aminmax(Hc);
+      lo = std::get<0>(mm).item<double>();
+      hi = std::get<1>(mm).item<double>();
+    }
+  });
+  return {lo, hi, asym, bad == 0 ? 1.0 : 0.0};
+}
+
+// [number of non-zero entries, all finite (1 or 0)] of a tensor, one pass.
+std::vector<int64_t> nonzeros_finite_cpu(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "ext_nonzeros_finite (CPU): t must be a CPU tensor");
+  const at::Tensor tc = t.contiguous();
+  const int64_t n = tc.numel();
+  std::atomic<int64_t> nonzeros{0};
+  std::atomic<bool> finite{true};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tc.scalar_type(), "ext_nonzeros_finite", [&] {
+    // half and bfloat16 are counted in float (exact); float and double as they are
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* x = tc.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n, int64_t{1} << 16, [&](int64_t b, int64_t e) {
+      int32_t vnz[kCheckLanes] = {};
+      A vbad[kCheckLanes] = {};
+      int64_t nz = 0;
+      int64_t i = b;
+      for (; i + kCheckLanes <= e; i += kCheckLanes) {
+        for (int64_t l = 0; l < kCheckLanes; ++l) {
+          const A y = static_cast<A>(x[i + l]);
+          vnz[l] += y != A(0);
+          vbad[l] += y - y;
+        }
+        if (((i - b) & ((int64_t{1} << 24) - 1)) == 0) {  // before an int32 lane could overflow
+          for (int64_t l = 0; l < kCheckLanes; ++l) nz += vnz[l], vnz[l] = 0;
+        }
+      }
+      A sbad = 0;
+      for (; i < e; ++i) {
+        const A y = static_cast<A>(x[i]);
+        nz += y != A(0);
+        sbad += y - y;
+      }
+      for (int64_t l = 0; l < kCheckLanes; ++l) nz += vnz[l], sbad += vbad[l];
+      nonzeros += nz;
+      if (!(sbad == A(0))) finite.store(false);
+    });
+  });
+  return {nonzeros.load(), finite.load() ? 1 : 0};
+}
+
 // ---- shape-only implementations ----
 std::tuple<at::Tensor, at::Tensor> inverse_factor_meta(const at::Tensor& H, double damp) {
   sgk_aten::check_factor_args(H, damp, "ext_inverse_factor");
@@ -267,8 +391,12 @@ TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
   // seconds per phase of the last CPU sweep in this process: block start, unstructured selection, in-block steps,
   // lazy update (csrc/core/sweep_core.h, sgk::Phase); for benchmarks
   m.def("ext_last_sweep_phases() -> float[]", &last_sweep_phases);
-  // whether the CPU sweep's in-block steps run the AVX2 copy here (see SPARSEGPT_KERNELS_CPU_SIMD)
-  m.def("ext_cpu_wide_simd() -> bool", &cpu_wide_simd);
+  // the instruction set the CPU sweep's in-block steps run with here: "avx512", "avx2" or "baseline" (see
+  // SPARSEGPT_KERNELS_CPU_SIMD)
+  m.def("ext_cpu_simd() -> str", &cpu_simd);
+  // prune_layer's value checks in one pass each: [min, max, max |H - H^T|, finite] and [non-zeros, finite]
+  m.def("ext_hessian_stats(Tensor H) -> float[]");
+  m.def("ext_nonzeros_finite(Tensor t) -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
@@ -277,6 +405,8 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
   m.impl("ext_sweep", &sweep_cpu);
   m.impl("ext_cholesky_factor", &cholesky_factor_cpu);
   m.impl("ext_sweep_cholesky", &sweep_cholesky_cpu);
+  m.impl("ext_hessian_stats", &hessian_stats_cpu);
+  m.impl("ext_nonzeros_finite", &nonzeros_finite_cpu);
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {

@@ -96,22 +96,26 @@ void select_k_lowest(const T* scores, int64_t count, int64_t k, uint8_t* pruned,
 void serial(int64_t ntasks, int64_t, const std::function<void(int64_t, int64_t)>& fn) { fn(0, ntasks); }
 
 void test_select() {
-  // one row of 10 scores: select_block's transposed mask (B = 10, ldm = 1) is then the mask in index order
+  // one row of 10 scores: in select_block's tile layout (mask_index, tiles of 8 rows) the row's column j is at j * 8
   const float s[10] = {5, 1, 3, 3, 0, 3, 9, 3, 2, 8};
-  uint8_t pr[10], oracle[10];
+  const int64_t L = 8, stride = 10 * L;
+  std::vector<uint8_t> m(stride, 7);
+  uint8_t oracle[10];
   float tmp[10];
-  sgk::select_block(s, 1, 10, 4, pr, 1, serial);  // 0, 1, 2 and the first 3 (index 2)
+  auto pr = [&](int j) { return m[sgk::mask_index(0, j, stride, L)]; };
+  sgk::select_block(s, 1, 10, 4, m.data(), stride, L, serial);  // 0, 1, 2 and the first 3 (index 2)
   const uint8_t want[10] = {0, 1, 1, 0, 1, 0, 0, 0, 1, 0};
-  for (int i = 0; i < 10; ++i) CHECK(pr[i] == want[i]);
-  sgk::select_block(s, 1, 10, 6, pr, 1, serial);  // ... and the next two 3s (indices 3, 5)
-  CHECK(pr[2] && pr[3] && pr[5] && !pr[7]);
-  sgk::select_block(s, 1, 10, 0, pr, 1, serial);
-  for (int i = 0; i < 10; ++i) CHECK(pr[i] == 0);
-  sgk::select_block(s, 1, 10, 10, pr, 1, serial);
-  for (int i = 0; i < 10; ++i) CHECK(pr[i] == 1);
+  for (int i = 0; i < 10; ++i) CHECK(pr(i) == want[i]);
+  CHECK(m[1] == 7);  // padding lanes are not written
+  sgk::select_block(s, 1, 10, 6, m.data(), stride, L, serial);  // ... and the next two 3s (indices 3, 5)
+  CHECK(pr(2) && pr(3) && pr(5) && !pr(7));
+  sgk::select_block(s, 1, 10, 0, m.data(), stride, L, serial);
+  for (int i = 0; i < 10; ++i) CHECK(pr(i) == 0);
+  sgk::select_block(s, 1, 10, 10, m.data(), stride, L, serial);
+  for (int i = 0; i < 10; ++i) CHECK(pr(i) == 1);
   select_k_lowest(s, 10, 6, oracle, tmp);  // the oracle agrees on the hand-checked case
-  sgk::select_block(s, 1, 10, 6, pr, 1, serial);
-  for (int i = 0; i < 10; ++i) CHECK(pr[i] == oracle[i]);
+  sgk::select_block(s, 1, 10, 6, m.data(), stride, L, serial);
+  for (int i = 0; i < 10; ++i) CHECK(pr(i) == oracle[i]);
   CHECK(sgk::n_pruned(0.5, 7) == 4 && sgk::n_pruned(0.5, 6) == 3 && sgk::n_pruned(0.0, 9) == 0);
   CHECK(sgk::n_pruned(1.0, 9) == 9);
 }
@@ -360,7 +364,7 @@ void test_cholesky() {
 // The parallel radix select against select_k_lowest (nth_element): same mask for every k, with and without ties,
 // in float and double, whatever the order the chunks run in.
 template <typename T>
-void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed) {
+void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed, int64_t L) {
   std::mt19937 g(seed);
   std::uniform_int_distribution<int> lv(0, levels - 1);
   std::uniform_real_distribution<double> ud(0.0, 4.0);
@@ -369,14 +373,18 @@ void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed) {
   auto reversed = [](int64_t ntasks, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
     for (int64_t e = ntasks; e > 0; e -= 3) fn(std::max<int64_t>(0, e - 3), e);
   };
-  const int64_t ldm = rows + 5;
+  const int64_t stride = (B + 3) * L;  // tiles further apart than B columns need
+  const int64_t ntiles = (rows + L - 1) / L;
   for (int64_t k : {int64_t{0}, int64_t{1}, rows * B / 3, rows * B / 2, rows * B - 1, rows * B}) {
-    std::vector<uint8_t> want(rows * B), maskT(B * ldm, 7);
+    std::vector<uint8_t> want(rows * B), mask(ntiles * stride, 7);
     select_k_lowest(s.data(), rows * B, k, want.data(), tmp.data());
-    sgk::select_block(s.data(), rows, B, k, maskT.data(), ldm, reversed);
+    sgk::select_block(s.data(), rows, B, k, mask.data(), stride, L, reversed);
     bool same = true;
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < B; ++j) same = same && maskT[j * ldm + r] == want[r * B + j];
+      for (int64_t j = 0; j < B; ++j) same = same && mask[sgk::mask_index(r, j, stride, L)] == want[r * B + j];
+    int64_t written = 0;  // exactly rows * B entries written, the rest left alone
+    for (uint8_t x : mask) written += x != 7;
+    same = same && written == rows * B;
     ++g_checks;
     if (!same) {
       ++g_failures;
@@ -387,11 +395,13 @@ void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed) {
 }
 
 void test_select_block() {
-  for (int levels : {0, 1, 3, 1000}) {
-    check_select_block<float>(1, 7, levels, 1);
-    check_select_block<float>(300, 16, levels, 2);
-    check_select_block<double>(129, 8, levels, 3);
-    check_select_block<float>(2049, 5, levels, 4);
+  for (int64_t L : {8, 16}) {
+    for (int levels : {0, 1, 3, 1000}) {
+      check_select_block<float>(1, 7, levels, 1, L);
+      check_select_block<float>(300, 16, levels, 2, L);
+      check_select_block<double>(129, 8, levels, 3, L);
+      check_select_block<float>(2049, 5, levels, 4, L);
+    }
   }
 }
 

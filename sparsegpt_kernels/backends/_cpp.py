@@ -2,9 +2,10 @@
 
 :func:`sparsegpt_kernels.prune_layer` runs it on the Cholesky factor of H itself (``cholesky_factor`` +
 ``sweep_cholesky``): one LAPACK Cholesky and no triangular inverse; the sweep reproduces the reference's weights at
-every block start through R and runs the in-block steps with the block's own (B, B) piece of U. Tiles of 8 rows go
-through a whole column block while they sit in cache (the 8 rows are the SIMD lanes of the in-block updates), in
-parallel over tiles (ATen's thread pool), with the lazy batch update as one BLAS GEMM per block. ``inverse_factor`` /
+every block start through R and runs the in-block steps with the block's own (B, B) piece of U. Tiles of 16 rows
+(AVX-512; 8 with AVX2 or the baseline build) go through a whole column block while they sit in cache (the rows are
+the SIMD lanes of the in-block updates), in parallel over tiles (ATen's thread pool), with the lazy batch update as
+one BLAS GEMM per block. ``inverse_factor`` /
 ``sweep`` (U-driven, step for step the reference) implement the plain backend interface. float32 and float64 run
 natively.
 """

@@ -22,6 +22,10 @@ Operators (all in the ``sparsegpt_kernels`` namespace; float32 and float64):
 ``ext_sweep_cholesky(W!, R, sparsity, n, m, block_size, scale?, zero?, maxq, group_size) -> loss`` (CPU)
     The same sweep driven by R (csrc/core/sweep_core.h explains how): the block couplings go through R itself and
     only the (B, B) diagonal blocks of U are formed, so the factorisation costs c³/3 instead of ⅔c³.
+``ext_hessian_stats(H) -> [min, max, max |H - Hᵀ|, finite]``, ``ext_nonzeros_finite(t) -> [non-zeros, finite]`` (CPU)
+    prune_layer's value checks in one pass each (:mod:`sparsegpt_kernels.checks`).
+``ext_last_sweep_phases() -> [seconds]``, ``ext_cpu_simd() -> str``
+    Where the last CPU sweep's time went, and which instruction set its in-block steps use here.
 """
 
 from __future__ import annotations
@@ -136,6 +140,11 @@ def load() -> ModuleType | None:
                 )
             _loaded = True
     return _module
+
+
+def is_loaded() -> bool:
+    """Whether the extension is loaded already (never loads or builds it)."""
+    return _loaded and _module is not None
 
 
 def missing_reason() -> str | None:

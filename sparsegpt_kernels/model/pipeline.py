@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..checks import count_nonzero
 from .allocation import OWL_LAMBDA, OWL_M, allocate, check_allocation
 from .allocation import apply as apply_allocation
 from .blocks import call_block, capture_block_inputs, map_tensors
@@ -232,7 +233,7 @@ def _count_zeros(model: nn.Module) -> tuple[int, int]:
     params = zeros = 0
     for p in model.parameters():  # deduplicated by identity
         params += p.numel()
-        zeros += int(p.numel() - torch.count_nonzero(p.detach()))
+        zeros += p.numel() - count_nonzero(p)
     return params, zeros
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..checks import count_nonzero
 from .report import PruneReport
 
 INDEX = "model.safetensors.index.json"
@@ -178,7 +179,7 @@ class StreamedWeights:
         from safetensors.torch import save_file
 
         params = sum(t.numel() for t in tensors.values())
-        zeros = sum(int(t.numel() - torch.count_nonzero(t)) for t in tensors.values())
+        zeros = sum(t.numel() - count_nonzero(t) for t in tensors.values())
         path = os.path.join(self.out_dir, self._file(b))
         tmp = path + ".tmp"
         save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, tmp,

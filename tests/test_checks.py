@@ -1,0 +1,107 @@
+"""The compiled value checks (``ext_hessian_stats``, ``ext_nonzeros_finite``) against torch, and prune_layer's
+errors through them: odd sizes (partial tiles), NaN/Inf in any position, asymmetry at the edges, every dtype."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import require_extension
+
+import sparsegpt_kernels as sk
+from sparsegpt_kernels import checks
+from sparsegpt_kernels.backends import extension as _ext
+
+
+@pytest.fixture(autouse=True)
+def _need_extension():
+    require_extension()
+
+
+def ops():
+    return _ext.ops()
+
+
+def _sym(c, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(c, c, generator=g, dtype=torch.float64)
+    return ((A + A.T) / 2).to(dtype)
+
+
+@pytest.mark.parametrize("c", [1, 7, 255, 256, 257, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hessian_stats_match_torch(c, dtype):
+    H = _sym(c, dtype, seed=c)
+    lo, hi, asym, finite = ops().ext_hessian_stats(H)
+    assert (lo, hi) == (float(H.min()), float(H.max())) and finite == 1.0 and asym == 0.0
+    # one asymmetric pair, in the last (partial) tile row and column
+    H[c - 1, 0] += 0.5
+    lo, hi, asym, finite = ops().ext_hessian_stats(H)
+    want = float((H - H.T).abs().max())
+    assert asym == pytest.approx(want, rel=1e-6) and (lo, hi) == (float(H.min()), float(H.max()))
+    # all-negative: min/max must not pick up padding zeros
+    N = -H.abs() - 1
+    lo, hi, _, _ = ops().ext_hessian_stats(N)
+    assert (lo, hi) == (float(N.min()), float(N.max())) and hi < 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(0, 0), (3, 259), (299, 299), (299, 0)])
+def test_hessian_stats_see_non_finite_anywhere(bad, where):
+    H = _sym(300)
+    H[where] = bad
+    assert ops().ext_hessian_stats(H)[3] == 0.0
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 100_003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_nonzeros_finite_match_torch(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    t = torch.randn(n, generator=g).to(dtype)
+    t[torch.rand(n, generator=g) < 0.5] = 0
+    if n:
+        t[-1] = -0.0  # negative zero is zero
+    nz, finite = ops().ext_nonzeros_finite(t)
+    assert nz == int(torch.count_nonzero(t)) and finite == 1
+    assert checks.nonzeros_and_finite(t) == (nz, True)
+    if n:
+        for i in {0, n // 2, n - 1}:
+            u = t.clone()
+            u[i] = float("nan") if i % 2 else float("inf")
+            assert ops().ext_nonzeros_finite(u)[1] == 0 and not checks.all_finite(u)
+
+
+def test_nonzeros_finite_of_a_strided_view():
+    t = torch.randn(64, 48)
+    t[:, ::3] = 0
+    v = t.T  # not contiguous
+    assert ops().ext_nonzeros_finite(v)[0] == int(torch.count_nonzero(v))
+
+
+def test_checks_fall_back_to_torch_for_other_tensors():
+    assert checks.compiled_checks(torch.ones(3, dtype=torch.int32)) is None
+    assert checks.count_nonzero(torch.tensor([0, 2, 0, 5], dtype=torch.int32)) == 2
+    assert checks.compiled_checks(torch.ones(3)) is not None
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_prune_layer_rejects_bad_hessians_through_either_path(backend):
+    """With the extension loaded (cpp, and torch after it) the compiled checks give prune_layer's messages."""
+    W = torch.randn(8, 300)
+    H = _sym(300) @ _sym(300).T / 300 + torch.eye(300)
+    Hbad = H.clone()
+    Hbad[299, 1] += 1.0
+    with pytest.raises(ValueError, match="not symmetric"):
+        sk.prune_layer(W.clone(), Hbad, backend=backend)
+    Hbad = H.clone()
+    Hbad[5, 290] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        sk.prune_layer(W.clone(), Hbad, backend=backend)
+    Wbad = W.clone()
+    Wbad[7, 299] = float("inf")
+    with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+        sk.prune_layer(Wbad, H, backend=backend)
+    assert math.isinf(float(Wbad[7, 299]))  # left as it was
+    res = sk.prune_layer(W, H, backend=backend)
+    assert res.sparsity == 1 - int(torch.count_nonzero(W)) / W.numel()
