@@ -4,7 +4,9 @@ Prints a table and writes CSV (benchmarks/results/prune_layer_shapes_<device>.cs
 own prune_layer_<device>.csv at the sizes it picks). Every backend is compared in the same run with
 - the published loop (``published_loop.py``: the paper's algorithm as its reference code runs it; speedup_vs_published),
 - the torch reference of this package (speedup_vs_torch),
-- the compute floor: (⅓c³ + r·c²) FLOPs at the measured fp32 matmul rate of the device (or --peak-tflops),
+- the compute floor: (⅓c³ + r·c²) FLOPs at the fp32 matmul rate of the device (or --peak-tflops), measured again
+  before every shape (the best of 5 runs; column floor_tflops), so that a machine whose speed drifts during the run
+  is compared with itself,
 and its result with torch's: the OBS loss and the reconstruction error tr(ΔW H ΔWᵀ) (ratios; 1.0 = the same).
 
     python benchmarks/bench_prune_layer.py                 # all shapes, all backends available here
@@ -73,10 +75,12 @@ def main(argv=None) -> int:
     backends = [b for b in backends if b not in ("torch", PUBLISHED)]
     # the anchors first: the published loop, then this package's reference
     backends = ([] if args.no_published else [PUBLISHED]) + ["torch"] + backends
-    peak = args.peak_tflops or measured_matmul_tflops(device, 512 if args.quick else None)
+    def floor_rate() -> float:
+        return args.peak_tflops or measured_matmul_tflops(device, 512 if args.quick else None, repeats=5)
+
     info = meta(device)
     print(f"# {info['date']}  {info['device']}  torch {info['torch']}  triton {info['triton']}  "
-          f"fp32 floor rate {peak:.2f} TFLOP/s")
+          f"fp32 floor rate {floor_rate():.2f} TFLOP/s (measured again before every shape)")
 
     print("  ".join(f"{k:>{w}}" for k, w in PROGRESS))
     rows = []
@@ -84,6 +88,7 @@ def main(argv=None) -> int:
         r, c = (int(v) for v in shape.lower().split("x"))
         H = synthetic_hessian(c, device)
         W0 = torch.randn(r, c, device=device) * 0.02
+        peak = floor_rate()
         for mode in args.modes:
             kw = {"pattern": mode} if ":" in mode else {"sparsity": float(mode)}
             times, losses, recon = {}, {}, {}
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
                     "seconds": f"{med:.4f}", "min_s": f"{lo:.4f}", "max_s": f"{hi:.4f}",
                     "speedup_vs_published": f"{times[PUBLISHED] / med:.2f}" if PUBLISHED in times else "-",
                     "speedup_vs_torch": f"{times['torch'] / med:.2f}" if "torch" in times else "-",  # (see below)
-                    "floor_s": f"{floor:.4f}", "frac_of_floor": f"{floor / med:.4g}",
+                    "floor_tflops": f"{peak:.3f}", "floor_s": f"{floor:.4f}", "frac_of_floor": f"{floor / med:.4g}",
                     "loss": f"{losses[be]:.6g}",
                     "loss_vs_torch": _ratio(losses[be], losses["torch"]) if "torch" in losses else "-",
                     "recon_vs_torch": _ratio(recon[be], recon["torch"]) if "torch" in recon else "-",
