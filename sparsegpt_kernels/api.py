@@ -235,7 +235,8 @@ def prune_layer(
     cdtype = torch.float64 if torch.float64 in (weight.dtype, H.dtype) else torch.float32
     # float32 products at full precision whatever the process-wide TF32/bfloat16 setting (restored on the way out)
     with torch.no_grad(), ieee_float32_matmul():
-        W = W0.to(cdtype).clone().contiguous()  # never a view of the user's weight
+        # never a view of the user's weight
+        W = be.working_copy(W0, cdtype) if hasattr(be, "working_copy") else W0.to(cdtype).clone().contiguous()
         Hc = H.to(cdtype)
         dead = Hc.diagonal() == 0
         n_dead = int(dead.sum())

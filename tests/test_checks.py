@@ -105,3 +105,20 @@ def test_prune_layer_rejects_bad_hessians_through_either_path(backend):
     assert math.isinf(float(Wbad[7, 299]))  # left as it was
     res = sk.prune_layer(W, H, backend=backend)
     assert res.sparsity == 1 - int(torch.count_nonzero(W)) / W.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_working_copy_is_a_new_contiguous_copy(dtype):
+    """The cpp backend's working copy of W (huge pages): same values in the requested dtype, contiguous, never
+    sharing memory with the weight, from a transposed (Conv1D-style) view too."""
+    from sparsegpt_kernels.backends import _cpp
+
+    for W0 in (torch.randn(600, 1100, dtype=torch.float16), torch.randn(1100, 600).T, torch.randn(3, 5)):
+        W = _cpp.working_copy(W0, dtype)
+        assert W.dtype == dtype and W.is_contiguous() and W.shape == W0.shape
+        assert torch.equal(W, W0.to(dtype))
+        W.zero_()
+        assert bool(W0.ne(0).any())
+    assert ops().ext_empty_big([0, 7], torch.float32).shape == (0, 7)
+    with pytest.raises(RuntimeError, match="negative size"):
+        ops().ext_empty_big([-1, 3], torch.float32)

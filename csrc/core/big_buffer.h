@@ -1,7 +1,8 @@
-// Scratch buffers of the CPU sweep that span many pages, backed by transparent huge pages where the OS offers them
-// (Linux, THP "madvise" or "always"). The sweep's GEMMs stream the (rows, cols) scratch and the lazy-update buffer
-// whole, and with 4 KiB pages those walks keep missing the TLB: 11008x4096 on 2 cores, interleaved runs, the lazy
-// GEMMs took 0.65-0.70 s on 2 MiB pages against 0.68-0.82 s without. Where THP is off this is plain memory.
+// Buffers of the CPU sweep and factorisation that span many pages, backed by transparent huge pages where the OS
+// offers them (Linux, THP "madvise" or "always"). Their GEMMs stream them whole with rows far apart, and with 4 KiB
+// pages those walks keep missing the TLB: on 2 cores, interleaved runs, the sweep's lazy GEMMs at 11008x4096 took
+// 0.65-0.70 s on 2 MiB pages against 0.68-0.82 s without, and the blocked Cholesky of an 11008² Hessian 2.08-2.23 s
+// (best of 3) against 2.43-2.55 s. Where THP is off this is plain memory.
 #pragma once
 
 #include <cstddef>
@@ -16,26 +17,32 @@
 
 namespace sgk {
 
+// `bytes` of uninitialised memory (free it with std::free); from 2 MiB up aligned to 2 MiB and marked for
+// transparent huge pages.
+inline void* alloc_big(size_t bytes) {
+  constexpr size_t kHugePage = size_t{2} << 20;
+  void* p = nullptr;
+  if (bytes >= kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    if (posix_memalign(&p, kHugePage, rounded) != 0) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, rounded, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB and nothing else changes
+#endif
+  } else {
+    p = std::malloc(bytes == 0 ? 1 : bytes);
+    if (p == nullptr) throw std::bad_alloc();
+  }
+  return p;
+}
+
 template <typename T>
 class BigBuffer {
  public:
   // n elements, zero-filled when `zero` (otherwise left as the allocator gives them)
   explicit BigBuffer(size_t n, bool zero = false) : size_(n) {
     if (n == 0) return;
-    const size_t bytes = n * sizeof(T);
-    if (bytes >= kHugePage) {
-      const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-      void* p = nullptr;
-      if (posix_memalign(&p, kHugePage, rounded) != 0) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-      madvise(p, rounded, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB and nothing else changes
-#endif
-      data_ = static_cast<T*>(p);
-    } else {
-      data_ = static_cast<T*>(std::malloc(bytes));
-      if (data_ == nullptr) throw std::bad_alloc();
-    }
-    if (zero) std::memset(static_cast<void*>(data_), 0, bytes);
+    data_ = static_cast<T*>(alloc_big(n * sizeof(T)));
+    if (zero) std::memset(static_cast<void*>(data_), 0, n * sizeof(T));
   }
   ~BigBuffer() { std::free(data_); }
   BigBuffer(const BigBuffer&) = delete;
@@ -46,7 +53,6 @@ class BigBuffer {
   size_t size() const { return size_; }
 
  private:
-  static constexpr size_t kHugePage = size_t{2} << 20;
   T* data_ = nullptr;
   size_t size_ = 0;
 };

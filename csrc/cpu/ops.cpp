@@ -120,8 +120,10 @@ std::tuple<at::Tensor, at::Tensor> cholesky_factor_cpu(const at::Tensor& H, doub
   sgk_aten::check_factor_args(H, damp, "ext_cholesky_factor");
   TORCH_CHECK(H.device().is_cpu(), "ext_cholesky_factor (CPU): H must be a CPU tensor");
   const int64_t c = H.size(0);
-  at::Tensor R = at::empty({c, c}, H.options());
-  if (c == 0) return {R, at::zeros({}, H.options().dtype(at::kInt))};
+  if (c == 0) return {at::empty({0, 0}, H.options()), at::zeros({}, H.options().dtype(at::kInt))};
+  // on huge pages (see sgk::alloc_big): the trailing updates' GEMMs walk it in rows c entries apart
+  at::Tensor R = at::from_blob(sgk::alloc_big(static_cast<size_t>(c * c) * H.element_size()), {c, c},
+                               [](void* p) { std::free(p); }, H.options());
   const at::Tensor Hc = H.contiguous();
   AT_DISPATCH_FLOATING_TYPES(H.scalar_type(), "ext_cholesky_factor", [&] { damped_copy<scalar_t>(Hc, damp, R); });
   int64_t status = upper_lower_cholesky(R);
@@ -232,6 +234,18 @@ at::Tensor sweep_cholesky_cpu(const at::Tensor& W, const at::Tensor& R, double s
                               const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size) {
   return sweep_cpu_impl(W, R, sparsity, n, m, block_size, scale, zero, maxq, group_size, sgk::Factor::kCholesky,
                         "ext_sweep_cholesky");
+}
+
+// An uninitialised contiguous CPU tensor on huge pages (sgk::alloc_big), for prune_layer's working copy of W.
+at::Tensor empty_big(at::IntArrayRef size, at::ScalarType dtype) {
+  int64_t n = 1;
+  for (int64_t s : size) {
+    TORCH_CHECK(s >= 0, "ext_empty_big: negative size ", size);
+    n *= s;
+  }
+  const auto opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  return at::from_blob(sgk::alloc_big(static_cast<size_t>(n) * c10::elementSize(dtype)), size,
+                       [](void* p) { std::free(p); }, opts);
 }
 
 // ---- value checks of prune_layer's inputs and output, one pass each ----
@@ -397,6 +411,8 @@ TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
   // prune_layer's value checks in one pass each: [min, max, max |H - H^T|, finite] and [non-zeros, finite]
   m.def("ext_hessian_stats(Tensor H) -> float[]");
   m.def("ext_nonzeros_finite(Tensor t) -> int[]");
+  // prune_layer's working copy of W on huge pages (csrc/core/big_buffer.h)
+  m.def("ext_empty_big(int[] size, ScalarType dtype) -> Tensor", &empty_big);
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {

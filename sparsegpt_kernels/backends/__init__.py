@@ -28,6 +28,9 @@ A backend is a module ``sparsegpt_kernels.backends._<name>`` exposing:
     that never form U: :func:`sparsegpt_kernels.prune_layer` uses this pair when a backend has it. Same contracts
     otherwise (dead-column fix and damping inside, ``None`` on failure; same result as ``sweep`` on ``U`` up to
     rounding).
+``working_copy(W0, dtype) -> Tensor`` (optional)
+    A new contiguous (r, c) tensor of ``dtype`` holding ``W0``'s values, in memory the backend's sweep prefers (the
+    cpp backend: huge pages); :func:`sparsegpt_kernels.prune_layer` prunes that copy, never the user's weight.
 
 Choosing: ``select_backend("auto", device)`` honours ``SPARSEGPT_KERNELS_BACKEND`` and otherwise takes the available
 backend of highest priority; an explicit name that cannot run raises :class:`BackendUnavailableError`.

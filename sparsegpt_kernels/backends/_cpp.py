@@ -41,3 +41,9 @@ def cholesky_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
 
 def sweep_cholesky(W: torch.Tensor, R: torch.Tensor, spec: SweepSpec) -> float:
     return _ext.sweep_cholesky(W, R, spec, NAME)
+
+
+def working_copy(W0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W0's values as a new contiguous tensor on huge pages (the sweep walks its rows a whole row apart)."""
+    W = _ext.ops().ext_empty_big(list(W0.shape), dtype)
+    return W.copy_(W0)
