@@ -25,21 +25,28 @@ def compiled_checks(t: torch.Tensor):
     return None
 
 
+def _compiled_nonzeros_and_finite(t: torch.Tensor) -> tuple[int, bool] | None:
+    ops = compiled_checks(t)
+    if ops is None:
+        return None
+    nonzeros, finite = ops.ext_nonzeros_finite(t.detach())
+    return int(nonzeros), bool(finite)
+
+
 def nonzeros_and_finite(t: torch.Tensor) -> tuple[int, bool]:
     """(number of non-zero entries, whether every entry is finite)."""
-    ops = compiled_checks(t)
-    if ops is not None:
-        nonzeros, finite = ops.ext_nonzeros_finite(t.detach())
-        return int(nonzeros), bool(finite)
-    return int(torch.count_nonzero(t.detach())), _all_finite_torch(t)
+    got = _compiled_nonzeros_and_finite(t)
+    return got if got is not None else (int(torch.count_nonzero(t.detach())), _all_finite_torch(t))
 
 
 def count_nonzero(t: torch.Tensor) -> int:
-    return nonzeros_and_finite(t)[0] if compiled_checks(t) is not None else int(torch.count_nonzero(t.detach()))
+    got = _compiled_nonzeros_and_finite(t)
+    return got[0] if got is not None else int(torch.count_nonzero(t.detach()))
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    return nonzeros_and_finite(t)[1] if compiled_checks(t) is not None else _all_finite_torch(t)
+    got = _compiled_nonzeros_and_finite(t)
+    return got[1] if got is not None else _all_finite_torch(t)
 
 
 def _all_finite_torch(t: torch.Tensor) -> bool:

@@ -328,33 +328,18 @@ inline void transpose_square(typename LaneVec<T, L>::type* r) {
 }
 #endif
 
-#if defined(__GNUC__) || defined(__clang__)
-// The (L, L) square whose rows start at from[0..L) goes, transposed, into the rows starting at to[0..L).
-template <typename T, int L>
-inline void copy_square_transposed(const T* const* from, T* const* to) {
-  using V = typename LaneVec<T, L>::type;
-  V r[L];
-  for (int64_t t = 0; t < L; ++t) std::memcpy(&r[t], from[t], sizeof(V));
-  transpose_square<T, L>(r);
-  for (int64_t t = 0; t < L; ++t) std::memcpy(to[t], &r[t], sizeof(V));
-}
-#endif
-
-// The first columns of a full tile, in squares: tile_in (`in`) or tile_out; returns the columns done.
-template <typename T, int L, bool in>
-inline int64_t squares(const T* const* rows, T* const* out_rows, int64_t tr, int64_t B, T* tile) {
+// For a full tile (tr == L), the (L, L) squares of its first columns: square k0 is read from the L vectors at
+// from(t, k0) and written, transposed, to the L vectors at to(t, k0). Returns the columns done.
+template <typename T, int L, typename From, typename To>
+inline int64_t copy_squares(int64_t tr, int64_t B, From&& from, To&& to) {
   int64_t k0 = 0;
 #if defined(__GNUC__) || defined(__clang__)
-  if (tr == L) {
-    const T* from[L];
-    T* to[L];
-    for (; k0 + L <= B; k0 += L) {
-      for (int64_t t = 0; t < L; ++t) {
-        from[t] = in ? rows[t] + k0 : tile + (k0 + t) * L;
-        to[t] = in ? tile + (k0 + t) * L : out_rows[t] + k0;
-      }
-      copy_square_transposed<T, L>(from, to);
-    }
+  using V = typename LaneVec<T, L>::type;
+  for (; tr == L && k0 + L <= B; k0 += L) {
+    V r[L];
+    for (int64_t t = 0; t < L; ++t) std::memcpy(&r[t], from(t, k0), sizeof(V));
+    transpose_square<T, L>(r);
+    for (int64_t t = 0; t < L; ++t) std::memcpy(to(t, k0), &r[t], sizeof(V));
   }
 #endif
   return k0;
@@ -362,14 +347,20 @@ inline int64_t squares(const T* const* rows, T* const* out_rows, int64_t tr, int
 
 template <typename T, int L>
 inline void tile_in(const T* const* rows, int64_t tr, int64_t B, T* tile) {
-  for (int64_t k = squares<T, L, true>(rows, nullptr, tr, B, tile); k < B; ++k) {
+  int64_t k = copy_squares<T, L>(
+      tr, B, [&](int64_t t, int64_t k0) { return rows[t] + k0; },
+      [&](int64_t t, int64_t k0) { return tile + (k0 + t) * L; });
+  for (; k < B; ++k) {
     for (int64_t t = 0; t < L; ++t) tile[k * L + t] = t < tr ? rows[t][k] : T(0);
   }
 }
 
 template <typename T, int L>
 inline void tile_out(const T* tile, int64_t tr, int64_t B, T* const* rows) {
-  for (int64_t k = squares<T, L, false>(nullptr, rows, tr, B, const_cast<T*>(tile)); k < B; ++k) {
+  int64_t k = copy_squares<T, L>(
+      tr, B, [&](int64_t t, int64_t k0) { return tile + (k0 + t) * L; },
+      [&](int64_t t, int64_t k0) { return rows[t] + k0; });
+  for (; k < B; ++k) {
     for (int64_t t = 0; t < tr; ++t) rows[t][k] = tile[k * L + t];
   }
 }
@@ -514,8 +505,8 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
 // The in-block steps compiled for AVX2 and AVX-512 as well, chosen at run time. The extension is built for the
 // baseline of its target (SSE2 on x86-64), where the 8-lane LaneVec of floats is two 128-bit registers; the copies
 // (sweep_tile inlined into a function built for the wider instruction set, `flatten`) hold 8 lanes in one 256-bit
-// register (AVX2) or 16 in one 512-bit register (AVX-512). The build has -ffp-contract=off, so no copy fuses a multiply and an add: every operation is
-// still rounded on its own, and all copies give the same bits.
+// register (AVX2) or 16 in one 512-bit register (AVX-512). The build has -ffp-contract=off, so no copy fuses a
+// multiply and an add: every operation is still rounded on its own, and all copies give the same bits.
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define SGK_HAVE_WIDE_TILES 1
 template <typename T, Factor F, bool nm, bool quant>
@@ -657,8 +648,8 @@ void select_block(const T* scores, int64_t rows, int64_t B, int64_t k, uint8_t* 
 // The whole blocked sweep.
 // `parallel(ntasks, grain, fn)` runs fn(begin, end) over [0, ntasks), possibly on several threads, in
 // non-overlapping ranges of at least `grain` tasks (fewer tasks than `grain`: one call, no threads).
-// `gemm(m, n, k, a, lda, a_trans, b, ldb, c, ldc, beta)`: C (m, n) = beta * C + op(A) @ B, all row-major, where
-// op(A) = A (m, k) or, with a_trans, A^T for A (k, m); beta is 0 (C is not read) or 1.
+// `gemm(m, n, k, a, lda, b, ldb, c, ldc, beta)`: C (m, n) = beta * C + A (m, k) @ B (k, n), all row-major; beta is 0
+// (C is not read) or 1.
 // Returns the OBS loss Σ err² / 2.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T, Factor F, bool nm, bool quant, typename Parallel, typename Gemm>
@@ -700,7 +691,7 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
         for (int64_t r = b; r < e; ++r) std::memcpy(S.data() + r * B, p.W + r * p.ldw + i1, sizeof(T) * B);
       });
       if (i1 > 0) {
-        gemm(p.rows, B, B, static_cast<const T*>(p.A + i1), p.lda, false, static_cast<const T*>(Ub.data()), B,
+        gemm(p.rows, B, B, static_cast<const T*>(p.A + i1), p.lda, static_cast<const T*>(Ub.data()), B,
              S.data(), B, 1);
       }
       v.cur = S.data();
@@ -747,14 +738,14 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
       if constexpr (chol) {
         // A[:, c] was written before iff an earlier group or an earlier block of this group updated it
         if (i2 < s1) {  // A[:, i2:s1] (+)= (W0 - Q)_blk @ R[blk, i2:s1]
-          gemm(p.rows, s1 - i2, B, static_cast<const T*>(PTb), ldpt, false, Gr, p.ldg, p.A + i2, p.lda,
+          gemm(p.rows, s1 - i2, B, static_cast<const T*>(PTb), ldpt, Gr, p.ldg, p.A + i2, p.lda,
                s0 > 0 || i1 > s0 ? 1 : 0);
         } else {  // the group's end: A[:, s1:] (+)= (W0 - Q)_group @ R[group, s1:]
-          gemm(p.rows, p.cols - s1, s1 - s0, static_cast<const T*>(PT.data()), ldpt, false,
+          gemm(p.rows, p.cols - s1, s1 - s0, static_cast<const T*>(PT.data()), ldpt,
                p.G + s0 * p.ldg + s1, p.ldg, p.A + s1, p.lda, s0 > 0 ? 1 : 0);
         }
       } else {
-        gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldpt, false, Gr, p.ldg, p.W + i2, p.ldw,
+        gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldpt, Gr, p.ldg, p.W + i2, p.ldw,
              1);  // W[:, i2:] += (-E) @ U[blk, i2:]
       }
     }

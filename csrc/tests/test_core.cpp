@@ -183,14 +183,14 @@ double reference_sweep(std::vector<T>& W, const std::vector<T>& U, int64_t rows,
   return loss / 2;
 }
 
-// The core's GEMM: C (m, n) = beta * C + op(A) @ B, each element accumulated in k order.
+// The core's GEMM: C (m, n) = beta * C + A @ B, each element accumulated in k order.
 template <typename T>
-void naive_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, bool a_trans, const T* b, int64_t ldb, T* c,
-                int64_t ldc, int beta) {
+void naive_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                int beta) {
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       T acc = 0;
-      for (int64_t l = 0; l < k; ++l) acc += (a_trans ? a[l * lda + i] : a[i * lda + l]) * b[l * ldb + j];
+      for (int64_t l = 0; l < k; ++l) acc += a[i * lda + l] * b[l * ldb + j];
       c[i * ldc + j] = beta ? c[i * ldc + j] + acc : acc;
     }
   }
