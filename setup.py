@@ -15,6 +15,7 @@ Sources come from csrc/sources.txt, which CMakeLists.txt reads as well.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -109,6 +110,15 @@ def _cuda_toolkit(cpp_extension) -> str | None:
     return next((os.path.normpath(c) for c in candidates if ok(c)), None)
 
 
+def _toolchain():
+    """sparsegpt_kernels/backends/toolchain.py, loaded by path (importing the package needs its dependencies)."""
+    spec = importlib.util.spec_from_file_location(
+        "_sparsegpt_kernels_toolchain", os.path.join(ROOT, "sparsegpt_kernels", "backends", "toolchain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extensions() -> dict:
     if _flag("SPARSEGPT_KERNELS_NO_EXT"):
         return _skip("SPARSEGPT_KERNELS_NO_EXT is set")
@@ -119,6 +129,10 @@ def _extensions() -> dict:
         return _skip(f"torch is not importable at build time ({e}); use pip install --no-build-isolation")
     if not _have_cxx():
         return _skip("no C++ compiler found")
+    chosen, message = _toolchain().choose_cxx()
+    if message:
+        _say(message)
+    os.environ.update(chosen)
     if not os.path.exists(os.path.join(ROOT, "csrc", "sources.txt")):
         return _skip("csrc/ is not part of this source tree")
 

@@ -101,8 +101,9 @@ def _speedups(d: str, fname: str, keys: list[str]) -> list[str]:
     rows = [r for r in _read(os.path.join(d, fname)) if r.get("speedup")]
     if not rows:
         return [f"(no sparse timings in {fname})"]
-    return _table([*keys, "dense ms", "sparse ms", "speedup"],
-                  [[r[k] for k in keys] + [r["dense_ms"], r["sparse_ms"], r["speedup"]] for r in rows])
+    return _table([*keys, "dense ms", "sparse ms", "speedup", "dense graph ms", "sparse graph ms", "graph speedup"],
+                  [[r[k] for k in keys] + [r["dense_ms"], r["sparse_ms"], r["speedup"], r.get("dense_graph_ms", ""),
+                                           r.get("sparse_graph_ms", ""), r.get("speedup_graph", "")] for r in rows])
 
 
 def _published(d: str) -> list[str]:

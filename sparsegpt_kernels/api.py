@@ -221,7 +221,7 @@ def prune_layer(
     elif quant_group_size is not None:
         raise ValueError("quant_group_size needs quant_bits")
 
-    be = select_backend(backend, weight.device)
+    be = select_backend(backend, weight.device, nm=m is not None)
     max_block = be.max_block_size() if hasattr(be, "max_block_size") else None
     if max_block is not None and min(block_size, cols) > max_block:
         raise ValueError(

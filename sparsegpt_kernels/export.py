@@ -339,14 +339,47 @@ def to_semi_structured(model: nn.Module, *, layers: Iterable[str] | str | None =
             if strict:
                 staged.append((mod, sparse))
             else:
-                mod.weight = nn.Parameter(sparse, requires_grad=False)
+                _swap_in(mod, sparse)
         report.layers.append(LayerExport(name, shape, dtype, reason is None, reason))
     for mod, sparse in staged:
-        mod.weight = nn.Parameter(sparse, requires_grad=False)
+        _swap_in(mod, sparse)
 
     if not support.available:
         logger.warning("sparsegpt_kernels: %s", str(report).splitlines()[0])
     return report
+
+
+_HOOK_ATTR = "_sparsegpt_kernels_input_hook"
+
+
+def _canonical_input(module: nn.Module, args: tuple):
+    """Forward pre-hook of a converted layer: give a 3-D or higher input the strides of a contiguous tensor.
+
+    ``F.linear`` on an N-D input goes through ``matmul``, which folds it into one ``mm`` only when its leading
+    dimensions can be merged by a view; otherwise it expands the weight for a ``bmm``, and the semi-structured tensor
+    has no ``expand``. A tensor that ``is_contiguous()`` can still fail that test through the stride of a size-1
+    dimension: ``hidden[:, -1:, :]`` (the last position of a sequence), or what a decode step's attention returns.
+    For a contiguous tensor, only the strides of its size-1 dimensions can differ from the canonical ones, so the
+    re-strided view addresses the same elements; anything else is made contiguous (a copy) first.
+    """
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dim() <= 2:
+        return None
+    x = x.contiguous()
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    strides.reverse()
+    if list(x.stride()) != strides:
+        x = x.as_strided(x.shape, strides)
+    return (x, *args[1:])
+
+
+def _swap_in(mod: nn.Module, sparse: torch.Tensor) -> None:
+    mod.weight = nn.Parameter(sparse, requires_grad=False)
+    if getattr(mod, _HOOK_ATTR, None) is None:
+        setattr(mod, _HOOK_ATTR, mod.register_forward_pre_hook(_canonical_input))
 
 
 def to_dense(model: nn.Module) -> int:
@@ -359,5 +392,9 @@ def to_dense(model: nn.Module) -> int:
         w = getattr(mod, "weight", None)
         if isinstance(mod, nn.Linear) and isinstance(w, cls):
             mod.weight = nn.Parameter(w.to_dense(), requires_grad=False)
+            handle = getattr(mod, _HOOK_ATTR, None)
+            if handle is not None:
+                handle.remove()
+                delattr(mod, _HOOK_ATTR)
             count += 1
     return count

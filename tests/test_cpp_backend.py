@@ -235,6 +235,17 @@ def test_factor_op_rejects_bad_args(op):
         f(torch.eye(3), float("nan"))
 
 
+def test_error_messages_are_whole():
+    """The numbers in an operator's error message are formatted: a build that carries its own copy of libstdc++ (a
+    compiler wrapper adding -static-libstdc++) cut this message after "(" on gcc 12 and crashed the process instead
+    of raising on the H200 machine (gcc 13); setup.py and the build on first use now avoid such a compiler
+    (sparsegpt_kernels/backends/toolchain.py)."""
+    with pytest.raises(RuntimeError, match=r"the factor must be \(16, 16\), got \[15, 15\]"):
+        ops().ext_sweep(torch.randn(4, 16), torch.eye(15), **_sweep_args(torch.randn(4, 16)))
+    with pytest.raises(RuntimeError, match="got 3:2$"):
+        ops().ext_nm_keep_mask(torch.rand(2, 8), 3, 2)
+
+
 def test_nm_op_rejects_bad_args():
     with pytest.raises(RuntimeError, match="0 < N < M"):
         ops().ext_nm_keep_mask(torch.rand(2, 8), 4, 4)

@@ -19,6 +19,7 @@ from sparsegpt_kernels.export import (
     nm_violations,
     prepare_weight,
     semi_structured_support,
+    to_dense,
     to_semi_structured,
     validate_nm,
 )
@@ -243,6 +244,10 @@ def test_gpu_export_matches_dense(dtype):
         ref = model(ids).float()
         x = torch.randn(1, 256, device="cuda", dtype=dtype)
         ref_decode = model.down(torch.relu(model.up(x))).float()
+        # the last position of a sequence, as a decode step or logits_to_keep=1 hands it over: not foldable into one
+        # mm by a view (the stride of its size-1 dimension), which once failed with "can't perform expand"
+        last = torch.randn(2, 5, 256, device="cuda", dtype=dtype)[:, -1:, :]
+        ref_last = model.up(last).float()
     report = to_semi_structured(model)
     assert report.converted == ["up", "down"], str(report)
     assert "tied" in report.kept_dense["head"]
@@ -250,10 +255,14 @@ def test_gpu_export_matches_dense(dtype):
     with torch.no_grad():
         got = model(ids).float()
         got_decode = model.down(torch.relu(model.up(x))).float()
+        got_last = model.up(last).float()
     tol = 2e-2 if dtype == torch.float16 else 8e-2
+    assert got_last.shape == (2, 1, 512)
+    assert (got_last - ref_last).abs().max() <= tol * ref_last.abs().max()
     scale = ref.abs().max()
     assert (got - ref).abs().max() <= tol * scale
     assert (got_decode - ref_decode).abs().max() <= tol * ref_decode.abs().max()
+    assert to_dense(model) == 2 and not model.up._forward_pre_hooks and not model.down._forward_pre_hooks
 
 
 @requires_cuda
@@ -271,6 +280,57 @@ def test_gpu_export_keeps_bad_layers_dense():
     assert "shape 40x96" in report.kept_dense["2"]
     with pytest.raises(ExportError):
         to_semi_structured(model, layers=["1"], strict=True)
+
+
+def _linear_ops(module: nn.Module, x: torch.Tensor) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen: list[str] = []
+    with torch.no_grad(), Log():
+        module(x)
+    return seen
+
+
+def test_converted_layers_fold_any_input_into_one_mm(monkeypatch):
+    """A semi-structured weight supports mm but not expand/bmm. With a frozen weight, matmul folds a 3-D input into
+    one mm only if a view can merge its leading dimensions, which a slice like hidden[:, -1:, :] defeats (its size-1
+    dimension keeps the sequence's stride): a converted layer gets a forward pre-hook that gives such inputs canonical
+    strides. Checked on the CPU with a stand-in conversion (the real one needs a GPU: test_gpu_export_matches_dense
+    runs such a slice through a real semi-structured weight)."""
+    from sparsegpt_kernels import export
+
+    class FakeSparse:
+        @staticmethod
+        def from_dense(dense):
+            return dense.clone()
+
+    monkeypatch.setattr(export, "semi_structured_support", lambda *a, **k: FAKE)
+    monkeypatch.setattr(export, "keep_dense_reason", lambda *a, **k: None)
+    monkeypatch.setattr(export, "semi_structured_class", lambda backend: FakeSparse)
+    monkeypatch.setattr(export, "_check_conversion", lambda sparse, dense: None)
+    lin = nn.Linear(64, 32, bias=False)
+    prune_24_(nn.ModuleDict({"up": lin}), names=("up",))
+    seq = torch.randn(2, 5, 64)
+    odd_inputs = [seq[:, -1:, :], seq[:1, -1:, :], torch.randn(64).as_strided((1, 1, 64), (640, 64, 1)),
+                  torch.randn(2, 3, 128)[:, :, ::2]]
+    lin.weight.requires_grad_(False)  # as converted weights are (a weight that requires grad always folds)
+    assert "aten.bmm.default" in _linear_ops(lin, odd_inputs[0])  # what an unhooked layer does with it
+    with torch.no_grad():
+        want = [lin(x) for x in odd_inputs]
+    report = to_semi_structured(nn.ModuleDict({"up": lin}))
+    assert report.converted == ["up"]
+    for x, y in zip(odd_inputs, want):
+        ops = _linear_ops(lin, x)
+        assert "aten.mm.default" in ops and "aten.bmm.default" not in ops and "aten.expand.default" not in ops, ops
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), y)  # mm and bmm may round differently
+    to_semi_structured(nn.ModuleDict({"up": lin}))  # converting again does not stack a second hook
+    assert len(lin._forward_pre_hooks) == 1
 
 
 def test_constraints_come_from_torch():

@@ -330,3 +330,21 @@ def test_mask_sparsity_is_reported_apart_from_zeros():
     assert res.mask_sparsity == want and res.sparsity > res.mask_sparsity
     res = sk.prune_layer(W.clone(), H, pattern="2:8", block_size=64)
     assert res.mask_sparsity == 0.75 == res.sparsity
+
+
+def test_auto_prefers_cuda_for_nm_and_triton_otherwise(monkeypatch):
+    """On CUDA tensors "auto" takes Triton for unstructured sparsity and the cuda backend for N:M patterns (what the
+    H200 measurements showed; backends/_cuda.py). Only the choice is tested: nothing runs on a device."""
+    from sparsegpt_kernels import backends
+    from sparsegpt_kernels.backends import _cuda, _triton
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(_cuda, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(_triton, "unavailable_reason", lambda device: None)
+    dev = torch.device("cuda")
+    assert select_backend("auto", dev).NAME == "triton"
+    assert select_backend("auto", dev, nm=True).NAME == "cuda"
+    assert backends.available_backends(dev, nm=True)[:2] == ["cuda", "triton"]
+    assert backends.available_backends(dev)[:2] == ["triton", "cuda"]
+    monkeypatch.setattr(_cuda, "unavailable_reason", lambda device: "not built")
+    assert select_backend("auto", dev, nm=True).NAME == "triton"

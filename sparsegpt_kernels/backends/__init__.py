@@ -4,6 +4,9 @@ A backend is a module ``sparsegpt_kernels.backends._<name>`` exposing:
 
 ``NAME: str`` and ``PRIORITY: int``
     Higher priority wins under ``backend="auto"``.
+``auto_priority(device: torch.device, nm: bool) -> int`` (optional, default ``PRIORITY``)
+    The priority for one kind of job (``nm``: an N:M pattern rather than unstructured sparsity), where measurements
+    show that the best backend depends on it.
 ``unavailable_reason(device: torch.device) -> str | None``
     ``None`` when the backend can run on tensors of ``device`` in this process, otherwise a one-line reason
     (shown verbatim to a user who asked for the backend explicitly). Must be cheap and must not initialise CUDA
@@ -82,18 +85,26 @@ def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     return mod.unavailable_reason(torch.device(device))
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on ``device`` here, best first."""
+def _priority(name: str, device: torch.device, nm: bool) -> int:
+    mod = _modules[name]
+    pick = getattr(mod, "auto_priority", None)
+    return pick(device, nm) if pick is not None else mod.PRIORITY
+
+
+def available_backends(device: torch.device | str = "cpu", *, nm: bool = False) -> list[str]:
+    """Backends that can run on ``device`` here, best first (for N:M patterns when ``nm``)."""
+    device = torch.device(device)
     usable = [n for n in KNOWN_BACKENDS if unavailable_reason(n, device) is None]
-    return sorted(usable, key=lambda n: -_modules[n].PRIORITY)
+    return sorted(usable, key=lambda n: -_priority(n, device, nm))
 
 
 def _yes(device: torch.device) -> bool:
     return True
 
 
-def select_backend(name: str, device: torch.device | str) -> ModuleType:
-    """Resolve ``name`` ("auto" or a backend name) to a backend module for tensors on ``device``."""
+def select_backend(name: str, device: torch.device | str, *, nm: bool = False) -> ModuleType:
+    """Resolve ``name`` ("auto" or a backend name) to a backend module for tensors on ``device`` (``nm``: for an N:M
+    pattern, which may change what "auto" picks)."""
     device = torch.device(device)
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
@@ -109,7 +120,8 @@ def select_backend(name: str, device: torch.device | str) -> ModuleType:
             raise BackendUnavailableError(f"backend {name!r}{src} cannot run on {device.type}: {reason}")
         chosen = name
     else:
-        usable = [n for n in available_backends(device) if getattr(_modules[n], "auto_selectable", _yes)(device)]
+        usable = [n for n in available_backends(device, nm=nm)
+                  if getattr(_modules[n], "auto_selectable", _yes)(device)]
         chosen = usable[0]  # the torch backend is always usable
     key = (chosen, device.type)
     if key not in _logged:

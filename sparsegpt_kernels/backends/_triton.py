@@ -1,4 +1,5 @@
-"""The ``triton`` backend: fused Triton kernels (``sparsegpt_kernels.ops``) on CUDA tensors.
+"""The ``triton`` backend: the fused Triton sweep (``sparsegpt_kernels.ops``) on CUDA tensors; the inverse factor
+with ATen (see :func:`inverse_factor`).
 
 CPU tensors are accepted only under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
 
@@ -13,6 +14,7 @@ import os
 
 import torch
 
+from .. import reference
 from ..spec import SweepSpec
 
 NAME = "triton"
@@ -52,9 +54,11 @@ def max_block_size() -> int:
 
 
 def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
-    from ..ops.hinv import hinv_factor
-
-    return hinv_factor(H, damp)
+    """The factor as the torch backend computes it: ATen's Cholesky and triangular inverse (cuSOLVER and cuBLAS on
+    CUDA tensors). The Triton factor kernel (:func:`sparsegpt_kernels.ops.hinv.hinv_factor`) was slower on the H200
+    (2026-11-30, benchmarks/results/gpu_h200/A/hinv.csv): 19.2 ms against 5.5 ms at c = 4096, 199 ms against 75 ms
+    at c = 12288; the sweep is where this backend's kernels win."""
+    return reference.inverse_factor(H, damp)
 
 
 def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:

@@ -43,6 +43,7 @@ import torch
 
 from ..cache import cache_dir
 from ..spec import SweepSpec
+from . import toolchain
 
 logger = logging.getLogger("sparsegpt_kernels")
 
@@ -107,10 +108,22 @@ def _jit_build() -> ModuleType:
         ldflags.append("-fopenmp")
     if with_cuda:
         cflags.append("-DSPARSEGPT_KERNELS_WITH_CUDA=1")
-    return cpp_extension.load(name="sparsegpt_kernels_C", sources=sources, extra_cflags=cflags,
-                              extra_ldflags=ldflags, extra_cuda_cflags=["-O3", "-DSPARSEGPT_KERNELS_WITH_CUDA=1"],
-                              extra_include_paths=[src], build_directory=build_dir, with_cuda=with_cuda,
-                              verbose=False)
+    chosen, message = toolchain.choose_cxx()
+    if message:
+        logger.warning("sparsegpt_kernels: %s", message)
+    saved = {k: os.environ.get(k) for k in chosen}
+    os.environ.update(chosen)
+    try:
+        return cpp_extension.load(name="sparsegpt_kernels_C", sources=sources, extra_cflags=cflags,
+                                  extra_ldflags=ldflags, extra_cuda_cflags=["-O3", "-DSPARSEGPT_KERNELS_WITH_CUDA=1"],
+                                  extra_include_paths=[src], build_directory=build_dir, with_cuda=with_cuda,
+                                  verbose=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def load() -> ModuleType | None:

@@ -10,15 +10,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import triton
-from packaging.version import Version
 from triton.runtime.autotuner import Autotuner
 
 NAMESPACE = "sparsegpt_kernels"
-
-TORCH_VERSION = Version(torch.__version__.split("+")[0])
-
-# torch.library.triton_op / wrap_triton appeared in torch 2.6 (as public names of torch.library).
-HAS_TRITON_OP = TORCH_VERSION >= Version("2.6") and hasattr(torch.library, "triton_op")
 
 
 def interpreting() -> bool:
@@ -27,28 +21,18 @@ def interpreting() -> bool:
 
 
 def register_op(name: str, mutates_args: Sequence[str] | str = ()) -> Callable:
-    """Register ``fn`` as ``sparsegpt_kernels::<name>``.
+    """Register ``fn`` as ``sparsegpt_kernels::<name>``, a ``torch.library.custom_op``.
 
-    On a GPU the op is a ``torch.library.triton_op`` (``torch.compile`` traces into the kernels it launches through
-    :func:`wrap`). Under the Triton interpreter it is a plain ``torch.library.custom_op`` instead: the interpreter
-    cannot run on the fake tensors that tracing the body of a ``triton_op`` would feed it. Torch versions without
-    ``triton_op`` also get a ``custom_op``.
+    ``torch.compile`` treats the op as one opaque call described by its fake implementation and ``mutates_args``; it
+    does not trace into the Triton launches. (As a ``torch.library.triton_op`` it did, and on the H200 with torch 2.11
+    and triton 3.6 the traced ``sweep_block`` lost the kernel's writes to its own scratch tensors: the compiled op
+    returned a zero loss and a wrong lazy update, caught by ``torch.library.opcheck``'s ``test_aot_dispatch_dynamic``.)
     """
 
     def deco(fn: Callable):
-        qualname = f"{NAMESPACE}::{name}"
-        if HAS_TRITON_OP and not interpreting():
-            return torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
-        return torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
+        return torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=mutates_args)
 
     return deco
-
-
-def wrap(kernel):
-    """The launchable form of a kernel inside a registered op (``wrap_triton`` when the op is a ``triton_op``)."""
-    if HAS_TRITON_OP and not interpreting():
-        return torch.library.wrap_triton(kernel)
-    return kernel
 
 
 def autotune(configs: list[triton.Config], key: list[str], *, interpret: triton.Config | None = None, **kwargs):
@@ -81,7 +65,7 @@ def launchable(kernel) -> tuple[object, dict]:
             cfg = kernel.interpret_config
             return kernel.fn, {**cfg.kwargs, "num_warps": cfg.num_warps}
         kernel.__dict__["do_bench"] = _interpret_bench  # overrides the autotuner's (GPU) timer
-    return wrap(kernel), {}
+    return kernel, {}
 
 
 def cpu_do_bench(fn: Callable[[], None], quantiles=None) -> list[float]:

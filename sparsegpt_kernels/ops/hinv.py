@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, register_op, wrap
+from ._common import interpreting, register_op
 
 # --------------------------------------------------------------------------------------------------------------------
 # Configs. The kernels update their buffer in place, so they are not autotuned (every trial would need a copy of the
@@ -239,24 +239,24 @@ def hinv_factor_launch(H: torch.Tensor, damp: float, *, BS: int | None = None, B
     wd, wm = cfg["num_warps_diag"], cfg["num_warps_dot"]
     sa = U.stride(0)
 
-    wrap(_prepare_kernel)[(ntt, ntt)](Hs, U, lam, c, Hs.stride(0), sa, BT=BT, num_warps=wm)
+    _prepare_kernel[(ntt, ntt)](Hs, U, lam, c, Hs.stride(0), sa, BT=BT, num_warps=wm)
     for kb in range(nb):
         k0 = kb * BS
-        wrap(_chol_diag_kernel)[(1,)](U, dinv, info, c, sa, k0, kb, BS=BS, num_warps=wd)
+        _chol_diag_kernel[(1,)](U, dinv, info, c, sa, k0, kb, BS=BS, num_warps=wd)
         rest = c - (k0 + BS)
         if rest > 0:
-            wrap(_chol_panel_kernel)[(triton.cdiv(rest, BS),)](U, dinv, c, sa, k0, kb, BS=BS, BM=BS, BK=BK,
+            _chol_panel_kernel[(triton.cdiv(rest, BS),)](U, dinv, c, sa, k0, kb, BS=BS, BM=BS, BK=BK,
                                                                num_warps=wm)
             nt = triton.cdiv(rest, BT)
-            wrap(_chol_update_kernel)[(nt, nt)](U, c, sa, k0, BS=BS, BT=BT, BK=BK, num_warps=wm)
+            _chol_update_kernel[(nt, nt)](U, c, sa, k0, BS=BS, BT=BT, BK=BK, num_warps=wm)
     for jb in range(nb - 1, -1, -1):
         j0 = jb * BS
         below = triton.cdiv(max(c - (j0 + BS), 0), BS)
         if below:
-            wrap(_trinv_t_kernel)[(below,)](U, T, c, sa, j0, BS=BS, BK=BK, num_warps=wm)
-        wrap(_trinv_apply_kernel)[(1 + below,)](U, T, dinv, c, sa, j0, jb, BS=BS, BK=BK, num_warps=wm)
+            _trinv_t_kernel[(below,)](U, T, c, sa, j0, BS=BS, BK=BK, num_warps=wm)
+        _trinv_apply_kernel[(1 + below,)](U, T, dinv, c, sa, j0, jb, BS=BS, BK=BK, num_warps=wm)
     diag = U.diagonal().clone()
-    wrap(_rotate_kernel)[(ntt, ntt)](U, c, sa, BT=BT, num_warps=wm)
+    _rotate_kernel[(ntt, ntt)](U, c, sa, BT=BT, num_warps=wm)
     U.triu_()
     U.diagonal().copy_(diag.flip(0))
     return U, info

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import autotune, interpreting, launchable, next_pow2, register_op, wrap
+from ._common import autotune, interpreting, launchable, next_pow2, register_op
 from .nm_mask import nm_group_rank
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -269,13 +269,13 @@ def _select_into(mask: torch.Tensor, src: torch.Tensor, d_src: torch.Tensor | No
     state = torch.empty(2, dtype=torch.int32, device=dev)
     hist = torch.zeros(HIST_BINS.value, dtype=torch.int32, device=dev)
     for p in range(4):
-        wrap(_radix_hist_kernel)[grid](src, d_arg, state, hist, rows, ncols, stride_s, d_stride,
+        _radix_hist_kernel[grid](src, d_arg, state, hist, rows, ncols, stride_s, d_stride,
                                        PASS=p, HAS_D=has_d, BR=BR, BC=BC)
-        wrap(_radix_pick_kernel)[(1,)](state, hist, k, PASS=p)
+        _radix_pick_kernel[(1,)](state, hist, k, PASS=p)
     ties = torch.empty(grid[0], dtype=torch.int32, device=dev)
-    wrap(_tie_count_kernel)[grid](src, d_arg, state, ties, rows, ncols, stride_s, d_stride, HAS_D=has_d, BR=BR, BC=BC)
+    _tie_count_kernel[grid](src, d_arg, state, ties, rows, ncols, stride_s, d_stride, HAS_D=has_d, BR=BR, BC=BC)
     tie_prefix = (torch.cumsum(ties, 0) - ties).to(torch.int32)
-    wrap(_prune_mask_kernel)[grid](src, d_arg, state, tie_prefix, mask, rows, ncols, stride_s, d_stride,
+    _prune_mask_kernel[grid](src, d_arg, state, tie_prefix, mask, rows, ncols, stride_s, d_stride,
                                    mask.stride(0), HAS_D=has_d, BR=BR, BC=BC)
 
 
