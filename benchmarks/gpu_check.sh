@@ -15,20 +15,19 @@
 #   2:4 semi-structured matmul vs dense (LLaMA-7B and OPT-6.7B layers); prefill/decode of a LLaMA-7B-shaped model
 #   with 8 layers, dense vs 2:4.
 #
-# Time estimate (16 cores, H200): the limits below are what each step may take: 285 s (A) and 290 s (B), plus ~5 s
-# for the machine facts and the summary.
-#   A: facts ~5 s; compiled Triton tests ~120 s: about 70 kernel compilations at ~1.5 s each on one core,
-#      autotuning included (limit 140); prune_layer ~60 s: the torch reference sweeps ~10 000 columns a second on a
-#      GPU, so 4 shapes x 2 modes x (1 + 3) runs take ~30 s, triton ~10 s, autotuning ~10 s (limit 85);
-#      Hessian-inverse factor ~15 s (limit 25); the published loop (benchmarks/published_loop.py, one host sync per
-#      column for its boolean-mask store: ~5 000 columns a second) and torch at 4096x4096 and 11008x4096, 2 modes x
-#      (1 + 2) runs: ~15 s (limit 35).
-#   B: build ~90 s: ~60 s for the largest C++ file, the rest in parallel (limit 110; loading it, limit 10); CUDA and
-#      export tests ~30 s (limit 50); prune_layer ~60 s (limit 70); 2:4 matmul ~15 s: 6 layers x 3 token counts x
-#      dense/sparse (limit 25); end to end ~20 s (limit 25).
+# Time (16 cores, H200): the limits below are what each step may take: 295 s (A) and 280 s (B), plus ~5 s for the
+# machine facts and the summary. Measured on 2026-11-30 (benchmarks/results/gpu_h200): A 217 s, B 139 s.
+#   A: facts ~5 s; compiled Triton tests 116 s (about 70 kernel compilations, autotuning included; limit 140);
+#      prune_layer 54 s (4 shapes x 2 modes x (1 + 3) runs of torch and triton; limit 75); Hessian-inverse factor
+#      14 s (limit 20); the published loop (one host sync per column) and torch at 4096x4096 and 11008x4096, 2 modes
+#      x (1 + 2) runs: 27 s (limit 35); one profiled triton call per mode after 2 warm-up calls: ~10 s (limit 25).
+#   B: build 44 s (limit 80; loading it, limit 10); CUDA and export tests ~15 s (limit 40); prune_layer 48 s (limit
+#      70); one profiled cuda call per mode: ~10 s (limit 25); 2:4 matmul, eager and as CUDA-graph replays: 6 layers
+#      x 3 token counts ~20 s (limit 30); end to end ~20 s (limit 25).
 #
 # Under $OUT/<phase> (at most 8 files): summary.md (the table printed last), log.txt (every step's output),
-# steps.tsv, machine.txt and the CSVs. A failing step is reported with the tail of its log and the phase goes on;
+# steps.tsv, machine.txt and the CSVs (the markdown tables some benchmarks write next to their CSV are removed: the
+# summary has them). A failing step is reported with the tail of its log and the phase goes on;
 # the script exits 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,26 +79,31 @@ SHAPES=(4096x4096 11008x4096 4096x11008 12288x12288)
 if [ "$PHASE" = "A" ]; then
   step triton_tests 140 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_triton_backend.py \
     tests/test_precision.py
-  step prune_layer 85 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
+  step prune_layer 75 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
     --backends torch triton --repeats 3 --no-published --csv "$D/prune_layer_triton.csv"
-  step hinv 25 "$PY" benchmarks/bench_hinv.py --sizes 4096 12288 --csv "$D/hinv.csv"
+  step hinv 20 "$PY" benchmarks/bench_hinv.py --sizes 4096 12288 --csv "$D/hinv.csv"
   step published 35 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes 4096x4096 11008x4096 \
     --modes 0.5 2:4 --backends torch --repeats 2 --csv "$D/prune_layer_published.csv"
+  step profile 25 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \
+    --backends triton --csv "$D/profile.csv"
 else
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} SPARSEGPT_KERNELS_REQUIRE_EXT=1
-  step build 110 "$PY" setup.py build_ext --inplace
+  step build 80 "$PY" setup.py build_ext --inplace
   step ext_has_cuda 10 "$PY" -c "from sparsegpt_kernels.backends import extension as _ext; assert _ext.load() and _ext.has_cuda(), \
 _ext.missing_reason() or 'built without CUDA'; print('CUDA extension loaded')"
-  step cuda_tests 50 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_backend.py tests/test_export.py
+  step cuda_tests 40 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_backend.py tests/test_export.py
   step prune_layer 70 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
     --backends torch cuda triton --repeats 2 --no-published --csv "$D/prune_layer_cuda.csv"
-  step sparse_matmul 25 "$PY" benchmarks/bench_sparse_matmul.py --device cuda --models llama-7b opt-6.7b \
+  step profile 25 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \
+    --backends cuda --csv "$D/profile.csv"
+  step sparse_matmul 30 "$PY" benchmarks/bench_sparse_matmul.py --device cuda --models llama-7b opt-6.7b \
     --tokens 16 512 4096 --dtypes float16 --csv "$D/sparse_matmul.csv"
   step e2e 25 "$PY" benchmarks/bench_e2e.py --device cuda --models llama-7b --layers 8 --workload gpu-short \
     --repeats 2 --csv "$D/e2e.csv"
 fi
 
+rm -f "$D/sparse_matmul.md" "$D/e2e.md"
 echo
 "$PY" benchmarks/gpu_summary.py "$PHASE" "$D"
 if [ ${#failed[@]} -gt 0 ]; then

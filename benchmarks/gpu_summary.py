@@ -119,6 +119,23 @@ def _published(d: str) -> list[str]:
     return _table(["shape", "mode", "published s", "torch s", "speedup", ">= 1x"], out)
 
 
+def _profile(d: str) -> list[str]:
+    """One profiled prune_layer call per backend and mode: wall vs device time, launches, the top kernel."""
+    rows = _read(os.path.join(d, "profile.csv"))
+    if not rows:
+        return ["(no profile.csv)"]
+    out, seen = [], set()
+    for r in rows:  # rows come biggest kernel first within each (backend, mode)
+        key = (r["backend"], r["mode"])
+        if key in seen:
+            continue
+        seen.add(key)
+        wall, dev = float(r["wall_s"]), float(r["device_s"])
+        out.append([r["backend"], r["mode"], r["wall_s"], r["device_s"], f"{dev / wall:.2f}" if wall else "-",
+                    r["launches"], f"{r['kernel'][:60]} ({r['share_of_device']})"])
+    return _table(["backend", "mode", "wall s", "device s", "device / wall", "launches", "top kernel (share)"], out)
+
+
 def main(argv: list[str]) -> int:
     phase, d = argv
     lines = [f"# GPU check, phase {phase}", ""]
@@ -130,9 +147,11 @@ def main(argv: list[str]) -> int:
         lines += ["## prune_layer: triton vs torch", "", *_prune(d, "prune_layer_triton.csv", "triton", 20, 3), ""]
         lines += ["## Hessian-inverse factor", "", *_hinv(d), ""]
         lines += ["## torch backend vs the published loop", "", *_published(d), ""]
+        lines += ["## Where a triton prune_layer call spends its time (4096x4096)", "", *_profile(d), ""]
     else:
         lines += ["## prune_layer: cuda vs torch", "", *_prune(d, "prune_layer_cuda.csv", "cuda", 10, None), ""]
         lines += ["## triton or cuda (what backend=\"auto\" should pick)", "", *_auto(d), ""]
+        lines += ["## Where a cuda prune_layer call spends its time (4096x4096)", "", *_profile(d), ""]
         lines += ["## 2:4 semi-structured matmul vs dense", "",
                   *_speedups(d, "sparse_matmul.csv", ["model", "layer", "dtype", "tokens"]), ""]
         lines += ["## End to end (2:4 exported vs dense)", "",

@@ -54,6 +54,12 @@ def test_phase_a_summary(tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[5] in ("yes", "**NO**") and cells[7] in ("yes", "**NO**") and cells[9] == "yes"  # same loss
     assert "| 64 |" in out and "| 96 |" in out  # the Hessian-inverse rows
+    assert "(no profile.csv)" in out
+    _run(os.path.join(BENCH, "profile_prune_layer.py"), "--device", "cpu", "--shape", "64x128", "--modes", "0.5",
+         "2:4", "--backends", "torch", "--top", "3", "--csv", os.path.join(d, "profile.csv"))
+    out = _run(os.path.join(BENCH, "gpu_summary.py"), "A", d)
+    prof = out.split("## Where a triton prune_layer call")[1]
+    assert "| torch | 0.5 |" in prof and "| torch | 2:4 |" in prof
 
 
 def test_phase_b_summary(tmp_path):

@@ -18,12 +18,14 @@
 namespace {
 
 // (rows, B) uint8 mask (1 = pruned) of exactly the k lowest scores, ties in row-major order (reference semantics);
-// computed on the device without synchronizing.
+// computed on the device without synchronizing. The threshold is the k-th value of a full sort: ATen's kthvalue gives
+// a 1-D tensor to a single thread block, which made this mask most of the unstructured sweep's time on the H200
+// (0.24 s for an 11008x4096 layer, against 0.03 s for 2:4); the sort runs on the whole GPU.
 at::Tensor unstructured_mask(const at::Tensor& scores, int64_t k) {
   const at::Tensor flat = scores.reshape({-1});
   if (k <= 0) return at::zeros(scores.sizes(), scores.options().dtype(at::kByte));
   if (k >= flat.numel()) return at::ones(scores.sizes(), scores.options().dtype(at::kByte));
-  const at::Tensor thresh = std::get<0>(at::kthvalue(flat, k));
+  const at::Tensor thresh = std::get<0>(at::sort(flat)).select(0, k - 1);
   const at::Tensor below = flat.lt(thresh);
   const at::Tensor tied = flat.eq(thresh);
   const at::Tensor need = below.sum().neg().add(k);

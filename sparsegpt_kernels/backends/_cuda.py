@@ -1,8 +1,8 @@
 """The ``cuda`` backend: the CUDA operators of ``sparsegpt_kernels._C`` (csrc/cuda), for CUDA tensors.
 
 The sweep runs one fused kernel per column block (a warp per row, the row's block in registers for all of its
-rank-1 updates), N:M selection inside that kernel, unstructured selection with ATen (kthvalue + row-major
-tie-breaking) and the lazy batch update as one cuBLAS GEMM per block. The inverse factor uses ATen's
+rank-1 updates), N:M selection inside that kernel, unstructured selection with ATen (the k-th value of a sort,
+row-major tie-breaking) and the lazy batch update as one cuBLAS GEMM per block. The inverse factor uses ATen's
 cuSOLVER-backed Cholesky with the reversal identity and a GEMM-based triangular inverse. float32 and float64.
 Block sizes above the kernel's limit (1024 columns, defined in csrc/core/rules.h and read from the extension) are
 refused; the reference's default is 128.
