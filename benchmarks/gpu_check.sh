@@ -15,12 +15,13 @@
 #   2:4 semi-structured matmul vs dense (LLaMA-7B and OPT-6.7B layers); prefill/decode of a LLaMA-7B-shaped model
 #   with 8 layers, dense vs 2:4.
 #
-# Time (16 cores, H200): the limits below are what each step may take: 295 s (A) and 280 s (B), plus ~5 s for the
+# Time (16 cores, H200): the limits below are what each step may take: 300 s (A) and 280 s (B), plus ~5 s for the
 # machine facts and the summary. Measured on 2026-11-30 (benchmarks/results/gpu_h200): A 217 s, B 139 s.
-#   A: facts ~5 s; compiled Triton tests 116 s (about 70 kernel compilations, autotuning included; limit 140);
-#      prune_layer 54 s (4 shapes x 2 modes x (1 + 3) runs of torch and triton; limit 75); Hessian-inverse factor
-#      14 s (limit 20); the published loop (one host sync per column) and torch at 4096x4096 and 11008x4096, 2 modes
-#      x (1 + 2) runs: 27 s (limit 35); one profiled triton call per mode after 2 warm-up calls: ~10 s (limit 25).
+#   A: facts ~5 s; compiled Triton tests 116 s then (about 70 kernel compilations, autotuning included), ~135 s with
+#      the two one-warp sweep configs added since (limit 160); prune_layer 54 s (4 shapes x 2 modes x (1 + 3) runs of
+#      torch and triton; limit 70); Hessian-inverse factor 14 s (limit 20); the published loop (one host sync per
+#      column) and torch at 4096x4096 and 11008x4096, 2 modes x (1 + 2) runs: 27 s (limit 30); one profiled triton
+#      call per mode after 2 warm-up calls: ~10 s (limit 20).
 #   B: build 44 s (limit 80; loading it, limit 10); CUDA and export tests ~15 s (limit 40); prune_layer 48 s (limit
 #      70); one profiled cuda call per mode: ~10 s (limit 25); 2:4 matmul, eager and as CUDA-graph replays: 6 layers
 #      x 3 token counts ~20 s (limit 30); end to end ~20 s (limit 25).
@@ -77,14 +78,14 @@ cat "$D/machine.txt"
 SHAPES=(4096x4096 11008x4096 4096x11008 12288x12288)
 
 if [ "$PHASE" = "A" ]; then
-  step triton_tests 140 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_triton_backend.py \
+  step triton_tests 160 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_triton_backend.py \
     tests/test_precision.py
-  step prune_layer 75 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
+  step prune_layer 70 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
     --backends torch triton --repeats 3 --no-published --csv "$D/prune_layer_triton.csv"
   step hinv 20 "$PY" benchmarks/bench_hinv.py --sizes 4096 12288 --csv "$D/hinv.csv"
-  step published 35 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes 4096x4096 11008x4096 \
+  step published 30 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes 4096x4096 11008x4096 \
     --modes 0.5 2:4 --backends torch --repeats 2 --csv "$D/prune_layer_published.csv"
-  step profile 25 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \
+  step profile 20 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \
     --backends triton --csv "$D/profile.csv"
 else
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}

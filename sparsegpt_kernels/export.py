@@ -362,7 +362,7 @@ def _canonical_input(module: nn.Module, args: tuple):
     For a contiguous tensor, only the strides of its size-1 dimensions can differ from the canonical ones, so the
     re-strided view addresses the same elements; anything else is made contiguous (a copy) first.
     """
-    x = args[0]
+    x = args[0] if args else None  # called with the input as a keyword: left as it is
     if not isinstance(x, torch.Tensor) or x.dim() <= 2:
         return None
     x = x.contiguous()

@@ -46,7 +46,14 @@ from .nm_mask import nm_group_rank
 # do. So the autotuner tries only the candidates with at most 16 elements per thread, and blocks wider than
 # SWEEP_MAX_BLOCK are refused (tests/test_triton_backend.py compiles the 256-wide tile of each candidate that is tried
 # there and checks that it does not spill).
+# With several warps, Triton spreads a row's BP columns over the warps (warpsPerCTA = [1, num_warps]), so each of the
+# per-column row reductions crosses warps through shared memory: the sm_90 code of BR = 16 / 4 warps has 9 barriers in
+# every column step (23 in all for 2:4). One-warp programs reduce with shuffles only (no barrier in the kernel) and
+# need no more registers (BR = 2: 83-159 at BP = 128, 152-238 at BP = 256, nothing spilled); the H200 run of
+# 2026-11-30 did not have them, and the autotuner picks between both kinds on the card.
 SWEEP_CONFIGS = [
+    triton.Config({"BR": 2}, num_warps=1),
+    triton.Config({"BR": 4}, num_warps=1),
     triton.Config({"BR": 16}, num_warps=4),
     triton.Config({"BR": 16}, num_warps=8),
     triton.Config({"BR": 8}, num_warps=4),
