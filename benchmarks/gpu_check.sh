@@ -9,20 +9,22 @@
 #   without groups, rows 1/7/33/777, odd column counts, ties, autotuned loss, CUDA graphs, Hessian-inverse factor,
 #   masks, opcheck); prune_layer torch vs triton at 4096x4096, 11008x4096, 4096x11008 and 12288x12288, 50% and 2:4
 #   (median of 3 runs after a warm-up, CUDA events); the Hessian-inverse factor vs torch.linalg.cholesky +
-#   cholesky_inverse at c = 4096 and 12288; the torch backend against the published loop.
+#   cholesky_inverse at c = 4096 and 12288; the torch backend against the published loop; a profiled triton call.
 # Phase B: builds the extension with its CUDA part (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS = the machine's cores); the
-#   CUDA-backend tests and the 2:4 export tests on the GPU; prune_layer torch vs cuda vs triton at the same shapes;
-#   2:4 semi-structured matmul vs dense (LLaMA-7B and OPT-6.7B layers); prefill/decode of a LLaMA-7B-shaped model
-#   with 8 layers, dense vs 2:4.
+#   CUDA-backend tests, the 2:4 export tests and prune_model on a tiny LLaMA with every backend on the GPU;
+#   prune_layer torch vs cuda vs triton at the same shapes; a profiled cuda call; 2:4 semi-structured matmul vs dense
+#   (LLaMA-7B and OPT-6.7B layers; eager and CUDA-graph replays); prefill/decode of a LLaMA-7B-shaped model with 8
+#   layers, dense vs 2:4.
 #
-# Time (16 cores, H200): the limits below are what each step may take: 300 s (A) and 280 s (B), plus ~5 s for the
+# Time (16 cores, H200): the limits below are what each step may take: 300 s (A) and 300 s (B), plus ~5 s for the
 # machine facts and the summary. Measured on 2026-11-30 (benchmarks/results/gpu_h200): A 217 s, B 139 s.
 #   A: facts ~5 s; compiled Triton tests 116 s then (about 70 kernel compilations, autotuning included), ~135 s with
 #      the two one-warp sweep configs added since (limit 160); prune_layer 54 s (4 shapes x 2 modes x (1 + 3) runs of
 #      torch and triton; limit 70); Hessian-inverse factor 14 s (limit 20); the published loop (one host sync per
 #      column) and torch at 4096x4096 and 11008x4096, 2 modes x (1 + 2) runs: 27 s (limit 30); one profiled triton
 #      call per mode after 2 warm-up calls: ~10 s (limit 20).
-#   B: build 44 s (limit 80; loading it, limit 10); CUDA and export tests ~15 s (limit 40); prune_layer 48 s (limit
+#   B: build 44 s (limit 80; loading it, limit 10); CUDA, export and whole-model tests ~35 s (limit 60: the
+#      pipeline on a tiny LLaMA, 4 backends x 2 modes x 2 placements, ~1 s each); prune_layer 48 s (limit
 #      70); one profiled cuda call per mode: ~10 s (limit 25); 2:4 matmul, eager and as CUDA-graph replays: 6 layers
 #      x 3 token counts ~20 s (limit 30); end to end ~20 s (limit 25).
 #
@@ -93,7 +95,8 @@ else
   step build 80 "$PY" setup.py build_ext --inplace
   step ext_has_cuda 10 "$PY" -c "from sparsegpt_kernels.backends import extension as _ext; assert _ext.load() and _ext.has_cuda(), \
 _ext.missing_reason() or 'built without CUDA'; print('CUDA extension loaded')"
-  step cuda_tests 40 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_backend.py tests/test_export.py
+  step cuda_tests 60 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_backend.py tests/test_export.py \
+    tests/test_model_gpu.py
   step prune_layer 70 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
     --backends torch cuda triton --repeats 2 --no-published --csv "$D/prune_layer_cuda.csv"
   step profile 25 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \
