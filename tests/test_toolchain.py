@@ -48,3 +48,9 @@ def test_no_alternative_gives_a_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(toolchain, "CANDIDATES", (static,))
     chosen, message = toolchain.choose_cxx({"CXX": static})
     assert chosen == {} and message.startswith("warning:") and "crash" in message
+
+
+def test_only_on_linux(tmp_path, monkeypatch):
+    static = _wrapper(tmp_path, "g++", "-static-libstdc++")
+    monkeypatch.setattr(toolchain.sys, "platform", "darwin")
+    assert toolchain.choose_cxx({"CXX": static}) == ({}, None)

@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 
 _PROBE = ("#include <sstream>\n#include <string>\n"
@@ -24,14 +25,17 @@ _PROBE = ("#include <sstream>\n#include <string>\n"
 #: compilers tried, in order, when the configured one links libstdc++ statically
 CANDIDATES = ("c++", "g++", "clang++", "/usr/bin/c++", "/usr/bin/g++")
 
+#: names of the shared C++ runtimes a dynamically linked probe depends on (GNU libstdc++, LLVM libc++)
+_SHARED_RUNTIMES = (b"libstdc++.so", b"libc++.so")
+
 #: the C compiler that goes with a C++ compiler of this name (setuptools links with ``$CC``'s command line)
 _C_OF = {"c++": "cc", "g++": "gcc", "clang++": "clang"}
 
 
 def links_libstdcxx_statically(cxx: str) -> bool | None:
-    """True if ``cxx -shared`` builds a shared object with a private copy of libstdc++ (no ``libstdc++.so`` among its
-    dependencies), False if it links it dynamically, None if the probe could not be built (no such compiler, or not
-    a GNU-style driver)."""
+    """True if ``cxx -shared`` builds a shared object with a private copy of the C++ runtime (neither ``libstdc++.so``
+    nor ``libc++.so`` among its dependencies), False if it links one dynamically, None if the probe could not be built
+    (no such compiler, or not a GNU-style driver). For ELF platforms (Linux)."""
     try:
         with tempfile.TemporaryDirectory() as d:
             src, out = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
@@ -42,7 +46,8 @@ def links_libstdcxx_statically(cxx: str) -> bool | None:
             if done.returncode != 0 or not os.path.exists(out):
                 return None
             with open(out, "rb") as f:
-                return b"libstdc++.so" not in f.read()
+                data = f.read()
+            return not any(lib in data for lib in _SHARED_RUNTIMES)
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
 
@@ -55,6 +60,8 @@ def choose_cxx(env: dict[str, str] | None = None) -> tuple[dict[str, str], str |
     the first compiler of :data:`CANDIDATES` that does not, and a message saying so; if there is none, no variables
     and a warning.
     """
+    if not sys.platform.startswith("linux"):  # the probe reads ELF dependencies
+        return {}, None
     env = os.environ if env is None else env
     current = env.get("CXX") or "c++"
     if links_libstdcxx_statically(current) is not True:
