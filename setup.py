@@ -129,12 +129,12 @@ def _extensions() -> dict:
         return _skip(f"torch is not importable at build time ({e}); use pip install --no-build-isolation")
     if not _have_cxx():
         return _skip("no C++ compiler found")
+    if not os.path.exists(os.path.join(ROOT, "csrc", "sources.txt")):
+        return _skip("csrc/ is not part of this source tree")
     chosen, message = _toolchain().choose_cxx()
     if message:
         _say(message)
     os.environ.update(chosen)
-    if not os.path.exists(os.path.join(ROOT, "csrc", "sources.txt")):
-        return _skip("csrc/ is not part of this source tree")
 
     src = read_sources()
     depends = list(src.get("core", [])) + ["csrc/cpu/aten_ops.h", "csrc/cuda/sweep_kernels.h"]

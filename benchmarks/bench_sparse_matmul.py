@@ -86,7 +86,9 @@ def _bench(fn, device: torch.device, repeats: int) -> float:
 
 
 def _graph_bench(fn, device: torch.device, repeats: int) -> float | None:
-    """Median seconds of one replay of ``fn`` captured in a CUDA graph, or None where it cannot be captured."""
+    """Median seconds of one replay of ``fn`` captured in a CUDA graph; None off CUDA or where it cannot be captured."""
+    if device.type != "cuda":
+        return None
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -133,9 +135,8 @@ def run(models: dict[str, dict[str, tuple[int, int]]], tokens: list[int], dtypes
                         rows.append({**seen[key], **base})
                         continue
                     x = torch.randn(t, in_f, device=device, dtype=dtype)
-                    dense_s = _bench(lambda x=x, W=W: torch.nn.functional.linear(x, W), device, repeats)
-                    dense_g = _graph_bench(lambda x=x, W=W: torch.nn.functional.linear(x, W), device, repeats) \
-                        if device.type == "cuda" else None
+                    dense = lambda x=x, W=W: torch.nn.functional.linear(x, W)  # noqa: E731
+                    dense_s, dense_g = _bench(dense, device, repeats), _graph_bench(dense, device, repeats)
                     sparse_s, sparse_g, err, status = None, None, None, "ok"
                     if Ws is not None:
                         try:
@@ -143,11 +144,8 @@ def run(models: dict[str, dict[str, tuple[int, int]]], tokens: list[int], dtypes
                             y_dense = torch.nn.functional.linear(x, W)
                             err = float((y_sparse.float() - y_dense.float()).abs().max()
                                         / (y_dense.float().abs().max() + 1e-6))
-                            sparse_s = _bench(lambda x=x, Ws=Ws: torch.nn.functional.linear(x, Ws),
-                                              device, repeats)
-                            if device.type == "cuda":
-                                sparse_g = _graph_bench(lambda x=x, Ws=Ws: torch.nn.functional.linear(x, Ws),
-                                                        device, repeats)
+                            sparse = lambda x=x, Ws=Ws: torch.nn.functional.linear(x, Ws)  # noqa: E731
+                            sparse_s, sparse_g = _bench(sparse, device, repeats), _graph_bench(sparse, device, repeats)
                         except (RuntimeError, NotImplementedError) as e:
                             status = f"sparse matmul failed: {str(e).splitlines()[0]}"
                     else:

@@ -19,18 +19,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_prune_layer import synthetic_hessian  # noqa: E402
 from common import OUT_DIR, meta, sync, write_csv  # noqa: E402
 
 import sparsegpt_kernels as sk  # noqa: E402
 from sparsegpt_kernels.backends import unavailable_reason  # noqa: E402
-
-
-def _problem(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    X = torch.randn(2 * cols, cols, generator=g) @ (torch.eye(cols) + 0.1 * torch.randn(cols, cols, generator=g))
-    H = (X.T @ X / X.shape[0]).to(device)
-    W = torch.randn(rows, cols, generator=g).to(device)
-    return W, H
 
 
 def profile_one(W: torch.Tensor, H: torch.Tensor, backend: str, mode: str, top: int) -> tuple[dict, list[dict]]:
@@ -76,7 +69,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     rows_n, cols_n = (int(v) for v in args.shape.lower().split("x"))
-    W, H = _problem(rows_n, cols_n, device)
+    H = synthetic_hessian(cols_n, device)
+    W = torch.randn(rows_n, cols_n, generator=torch.Generator().manual_seed(0)).to(device)
     info = meta(device)
     print(f"# {info['date']}  {info['device']}  torch {info['torch']}  prune_layer {args.shape}, one profiled call")
     out = []

@@ -38,6 +38,7 @@ import platform
 import sys
 import threading
 from types import ModuleType
+from unittest import mock
 
 import torch
 
@@ -111,19 +112,11 @@ def _jit_build() -> ModuleType:
     chosen, message = toolchain.choose_cxx()
     if message:
         logger.warning("sparsegpt_kernels: %s", message)
-    saved = {k: os.environ.get(k) for k in chosen}
-    os.environ.update(chosen)
-    try:
+    with mock.patch.dict(os.environ, chosen):  # the compiler for this build only
         return cpp_extension.load(name="sparsegpt_kernels_C", sources=sources, extra_cflags=cflags,
                                   extra_ldflags=ldflags, extra_cuda_cflags=["-O3", "-DSPARSEGPT_KERNELS_WITH_CUDA=1"],
                                   extra_include_paths=[src], build_directory=build_dir, with_cuda=with_cuda,
                                   verbose=False)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def load() -> ModuleType | None:

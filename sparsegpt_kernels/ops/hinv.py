@@ -246,7 +246,7 @@ def hinv_factor_launch(H: torch.Tensor, damp: float, *, BS: int | None = None, B
         rest = c - (k0 + BS)
         if rest > 0:
             _chol_panel_kernel[(triton.cdiv(rest, BS),)](U, dinv, c, sa, k0, kb, BS=BS, BM=BS, BK=BK,
-                                                               num_warps=wm)
+                                                         num_warps=wm)
             nt = triton.cdiv(rest, BT)
             _chol_update_kernel[(nt, nt)](U, c, sa, k0, BS=BS, BT=BT, BK=BK, num_warps=wm)
     for jb in range(nb - 1, -1, -1):
