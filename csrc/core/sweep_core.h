@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -178,6 +179,136 @@ inline void upper_inverse_columns(const T* R, int64_t ldr, int64_t B, int64_t k0
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Exact unstructured selection over a whole block, in parallel: the k lowest of the block's (rows, B) scores
+// (non-negative), ties in row-major order (the first ones in index order are pruned). A radix select on the scores'
+// bit patterns (for non-negative IEEE values their order as unsigned integers): one pass over the rows computes the
+// scores and a histogram of their top 16 bits (one per chunk of rows); a second pass computes them again and keeps
+// the few that share the k-th score's top bits (with their indices, in index order); the other bits are settled on
+// those alone. The scores are never stored: the in-block steps compute them again from the same weights, and the
+// outcome is a Threshold, not a mask.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+using score_key_t = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+
+template <typename T>
+inline score_key_t<T> score_key(T x) {
+  score_key_t<T> k;
+  std::memcpy(&k, &x, sizeof(T));
+  return k;
+}
+
+// What an unstructured selection decided, for the block's entries i = row * B + j: i is pruned iff its score's key
+// is below `key`, or equal to it with i <= last_tie (the ties at the threshold go in index order).
+template <typename T>
+struct Threshold {
+  score_key_t<T> key = 0;
+  int64_t last_tie = -1;
+  bool prunes(score_key_t<T> k, int64_t i) const { return k < key || (k == key && i <= last_tie); }
+};
+
+// Buffers of select_threshold, kept from block to block.
+template <typename T>
+struct SelectScratch {
+  std::vector<uint32_t> hist;                // (chunks, kSelectBins)
+  std::vector<score_key_t<T>> keys, keys2;   // candidates: keys and indices, in index order
+  std::vector<int64_t> idx, idx2;
+};
+
+constexpr int kSelectBits = 16;
+constexpr int64_t kSelectBins = int64_t{1} << kSelectBits;
+
+// `row_scores(r, out)` writes the B scores of row r to out. `parallel` as for sweep (below).
+template <typename T, typename RowScores, typename Parallel>
+Threshold<T> select_threshold(int64_t rows, int64_t B, int64_t k, RowScores&& row_scores, SelectScratch<T>& s,
+                              Parallel&& parallel) {
+  using K = score_key_t<T>;
+  const int64_t count = rows * B;
+  Threshold<T> out;
+  if (k <= 0 || count == 0) return out;  // key 0, no ties: nothing below
+  if (k >= count) {
+    out.key = std::numeric_limits<K>::max();
+    out.last_tie = count;
+    return out;
+  }
+  constexpr int kKeyBits = static_cast<int>(sizeof(K) * 8);
+  constexpr int shift = kKeyBits - kSelectBits;
+  // chunks of rows, each with its own histogram; fewer than 2^32 entries per chunk (uint32 bins)
+  int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(8, rows / 1024));
+  nchunks = std::max<int64_t>(nchunks, count / (int64_t{1} << 31) + 1);
+  nchunks = std::min(nchunks, rows);
+  const int64_t chunk_rows = (rows + nchunks - 1) / nchunks;
+  nchunks = (rows + chunk_rows - 1) / chunk_rows;
+  s.hist.resize(static_cast<size_t>(nchunks * kSelectBins));
+  parallel(nchunks, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> sc(static_cast<size_t>(B));
+    for (int64_t c = b; c < e; ++c) {
+      uint32_t* h = s.hist.data() + c * kSelectBins;
+      std::fill(h, h + kSelectBins, 0u);
+      for (int64_t r = c * chunk_rows, r1 = std::min(rows, r + chunk_rows); r < r1; ++r) {
+        row_scores(r, sc.data());
+        for (int64_t j = 0; j < B; ++j) ++h[score_key(sc[j]) >> shift];
+      }
+    }
+  });
+  int64_t kk = k;  // rank (1-based) of the k-th key among the keys of the current bucket
+  K digit = 0;
+  for (;; ++digit) {
+    int64_t h = 0;
+    for (int64_t c = 0; c < nchunks; ++c) h += s.hist[c * kSelectBins + digit];
+    if (h >= kk) break;
+    kk -= h;
+  }
+  // the bucket's keys and indices, chunk c from offset[c] on
+  std::vector<int64_t> offset(static_cast<size_t>(nchunks + 1), 0);
+  for (int64_t c = 0; c < nchunks; ++c) offset[c + 1] = offset[c] + s.hist[c * kSelectBins + digit];
+  int64_t n = offset[nchunks];
+  s.keys.resize(static_cast<size_t>(n));
+  s.idx.resize(static_cast<size_t>(n));
+  parallel(nchunks, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> sc(static_cast<size_t>(B));
+    for (int64_t c = b; c < e; ++c) {
+      int64_t o = offset[c];
+      for (int64_t r = c * chunk_rows, r1 = std::min(rows, r + chunk_rows); r < r1; ++r) {
+        row_scores(r, sc.data());
+        for (int64_t j = 0; j < B; ++j) {
+          const K key = score_key(sc[j]);
+          if ((key >> shift) == digit) {
+            s.keys[o] = key;
+            s.idx[o] = r * B + j;
+            ++o;
+          }
+        }
+      }
+    }
+  });
+  // the lower bits, 16 at a time, on the candidates alone (kept in index order)
+  std::vector<int64_t> hist(static_cast<size_t>(kSelectBins));
+  for (int lo = shift - kSelectBits; lo >= 0; lo -= kSelectBits) {
+    std::fill(hist.begin(), hist.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++hist[(s.keys[i] >> lo) & (kSelectBins - 1)];
+    K d = 0;
+    for (; hist[d] < kk; ++d) kk -= hist[d];
+    s.keys2.resize(static_cast<size_t>(hist[d]));
+    s.idx2.resize(static_cast<size_t>(hist[d]));
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (((s.keys[i] >> lo) & (kSelectBins - 1)) == d) {
+        s.keys2[m] = s.keys[i];
+        s.idx2[m] = s.idx[i];
+        ++m;
+      }
+    }
+    std::swap(s.keys, s.keys2);
+    std::swap(s.idx, s.idx2);
+    n = m;
+  }
+  // every candidate left has the k-th key; the first kk of them (in index order) are pruned
+  out.key = s.keys[0];
+  out.last_tie = s.idx[kk - 1];
+  return out;
+}
+
 // Rows per tile, L: the SIMD lanes of the in-block steps. A tile is stored column-major ((B, L): the L rows of one
 // column are contiguous), so the in-block updates run across rows, L at a time, whatever the remaining length of
 // the block. 16 floats fill one AVX-512 register; AVX2 and the baseline build run 8 (one 256-bit or two 128-bit
@@ -252,6 +383,12 @@ struct LaneMask {
   typedef I type __attribute__((vector_size(sizeof(T) * L)));
 };
 
+// The keys of L scores (score_key of each lane) as one vector.
+template <typename T, int L>
+struct LaneKey {
+  typedef score_key_t<T> type __attribute__((vector_size(sizeof(T) * L)));
+};
+
 template <typename T, bool chol, int L>
 inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt, double* loss) {
   using V = typename LaneVec<T, L>::type;
@@ -286,6 +423,52 @@ inline void prune_lanes(T* wj, const uint8_t* pr, T d, const T* oj, T* pc, T* pt
   prune_lanes_scalar<T, chol, false, L>(wj, pr, d, oj, pc, pt, loss, nullptr, nullptr, T(0));
 }
 #endif
+
+// The unstructured mask of one tile from its weights at the block start (work, (B, L)), the block's factor (its
+// diagonal d_j) and the block's Threshold: flags[j * L + t] = 1 where the selection prunes row r0 + t, column j. The
+// scores are (w * w) / (d * d), with the roundings of the row scores the selection ranked, so both agree exactly.
+template <typename T, int L>
+inline void threshold_lanes(const T* work, const T* Ub, int64_t ldub, int64_t B, int64_t r0, const Threshold<T>& thr,
+                            uint8_t* flags) {
+  using K = score_key_t<T>;
+  int64_t j = 0;
+#if defined(__GNUC__) || defined(__clang__)
+  using V = typename LaneVec<T, L>::type;
+  using KV = typename LaneKey<T, L>::type;
+  KV tk;
+  for (int64_t t = 0; t < L; ++t) tk[t] = thr.key;
+  for (; j < B; ++j) {
+    const T d = Ub[j * ldub + j];
+    const T dd = d * d;
+    V w;
+    std::memcpy(&w, work + j * L, sizeof(V));
+    const V sc = (w * w) / dd;
+    KV key;
+    std::memcpy(&key, &sc, sizeof(V));
+    const auto lt = key < tk;
+    const auto eq = key == tk;
+    bool tie = false;
+    for (int64_t t = 0; t < L; ++t) {
+      flags[j * L + t] = static_cast<uint8_t>(lt[t] & 1);
+      tie = tie || eq[t] != 0;
+    }
+    if (tie) {  // rare: the threshold's own value, decided by index
+      for (int64_t t = 0; t < L; ++t) {
+        if (eq[t]) flags[j * L + t] = (r0 + t) * B + j <= thr.last_tie;
+      }
+    }
+  }
+#endif
+  for (; j < B; ++j) {
+    const T d = Ub[j * ldub + j];
+    const T dd = d * d;
+    for (int64_t t = 0; t < L; ++t) {
+      const T w = work[j * L + t];
+      const K key = score_key((w * w) / dd);
+      flags[j * L + t] = thr.prunes(key, (r0 + t) * B + j);
+    }
+  }
+}
 
 // Moving a tile between rows and lanes: `in` reads L rows (row t at rows[t] + k) into the tile layout
 // (tile[k * L + t]), `out` writes the tile back into the rows, for the columns [0, B) and the first tr rows (the
@@ -374,14 +557,14 @@ constexpr int kChunk = sizeof(T) == 4 ? 4 : 2;
 template <typename T>
 struct TileScratch {
   std::vector<T> work, w0, pt, pv, nm_scores;
-  std::vector<uint8_t> nm_pruned;
+  std::vector<uint8_t> pruned;  // (B, L): 1 where the tile's weight is pruned
   TileScratch(int64_t B, int64_t m, bool chol, int64_t L)
       : work(static_cast<size_t>(B * L)),
         w0(chol ? static_cast<size_t>(B * L) : 0),
         pt(static_cast<size_t>(B * L)),
         pv(static_cast<size_t>(kChunk<T> * L)),
         nm_scores(static_cast<size_t>(m * L)),
-        nm_pruned(m ? static_cast<size_t>(B * L) : 0) {}
+        pruned(static_cast<size_t>(B * L)) {}
 };
 
 // Where the current weights of a block are read from, and the block of the in-block factor (U[blk, blk]).
@@ -424,8 +607,7 @@ inline void nm_select_lanes(const T* w, const T* diag, int64_t dstride, int64_t 
 // ---------------------------------------------------------------------------------------------------------------
 // Steps 1 (N:M) and 2 of docs/algorithm.md ("The blocked sweep") for the rows [r0, r0 + tr) (tr <= L) of a
 // block.
-// mask: the unstructured mask of the tile in tile layout ((B, L), 1 = pruned, zeros in the padding lanes; see
-// mask_index; unused for N:M). PT (rows, ldpt) receives, in the tile's rows and the block's columns, what the lazy
+// thr: the block's unstructured selection (the tile computes its own mask from it; unused for N:M). PT (rows, ldpt) receives, in the tile's rows and the block's columns, what the lazy
 // update needs: -err (kInverse) or W0 - q (kCholesky). The pruned weights go to W. Both are written row by row at
 // the end: PT as it goes, a transposed column a whole row apart, would cost one page per column of the tile.
 // Returns Σ err² over the tile.
@@ -434,7 +616,7 @@ inline void nm_select_lanes(const T* w, const T* diag, int64_t dstride, int64_t 
 // its updates in column order, with the reference's roundings, so the result does not depend on the chunking.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T, Factor F, bool nm, bool quant, int L>
-inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr, const uint8_t* mask,
+inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr, const Threshold<T>& thr,
                          T* PT, int64_t ldpt, TileScratch<T>& s, int64_t chunk) {
   constexpr bool chol = F == Factor::kCholesky;
   constexpr int C = kChunk<T>;
@@ -451,6 +633,7 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
   }
   tile_in<T, L>(crow, tr, B, work);
   if (chol) tile_in<T, L>(wrow, tr, B, w0);
+  if (!nm) threshold_lanes<T, L>(work, v.Ub, v.ldub, B, r0, thr, s.pruned.data());
   T* pv = s.pv.data();  // (chunk, L): -err of the chunk's columns
   const T maxq = static_cast<T>(p.maxq);
   T qs[L] = {}, qz[L] = {};  // quantization grid of the tile's rows for group qg
@@ -467,7 +650,7 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
       T* wj = work + j * L;
       if (nm && j % p.m == 0) {
         // score the group with the current (already updated) weights
-        nm_select_lanes<T, L>(wj, urow + j, v.ldub + 1, p.n, p.m, s.nm_pruned.data() + j * L, s.nm_scores.data());
+        nm_select_lanes<T, L>(wj, urow + j, v.ldub + 1, p.n, p.m, s.pruned.data() + j * L, s.nm_scores.data());
       }
       if (quant && col / p.group_size != qg) {
         qg = col / p.group_size;
@@ -477,7 +660,7 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
           qz[t] = p.zero[row * p.ldq + qg];
         }
       }
-      const uint8_t* pr = nm ? s.nm_pruned.data() + j * L : mask + j * L;
+      const uint8_t* pr = s.pruned.data() + j * L;
       const T* oj = w0 + j * L;
       T* pt = s.pt.data() + j * L;
       T* pc = pv + c * L;
@@ -511,16 +694,16 @@ inline double sweep_tile(const SweepParams<T>& p, const BlockView<T>& v, int64_t
 #define SGK_HAVE_WIDE_TILES 1
 template <typename T, Factor F, bool nm, bool quant>
 __attribute__((target("avx2"), flatten)) double sweep_tile_avx2(const SweepParams<T>& p, const BlockView<T>& v,
-                                                                int64_t r0, int64_t tr, const uint8_t* mask, T* PT,
+                                                                int64_t r0, int64_t tr, const Threshold<T>& thr, T* PT,
                                                                 int64_t ldpt, TileScratch<T>& s, int64_t chunk) {
-  return sweep_tile<T, F, nm, quant, 8>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
+  return sweep_tile<T, F, nm, quant, 8>(p, v, r0, tr, thr, PT, ldpt, s, chunk);
 }
 
 template <typename T, Factor F, bool nm, bool quant>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), flatten)) double sweep_tile_avx512(
-    const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr, const uint8_t* mask, T* PT, int64_t ldpt,
+    const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr, const Threshold<T>& thr, T* PT, int64_t ldpt,
     TileScratch<T>& s, int64_t chunk) {
-  return sweep_tile<T, F, nm, quant, 16>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
+  return sweep_tile<T, F, nm, quant, 16>(p, v, r0, tr, thr, PT, ldpt, s, chunk);
 }
 
 inline Simd cpu_simd() {
@@ -543,105 +726,14 @@ inline const char* simd_name(Simd s) {
 
 template <typename T, Factor F, bool nm, bool quant>
 inline double sweep_tile_dispatch(Simd simd, const SweepParams<T>& p, const BlockView<T>& v, int64_t r0, int64_t tr,
-                                  const uint8_t* mask, T* PT, int64_t ldpt, TileScratch<T>& s, int64_t chunk) {
+                                  const Threshold<T>& thr, T* PT, int64_t ldpt, TileScratch<T>& s, int64_t chunk) {
 #ifdef SGK_HAVE_WIDE_TILES
-  if (simd == Simd::kAvx512) return sweep_tile_avx512<T, F, nm, quant>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
-  if (simd == Simd::kAvx2) return sweep_tile_avx2<T, F, nm, quant>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
+  if (simd == Simd::kAvx512) return sweep_tile_avx512<T, F, nm, quant>(p, v, r0, tr, thr, PT, ldpt, s, chunk);
+  if (simd == Simd::kAvx2) return sweep_tile_avx2<T, F, nm, quant>(p, v, r0, tr, thr, PT, ldpt, s, chunk);
 #else
   (void)simd;
 #endif
-  return sweep_tile<T, F, nm, quant, 8>(p, v, r0, tr, mask, PT, ldpt, s, chunk);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Exact unstructured selection over a whole block, in parallel: the k lowest of the (rows, B) row-major scores
-// (non-negative), ties in row-major order (the first ones in index order are pruned). A radix select on the scores'
-// bit patterns (for non-negative IEEE values their order as unsigned integers), 11 bits per pass, one histogram per
-// chunk of rows; then one marking pass writes the mask in tile layout (mask_index with tile_stride; 1 = pruned; the
-// padding lanes of the last tile are not written) and the ties at the threshold are taken in index order.
-// ---------------------------------------------------------------------------------------------------------------
-
-// Where (row, j) of a block's mask is in tile layout for tiles of L rows: tile row / L at tile_stride bytes from the
-// previous one, holding (B, L) bytes, column j's L rows contiguous (the order the in-block steps read them).
-inline int64_t mask_index(int64_t row, int64_t j, int64_t tile_stride, int64_t L) {
-  return (row / L) * tile_stride + j * L + row % L;
-}
-
-template <typename T>
-using score_key_t = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
-
-template <typename T>
-inline score_key_t<T> score_key(T x) {
-  score_key_t<T> k;
-  std::memcpy(&k, &x, sizeof(T));
-  return k;
-}
-
-template <typename T, typename Parallel>
-void select_block(const T* scores, int64_t rows, int64_t B, int64_t k, uint8_t* mask, int64_t tile_stride,
-                  int64_t L, Parallel&& parallel) {
-  using K = score_key_t<T>;
-  const int64_t count = rows * B;
-  const int64_t ntiles = (rows + L - 1) / L;
-  // marks the tiles [b, e): pruned(row, j) for the rows that exist
-  auto mark = [&](int64_t b, int64_t e, auto&& pruned) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t r0 = t * L, tr = std::min(L, rows - r0);
-      uint8_t* out = mask + t * tile_stride;
-      for (int64_t j = 0; j < B; ++j) {
-        for (int64_t l = 0; l < tr; ++l) out[j * L + l] = pruned(r0 + l, j);
-      }
-    }
-  };
-  if (k <= 0 || k >= count) {
-    const uint8_t all = k > 0 ? 1 : 0;
-    parallel(ntiles, kScoreGrainRows / L,
-             [&](int64_t b, int64_t e) { mark(b, e, [&](int64_t, int64_t) { return all; }); });
-    return;
-  }
-  constexpr int kBits = 11;
-  constexpr int64_t kBins = int64_t{1} << kBits;
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(16, rows / 128));
-  const int64_t chunk_rows = (rows + nchunks - 1) / nchunks;
-  std::vector<int64_t> hist(static_cast<size_t>(nchunks * kBins));
-  K prefix = 0, fixed = 0;  // the bits of the k-th key found so far, and which bits those are
-  int64_t kk = k;           // rank (1-based) of the k-th key among the keys that match `prefix` on `fixed`
-  for (int hi = static_cast<int>(sizeof(K) * 8); hi > 0;) {
-    const int lo = std::max(0, hi - kBits);
-    const K digit_mask = static_cast<K>((K{1} << (hi - lo)) - 1);
-    std::fill(hist.begin(), hist.end(), 0);
-    parallel(nchunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        int64_t* h = hist.data() + c * kBins;
-        const int64_t i0 = c * chunk_rows * B, i1 = std::min(count, (c + 1) * chunk_rows * B);
-        for (int64_t i = i0; i < i1; ++i) {
-          const K key = score_key(scores[i]);
-          if ((key & fixed) == prefix) ++h[(key >> lo) & digit_mask];
-        }
-      }
-    });
-    int64_t below = 0, digit = 0;
-    for (; digit < kBins; ++digit) {
-      int64_t h = 0;
-      for (int64_t c = 0; c < nchunks; ++c) h += hist[c * kBins + digit];
-      if (below + h >= kk) break;
-      below += h;
-    }
-    kk -= below;
-    prefix |= static_cast<K>(digit) << lo;
-    fixed |= digit_mask << lo;
-    hi = lo;
-  }
-  const K thresh = prefix;  // the k-th lowest key; kk of the keys equal to it are pruned, the first ones
-  parallel(ntiles, kScoreGrainRows / L, [&](int64_t b, int64_t e) {
-    mark(b, e, [&](int64_t row, int64_t j) { return static_cast<uint8_t>(score_key(scores[row * B + j]) < thresh); });
-  });
-  for (int64_t i = 0; i < count && kk > 0; ++i) {
-    if (score_key(scores[i]) == thresh) {
-      mask[mask_index(i / B, i % B, tile_stride, L)] = 1;
-      --kk;
-    }
-  }
+  return sweep_tile<T, F, nm, quant, 8>(p, v, r0, tr, thr, PT, ldpt, s, chunk);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -665,9 +757,9 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
   const int64_t group = chol ? std::max<int64_t>(1, kLazyWidth / Bmax) : 1;
   const int64_t ldpt = group * Bmax;
   BigBuffer<T> PT(static_cast<size_t>(p.rows * ldpt));  // (rows, ldpt): the group's W0 - Q (kCholesky) or -E
-  const int64_t tile_stride = Bmax * L;
-  BigBuffer<uint8_t> mask(nm ? 0 : static_cast<size_t>(ntiles * tile_stride), /*zero=*/true);  // padding stays 0
-  BigBuffer<T> scores(nm ? 0 : static_cast<size_t>(p.rows * Bmax));
+  SelectScratch<T> select_scratch;
+  Threshold<T> thr;
+  std::vector<T> dd(static_cast<size_t>(Bmax));  // the block's d_j²
   BigBuffer<T> S(chol ? static_cast<size_t>(p.rows * Bmax) : 0);  // kCholesky: weights at the block start
   std::vector<T> Ub(chol ? static_cast<size_t>(Bmax * Bmax) : 0);   // kCholesky: inv(R[blk, blk])
   std::vector<double> partial(static_cast<size_t>(ntiles));
@@ -706,18 +798,17 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
     }
     clock.lap(kBlockStart);
     if (!nm) {
-      // step 1: one threshold over the whole (rows, B) block, scores from the current weights
-      parallel(p.rows, kScoreGrainRows, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const T* w = v.cur + r * v.ldc;
-          T* sc = scores.data() + r * B;
-          for (int64_t j = 0; j < B; ++j) {
-            const T d = v.Ub[j * v.ldub + j];
-            sc[j] = (w[j] * w[j]) / (d * d);
-          }
-        }
-      });
-      select_block(scores.data(), p.rows, B, n_pruned(p.sparsity, p.rows * B), mask.data(), tile_stride, L, parallel);
+      // step 1: one threshold over the whole (rows, B) block, scores w² / d² from the current weights (computed
+      // the same way as threshold_lanes does in the tiles)
+      for (int64_t j = 0; j < B; ++j) {
+        const T d = v.Ub[j * v.ldub + j];
+        dd[j] = d * d;
+      }
+      auto row_scores = [&](int64_t r, T* sc) {
+        const T* w = v.cur + r * v.ldc;
+        for (int64_t j = 0; j < B; ++j) sc[j] = (w[j] * w[j]) / dd[j];
+      };
+      thr = select_threshold<T>(p.rows, B, n_pruned(p.sparsity, p.rows * B), row_scores, select_scratch, parallel);
       clock.lap(kSelect);
     }
     // step 2: tiles of rows through the whole block
@@ -726,8 +817,8 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
       TileScratch<T> scratch(B, nm ? p.m : 0, chol, L);
       for (int64_t t = b; t < e; ++t) {
         const int64_t r0 = t * L;
-        partial[t] = sweep_tile_dispatch<T, F, nm, quant>(simd, p, v, r0, std::min(L, p.rows - r0),
-                                                          mask.data() + t * tile_stride, PTb, ldpt, scratch, chunk);
+        partial[t] = sweep_tile_dispatch<T, F, nm, quant>(simd, p, v, r0, std::min(L, p.rows - r0), thr,
+                                                          PTb, ldpt, scratch, chunk);
       }
     });
     for (double x : partial) loss += x;

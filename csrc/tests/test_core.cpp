@@ -62,7 +62,7 @@ void test_nm_group() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Oracle of the unstructured selection (sgk::select_block): pruned[i] = 1 for exactly the k lowest of
+// Oracle of the unstructured selection (sgk::select_threshold): pruned[i] = 1 for exactly the k lowest of
 // scores[0..count), ties in index order, by nth_element. `tmp` must hold `count` values.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T>
@@ -95,29 +95,81 @@ void select_k_lowest(const T* scores, int64_t count, int64_t k, uint8_t* pruned,
 
 void serial(int64_t ntasks, int64_t, const std::function<void(int64_t, int64_t)>& fn) { fn(0, ntasks); }
 
+// The mask sgk::select_threshold decides for (rows, B) row-major scores: pruned[i] = thr.prunes(key of score i, i).
+template <typename T, typename Parallel>
+std::vector<uint8_t> select_mask(const T* scores, int64_t rows, int64_t B, int64_t k, Parallel&& parallel) {
+  sgk::SelectScratch<T> scratch;
+  auto row_scores = [&](int64_t r, T* out) { std::copy(scores + r * B, scores + (r + 1) * B, out); };
+  const sgk::Threshold<T> thr = sgk::select_threshold<T>(rows, B, k, row_scores, scratch, parallel);
+  std::vector<uint8_t> mask(static_cast<size_t>(rows * B));
+  for (int64_t i = 0; i < rows * B; ++i) mask[i] = thr.prunes(sgk::score_key(scores[i]), i);
+  return mask;
+}
+
 void test_select() {
-  // one row of 10 scores: in select_block's tile layout (mask_index, tiles of 8 rows) the row's column j is at j * 8
   const float s[10] = {5, 1, 3, 3, 0, 3, 9, 3, 2, 8};
-  const int64_t L = 8, stride = 10 * L;
-  std::vector<uint8_t> m(stride, 7);
   uint8_t oracle[10];
   float tmp[10];
-  auto pr = [&](int j) { return m[sgk::mask_index(0, j, stride, L)]; };
-  sgk::select_block(s, 1, 10, 4, m.data(), stride, L, serial);  // 0, 1, 2 and the first 3 (index 2)
+  auto m = select_mask(s, 1, 10, 4, serial);  // 0, 1, 2 and the first 3 (index 2)
   const uint8_t want[10] = {0, 1, 1, 0, 1, 0, 0, 0, 1, 0};
-  for (int i = 0; i < 10; ++i) CHECK(pr(i) == want[i]);
-  CHECK(m[1] == 7);  // padding lanes are not written
-  sgk::select_block(s, 1, 10, 6, m.data(), stride, L, serial);  // ... and the next two 3s (indices 3, 5)
-  CHECK(pr(2) && pr(3) && pr(5) && !pr(7));
-  sgk::select_block(s, 1, 10, 0, m.data(), stride, L, serial);
-  for (int i = 0; i < 10; ++i) CHECK(pr(i) == 0);
-  sgk::select_block(s, 1, 10, 10, m.data(), stride, L, serial);
-  for (int i = 0; i < 10; ++i) CHECK(pr(i) == 1);
+  for (int i = 0; i < 10; ++i) CHECK(m[i] == want[i]);
+  m = select_mask(s, 1, 10, 6, serial);  // ... and the next two 3s (indices 3, 5)
+  CHECK(m[2] && m[3] && m[5] && !m[7]);
+  m = select_mask(s, 1, 10, 0, serial);
+  for (int i = 0; i < 10; ++i) CHECK(m[i] == 0);
+  m = select_mask(s, 1, 10, 10, serial);
+  for (int i = 0; i < 10; ++i) CHECK(m[i] == 1);
   select_k_lowest(s, 10, 6, oracle, tmp);  // the oracle agrees on the hand-checked case
-  sgk::select_block(s, 1, 10, 6, m.data(), stride, L, serial);
-  for (int i = 0; i < 10; ++i) CHECK(pr(i) == oracle[i]);
+  m = select_mask(s, 1, 10, 6, serial);
+  for (int i = 0; i < 10; ++i) CHECK(m[i] == oracle[i]);
   CHECK(sgk::n_pruned(0.5, 7) == 4 && sgk::n_pruned(0.5, 6) == 3 && sgk::n_pruned(0.0, 9) == 0);
   CHECK(sgk::n_pruned(1.0, 9) == 9);
+}
+
+// threshold_lanes (the mask a tile computes from its weights) against Threshold::prunes on the same scores, for tiles
+// of L rows with ties at the threshold on both sides of last_tie.
+template <typename T, int L>
+void check_threshold_lanes(uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_int_distribution<int> lv(-3, 3);
+  const int64_t B = 12, rows = 2 * L;
+  std::vector<T> Ub(B * B, T(0)), W(rows * B);
+  for (int64_t j = 0; j < B; ++j) Ub[j * B + j] = T(0.5) + T(j % 3);
+  for (auto& x : W) x = static_cast<T>(lv(g)) * T(0.75);
+  std::vector<T> sc(rows * B);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < B; ++j) {
+      const T d = Ub[j * B + j];
+      sc[r * B + j] = (W[r * B + j] * W[r * B + j]) / (d * d);
+    }
+  for (int64_t k : {int64_t{0}, int64_t{5}, rows * B / 2, rows * B / 2 + 1, rows * B}) {
+    sgk::SelectScratch<T> scratch;
+    auto row_scores = [&](int64_t r, T* out) { std::copy(sc.begin() + r * B, sc.begin() + (r + 1) * B, out); };
+    const sgk::Threshold<T> thr = sgk::select_threshold<T>(rows, B, k, row_scores, scratch, serial);
+    int64_t pruned = 0;
+    bool same = true;
+    for (int64_t r0 = 0; r0 < rows; r0 += L) {
+      std::vector<T> work(B * L);
+      for (int64_t j = 0; j < B; ++j)
+        for (int64_t t = 0; t < L; ++t) work[j * L + t] = W[(r0 + t) * B + j];
+      std::vector<uint8_t> flags(B * L);
+      sgk::threshold_lanes<T, L>(work.data(), Ub.data(), B, B, r0, thr, flags.data());
+      for (int64_t j = 0; j < B; ++j)
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t i = (r0 + t) * B + j;
+          same = same && flags[j * L + t] == thr.prunes(sgk::score_key(sc[i]), i);
+          pruned += flags[j * L + t];
+        }
+    }
+    CHECK(same);
+    CHECK(pruned == k);  // exactly k, ties included
+  }
+}
+
+void test_threshold_lanes() {
+  check_threshold_lanes<float, 8>(1);
+  check_threshold_lanes<float, 16>(2);
+  check_threshold_lanes<double, 8>(3);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -364,7 +416,7 @@ void test_cholesky() {
 // The parallel radix select against select_k_lowest (nth_element): same mask for every k, with and without ties,
 // in float and double, whatever the order the chunks run in.
 template <typename T>
-void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed, int64_t L) {
+void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed) {
   std::mt19937 g(seed);
   std::uniform_int_distribution<int> lv(0, levels - 1);
   std::uniform_real_distribution<double> ud(0.0, 4.0);
@@ -373,35 +425,27 @@ void check_select_block(int64_t rows, int64_t B, int levels, uint32_t seed, int6
   auto reversed = [](int64_t ntasks, int64_t, const std::function<void(int64_t, int64_t)>& fn) {
     for (int64_t e = ntasks; e > 0; e -= 3) fn(std::max<int64_t>(0, e - 3), e);
   };
-  const int64_t stride = (B + 3) * L;  // tiles further apart than B columns need
-  const int64_t ntiles = (rows + L - 1) / L;
   for (int64_t k : {int64_t{0}, int64_t{1}, rows * B / 3, rows * B / 2, rows * B - 1, rows * B}) {
-    std::vector<uint8_t> want(rows * B), mask(ntiles * stride, 7);
+    std::vector<uint8_t> want(rows * B);
     select_k_lowest(s.data(), rows * B, k, want.data(), tmp.data());
-    sgk::select_block(s.data(), rows, B, k, mask.data(), stride, L, reversed);
-    bool same = true;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < B; ++j) same = same && mask[sgk::mask_index(r, j, stride, L)] == want[r * B + j];
-    int64_t written = 0;  // exactly rows * B entries written, the rest left alone
-    for (uint8_t x : mask) written += x != 7;
-    same = same && written == rows * B;
+    const bool same = select_mask(s.data(), rows, B, k, reversed) == want;
     ++g_checks;
     if (!same) {
       ++g_failures;
-      std::fprintf(stderr, "select_block (%lld x %lld, levels %d, k %lld) differs from select_k_lowest\n",
+      std::fprintf(stderr, "select_threshold (%lld x %lld, levels %d, k %lld) differs from select_k_lowest\n",
                    static_cast<long long>(rows), static_cast<long long>(B), levels, static_cast<long long>(k));
     }
   }
 }
 
 void test_select_block() {
-  for (int64_t L : {8, 16}) {
-    for (int levels : {0, 1, 3, 1000}) {
-      check_select_block<float>(1, 7, levels, 1, L);
-      check_select_block<float>(300, 16, levels, 2, L);
-      check_select_block<double>(129, 8, levels, 3, L);
-      check_select_block<float>(2049, 5, levels, 4, L);
-    }
+  for (int levels : {0, 1, 3, 1000}) {
+    check_select_block<float>(1, 7, levels, 1);
+    check_select_block<float>(300, 16, levels, 2);
+    check_select_block<double>(129, 8, levels, 3);
+    check_select_block<float>(2049, 5, levels, 4);
+    check_select_block<float>(4100, 3, levels, 5);  // several chunks of rows
+    check_select_block<double>(3000, 4, levels, 6);
   }
 }
 
@@ -469,6 +513,7 @@ int main() {
   test_sweep();
   test_cholesky();
   test_select_block();
+  test_threshold_lanes();
   test_params_rejected();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
