@@ -26,6 +26,15 @@ _MODEL_EXPORTS = (
 )
 
 
+def empty_cache() -> int:
+    """Free the big CPU buffers the cpp backend keeps idle between layers for reuse (the working copy of a weight,
+    the factor, the sweep's scratch; at most ``SPARSEGPT_KERNELS_CPU_CACHE_MB`` megabytes, default 2048). Returns
+    the bytes freed. :func:`prune_model` does this when it returns."""
+    from .backends.extension import release_cpu_cache
+
+    return release_cpu_cache()
+
+
 def __getattr__(name):
     if name in _MODEL_EXPORTS:
         from . import model
@@ -45,6 +54,7 @@ __all__ = [
     "PruneReport",
     "PruneResult",
     "available_backends",
+    "empty_cache",
     "load_model",
     "magnitude_prune_",
     "nm_keep_mask",

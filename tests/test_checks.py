@@ -122,3 +122,66 @@ def test_cpp_working_copy_is_a_new_contiguous_copy(dtype):
     assert ops().ext_empty_big([0, 7], torch.float32).shape == (0, 7)
     with pytest.raises(RuntimeError, match="negative size"):
         ops().ext_empty_big([-1, 3], torch.float32)
+
+
+def _prune_in_subprocess(tmp_path, cache_mb: str) -> torch.Tensor:
+    """prune_layer on a fixed problem in a new process with SPARSEGPT_KERNELS_CPU_CACHE_MB=cache_mb, twice (the second
+    call on buffers the first one left dirty, where they are cached); returns the second result."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / f"w{cache_mb}.pt"
+    code = (
+        "import torch, sparsegpt_kernels as sk\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "X = torch.randn(2048, 700, generator=g)\n"
+        "H = X.T @ X / 2048\n"
+        "for s in (1, 2):\n"
+        "    W = torch.randn(900, 700, generator=torch.Generator().manual_seed(s))\n"
+        "    sk.prune_layer(W, H, sparsity=0.6, block_size=64, backend='cpp')\n"
+        f"torch.save(W, {str(out)!r})\n"
+    )
+    env = {**os.environ, "SPARSEGPT_KERNELS_CPU_CACHE_MB": cache_mb}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    return torch.load(out)
+
+
+def test_cpu_cache_reuses_buffers_and_is_freed(tmp_path):
+    """The cpp backend's big buffers go back to the cache and are taken again for the next layer of the same shape:
+    the result is the same bits as with no cache (the reused memory is dirty), idle memory stays under the cap, and
+    empty_cache frees it."""
+    sk.empty_cache()
+    assert ops().ext_cpu_cache_idle_bytes() == 0
+    H = _sym(700).abs() + 700 * torch.eye(700)
+    W = torch.randn(900, 700)
+    sk.prune_layer(W.clone(), H, backend="cpp")
+    idle = ops().ext_cpu_cache_idle_bytes()
+    assert idle >= 2 * 900 * 700 * 4  # at least the working copy and the sweep's scratch (both of W's size)
+    sk.prune_layer(W.clone(), H, backend="cpp")
+    assert ops().ext_cpu_cache_idle_bytes() == idle  # the same buffers again, none new
+    assert sk.empty_cache() == idle
+    assert ops().ext_cpu_cache_idle_bytes() == 0
+    assert torch.equal(_prune_in_subprocess(tmp_path, "2048"), _prune_in_subprocess(tmp_path, "0"))
+
+
+def test_cpu_cache_cap(tmp_path):
+    """SPARSEGPT_KERNELS_CPU_CACHE_MB caps what is kept idle: 0 keeps nothing, 5 one of the two 4 MiB buffers (the
+    working copy and the sweep's scratch), the default both; a value that is not a number is an error that names it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sparsegpt_kernels as sk\n"
+        "H = torch.eye(700) * 3\n"
+        "sk.prune_layer(torch.randn(900, 700), H, backend='cpp')\n"
+        "print(torch.ops.sparsegpt_kernels.ext_cpu_cache_idle_bytes())\n"
+    )
+    for mb, check in (("0", lambda b: b == 0), ("5", lambda b: b == 4 << 20), ("", lambda b: b == 8 << 20)):
+        env = {**os.environ, "SPARSEGPT_KERNELS_CPU_CACHE_MB": mb}
+        res = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        assert check(int(res.stdout.strip().splitlines()[-1])), (mb, res.stdout)
+    env = {**os.environ, "SPARSEGPT_KERNELS_CPU_CACHE_MB": "lots"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "SPARSEGPT_KERNELS_CPU_CACHE_MB=lots is not a whole number" in res.stderr

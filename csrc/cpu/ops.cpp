@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_factor_cpu(const at::Tensor& H, doub
   if (c == 0) return {at::empty({0, 0}, H.options()), at::zeros({}, H.options().dtype(at::kInt))};
   // on huge pages (see sgk::alloc_big): the trailing updates' GEMMs walk it in rows c entries apart
   at::Tensor R = at::from_blob(sgk::alloc_big(static_cast<size_t>(c * c) * H.element_size()), {c, c},
-                               [](void* p) { std::free(p); }, H.options());
+                               [](void* p) { sgk::free_big(p); }, H.options());
   const at::Tensor Hc = H.contiguous();
   AT_DISPATCH_FLOATING_TYPES(H.scalar_type(), "ext_cholesky_factor", [&] { damped_copy<scalar_t>(Hc, damp, R); });
   int64_t status = upper_lower_cholesky(R);
@@ -244,8 +244,13 @@ at::Tensor empty_big(at::IntArrayRef size, at::ScalarType dtype) {
   }
   const auto opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
   return at::from_blob(sgk::alloc_big(static_cast<size_t>(n) * c10::elementSize(dtype)), size,
-                       [](void* p) { std::free(p); }, opts);
+                       [](void* p) { sgk::free_big(p); }, opts);
 }
+
+// Frees the idle buffers sgk::BigCache keeps for reuse; returns the bytes freed.
+int64_t release_cpu_cache() { return static_cast<int64_t>(sgk::BigCache::instance().release()); }
+
+int64_t cpu_cache_idle_bytes() { return static_cast<int64_t>(sgk::BigCache::instance().idle_bytes()); }
 
 // ---- value checks of prune_layer's inputs and output, one pass each ----
 // Written as independent lanes (kCheckLanes accumulators, no early exit, no branches) so that the compiler
@@ -254,6 +259,7 @@ at::Tensor empty_big(at::IntArrayRef size, at::ScalarType dtype) {
 constexpr int64_t kCheckLanes = 16;
 // Tile side of hessian_stats: a tile and its mirror image both stay in cache while compared.
 constexpr int64_t kCheckTile = 256;
+constexpr int64_t kCheckSub = 16;
 
 // [min, max, max |H - H^T|, all finite (1 or 0)] of a square matrix, reading every entry once: tile (I, J) with
 // J >= I against the transpose of tile (J, I) (copied transposed first, so both are read along rows, in whole
@@ -293,9 +299,15 @@ std::vector<double> hessian_stats_cpu(const at::Tensor& H) {
         }
         for (int64_t ii = 0; ii < ni; ++ii) std::copy(h + (i0 + ii) * c + j0, h + (i0 + ii) * c + j0 + nj,
                                                       at.begin() + ii * kCheckTile);
-        for (int64_t jj = 0; jj < nj; ++jj) {
-          const T* mrow = h + (j0 + jj) * c + i0;
-          for (int64_t ii = 0; ii < ni; ++ii) mt[ii * kCheckTile + jj] = mrow[ii];
+        // transposed in (kCheckSub, kCheckSub) squares: the lines of mt one square writes stay in L1 until it is done
+        for (int64_t jj0 = 0; jj0 < nj; jj0 += kCheckSub) {
+          for (int64_t ii0 = 0; ii0 < ni; ii0 += kCheckSub) {
+            const int64_t jn = std::min(nj, jj0 + kCheckSub), in = std::min(ni, ii0 + kCheckSub);
+            for (int64_t jj = jj0; jj < jn; ++jj) {
+              const T* mrow = h + (j0 + jj) * c + i0;
+              for (int64_t ii = ii0; ii < in; ++ii) mt[ii * kCheckTile + jj] = mrow[ii];
+            }
+          }
         }
         for (int64_t k = 0; k < kCheckTile * kCheckTile; k += kCheckLanes) {
           for (int64_t l = 0; l < kCheckLanes; ++l) {
@@ -407,6 +419,9 @@ TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
   m.def("ext_nonzeros_finite(Tensor t) -> int[]");
   // prune_layer's working copy of W on huge pages (csrc/core/big_buffer.h)
   m.def("ext_empty_big(int[] size, ScalarType dtype) -> Tensor", &empty_big);
+  // the big CPU buffers kept idle for reuse (csrc/core/big_buffer.h, BigCache): free them / how many bytes they hold
+  m.def("ext_release_cpu_cache() -> int", &release_cpu_cache);
+  m.def("ext_cpu_cache_idle_bytes() -> int", &cpu_cache_idle_bytes);
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {

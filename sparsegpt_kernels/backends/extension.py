@@ -24,6 +24,10 @@ Operators (all in the ``sparsegpt_kernels`` namespace; float32 and float64):
     only the (B, B) diagonal blocks of U are formed, so the factorisation costs c³/3 instead of ⅔c³.
 ``ext_hessian_stats(H) -> [min, max, max |H - Hᵀ|, finite]``, ``ext_nonzeros_finite(t) -> [non-zeros, finite]`` (CPU)
     prune_layer's value checks in one pass each (:mod:`sparsegpt_kernels.checks`).
+``ext_release_cpu_cache() -> bytes``, ``ext_cpu_cache_idle_bytes() -> bytes``
+    The big CPU buffers (the working copy, the factor, the sweep's scratch) go back to a cache when freed and are
+    reused for the next request of the same size, up to ``SPARSEGPT_KERNELS_CPU_CACHE_MB`` megabytes idle (default
+    2048; 0 keeps none); these free them / tell how much is kept.
 ``ext_last_sweep_phases() -> [seconds]``, ``ext_cpu_simd() -> str``
     Where the last CPU sweep's time went, and which instruction set its in-block steps use here.
 """
@@ -221,3 +225,11 @@ def cholesky_factor(H: torch.Tensor, damp: float, backend: str) -> torch.Tensor 
 def sweep_cholesky(W: torch.Tensor, R: torch.Tensor, spec: SweepSpec, backend: str) -> float:
     """``ext_sweep_cholesky`` on a :class:`SweepSpec`, in place on ``W``; returns the loss."""
     return _sweep("ext_sweep_cholesky", W, R, spec, backend)
+
+
+def release_cpu_cache() -> int:
+    """Frees the big CPU buffers the cpp backend keeps idle for reuse (``BigCache`` in csrc/core/big_buffer.h);
+    returns the bytes freed. 0 where the extension is not loaded (it is never loaded for this)."""
+    if not is_loaded():
+        return 0
+    return int(torch.ops.sparsegpt_kernels.ext_release_cpu_cache())

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..backends.extension import release_cpu_cache
 from ..checks import count_nonzero
 from .allocation import OWL_LAMBDA, OWL_M, allocate, check_allocation
 from .allocation import apply as apply_allocation
@@ -215,6 +216,7 @@ def prune_model(
         if cfg is not None and old_use_cache is not None:
             cfg.use_cache = old_use_cache
         model.train(was_training)
+        release_cpu_cache()  # the cpp backend's idle buffers, kept from layer to layer
 
 
 def _settings_record(plan: PrunePlan, opts: LayerOptions, true_sequential: bool, seed: int) -> dict:
