@@ -435,6 +435,7 @@ inline void threshold_lanes(const T* work, const T* Ub, int64_t ldub, int64_t B,
 #if defined(__GNUC__) || defined(__clang__)
   using V = typename LaneVec<T, L>::type;
   using KV = typename LaneKey<T, L>::type;
+  using LaneBytes = typename LaneVec<uint8_t, L>::type;
   KV tk;
   for (int64_t t = 0; t < L; ++t) tk[t] = thr.key;
   for (; j < B; ++j) {
@@ -445,16 +446,17 @@ inline void threshold_lanes(const T* work, const T* Ub, int64_t ldub, int64_t B,
     const V sc = (w * w) / dd;
     KV key;
     std::memcpy(&key, &sc, sizeof(V));
-    const auto lt = key < tk;
-    const auto eq = key == tk;
-    bool tie = false;
-    for (int64_t t = 0; t < L; ++t) {
-      flags[j * L + t] = static_cast<uint8_t>(lt[t] & 1);
-      tie = tie || eq[t] != 0;
-    }
-    if (tie) {  // rare: the threshold's own value, decided by index
+    // whole-vector compares narrowed to one byte per lane (lane by lane, the extracts cost more than the division)
+    const LaneBytes below = __builtin_convertvector((key < tk) & 1, LaneBytes);
+    const LaneBytes at = __builtin_convertvector((key == tk) & 1, LaneBytes);
+    std::memcpy(flags + j * L, &below, L);
+    uint64_t words[(L + 7) / 8] = {};
+    std::memcpy(words, &at, L);
+    uint64_t tie = 0;
+    for (uint64_t w8 : words) tie |= w8;
+    if (tie != 0) {  // rare: the threshold's own value, decided by index
       for (int64_t t = 0; t < L; ++t) {
-        if (eq[t]) flags[j * L + t] = (r0 + t) * B + j <= thr.last_tie;
+        if (at[t]) flags[j * L + t] = (r0 + t) * B + j <= thr.last_tie;
       }
     }
   }
