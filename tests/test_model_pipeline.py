@@ -125,6 +125,23 @@ class _Boom(Exception):
     pass
 
 
+def test_prune_model_frees_the_cpu_cache(monkeypatch):
+    """prune_model hands the cpp backend's cached buffers back when it returns, and when a run fails midway."""
+    from sparsegpt_kernels.model import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "release_cpu_cache", lambda: calls.append(1) or 0)
+    prune_model(tiny_llama(layers=1), calib(), sparsity=0.5, device="cpu")
+    assert calls == [1]
+
+    def die(*_):
+        raise _Boom
+
+    with pytest.raises(_Boom):
+        prune_model(tiny_llama(layers=2), calib(), sparsity=0.5, device="cpu", on_block_end=die)
+    assert calls == [1, 1]
+
+
 @pytest.mark.parametrize("kill_after", [0, 1])
 def test_resume_is_bit_exact(tmp_path, kill_after):
     ids = calib()

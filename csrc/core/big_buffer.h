@@ -134,7 +134,10 @@ inline void* alloc_big(size_t bytes) {
     const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     p = BigCache::instance().take(rounded);
     if (p != nullptr) return p;
-    if (posix_memalign(&p, kHugePage, rounded) != 0) throw std::bad_alloc();
+    if (posix_memalign(&p, kHugePage, rounded) != 0) {
+      BigCache::instance().release();  // idle buffers of other sizes first, then once more
+      if (posix_memalign(&p, kHugePage, rounded) != 0) throw std::bad_alloc();
+    }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     madvise(p, rounded, MADV_HUGEPAGE);  // a hint: without THP the pages stay 4 KiB and nothing else changes
 #endif
