@@ -4,6 +4,9 @@ errors through them: odd sizes (partial tiles), NaN/Inf in any position, asymmet
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,10 +130,6 @@ def test_cpp_working_copy_is_a_new_contiguous_copy(dtype):
 def _prune_in_subprocess(tmp_path, cache_mb: str) -> torch.Tensor:
     """prune_layer on a fixed problem in a new process with SPARSEGPT_KERNELS_CPU_CACHE_MB=cache_mb, twice (the second
     call on buffers the first one left dirty, where they are cached); returns the second result."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / f"w{cache_mb}.pt"
     code = (
         "import torch, sparsegpt_kernels as sk\n"
@@ -168,10 +167,6 @@ def test_cpu_cache_reuses_buffers_and_is_freed(tmp_path):
 def test_cpu_cache_cap(tmp_path):
     """SPARSEGPT_KERNELS_CPU_CACHE_MB caps what is kept idle: 0 keeps nothing, 5 one of the two 4 MiB buffers (the
     working copy and the sweep's scratch), the default both; a value that is not a number is an error that names it."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import torch, sparsegpt_kernels as sk\n"
         "H = torch.eye(700) * 3\n"

@@ -210,9 +210,10 @@ struct Threshold {
 // Buffers of select_threshold, kept from block to block.
 template <typename T>
 struct SelectScratch {
-  std::vector<uint32_t> hist;                // (chunks, kSelectBins)
-  std::vector<score_key_t<T>> keys, keys2;   // candidates: keys and indices, in index order
-  std::vector<int64_t> idx, idx2;
+  std::vector<uint32_t> hist;            // (chunks, kSelectBins)
+  std::vector<int64_t> low_hist;         // (kSelectBins): the candidates' lower bits
+  std::vector<score_key_t<T>> keys;      // candidates: keys and indices, in index order
+  std::vector<int64_t> idx;
 };
 
 constexpr int kSelectBits = 16;
@@ -283,24 +284,21 @@ Threshold<T> select_threshold(int64_t rows, int64_t B, int64_t k, RowScores&& ro
     }
   });
   // the lower bits, 16 at a time, on the candidates alone (kept in index order)
-  std::vector<int64_t> hist(static_cast<size_t>(kSelectBins));
+  std::vector<int64_t>& hist = s.low_hist;
+  hist.resize(static_cast<size_t>(kSelectBins));
   for (int lo = shift - kSelectBits; lo >= 0; lo -= kSelectBits) {
     std::fill(hist.begin(), hist.end(), 0);
     for (int64_t i = 0; i < n; ++i) ++hist[(s.keys[i] >> lo) & (kSelectBins - 1)];
     K d = 0;
     for (; hist[d] < kk; ++d) kk -= hist[d];
-    s.keys2.resize(static_cast<size_t>(hist[d]));
-    s.idx2.resize(static_cast<size_t>(hist[d]));
-    int64_t m = 0;
+    int64_t m = 0;  // keep the digit's candidates, in place and in order (m <= i)
     for (int64_t i = 0; i < n; ++i) {
       if (((s.keys[i] >> lo) & (kSelectBins - 1)) == d) {
-        s.keys2[m] = s.keys[i];
-        s.idx2[m] = s.idx[i];
+        s.keys[m] = s.keys[i];
+        s.idx[m] = s.idx[i];
         ++m;
       }
     }
-    std::swap(s.keys, s.keys2);
-    std::swap(s.idx, s.idx2);
     n = m;
   }
   // every candidate left has the k-th key; the first kk of them (in index order) are pruned
@@ -456,7 +454,7 @@ inline void threshold_lanes(const T* work, const T* Ub, int64_t ldub, int64_t B,
     for (uint64_t w8 : words) tie |= w8;
     if (tie != 0) {  // rare: the threshold's own value, decided by index
       for (int64_t t = 0; t < L; ++t) {
-        if (at[t]) flags[j * L + t] = (r0 + t) * B + j <= thr.last_tie;
+        if (at[t]) flags[j * L + t] = thr.prunes(key[t], (r0 + t) * B + j);
       }
     }
   }
