@@ -298,8 +298,8 @@ def test_factor_failure_matches_reference(op):
 
 @pytest.mark.parametrize("where", [0, 290, 599])
 def test_cholesky_factor_failure_in_any_block(where):
-    # the factorisation is blocked from the bottom-right corner (256 columns at a time): a pair of columns that makes
-    # H indefinite fails it whichever block it lands in, and enough damping repairs it, as for the reference
+    # the factorisation recurses from the bottom-right corner (leaves of at most 256 columns): a pair of columns that
+    # makes H indefinite fails it whichever leaf it lands in, and enough damping repairs it, as for the reference
     X = correlated_inputs(1200, 600, seed=3, dtype=torch.float64)
     H = hessian_of(X).float()
     other = (where + 1) % 600
@@ -316,7 +316,8 @@ def test_cholesky_factor_failure_in_any_block(where):
     assert R is not None and torch.equal(R, R.triu())
 
 
-@pytest.mark.parametrize("cols", [1, 64, 300, 700])
+# 300 and 700: leaves of odd sizes at two levels; 1300: the symmetric update splits too (its block has 532 columns)
+@pytest.mark.parametrize("cols", [1, 64, 300, 700, 1300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cholesky_factor_against_reference(cols, dtype):
     H, R = _run_factor("ext_cholesky_factor", cols, dtype)
