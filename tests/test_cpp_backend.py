@@ -412,9 +412,9 @@ def test_sweep_cholesky_against_reference(spec_kw, quant, dtype, rows):
 @pytest.mark.parametrize("kw", [{"sparsity": 0.5, "n": None, "m": None}, {"sparsity": 0.5, "n": 2, "m": 4}],
                          ids=["50%", "2:4"])
 def test_sweep_cholesky_groups_of_blocks(block_size, kw):
-    """Wider than the column groups whose lazy updates the Cholesky sweep defers to the group's end (kLazyWidth = 512
+    """Wider than the column groups whose lazy updates the Cholesky sweep defers to the group's end (kLazyWidth = 1024
     columns): several groups, a partial last group and (B = 96) a partial last block, against the reference."""
-    X, W, H = _problem(37, 1200, dtype=torch.float64, seed=5)
+    X, W, H = _problem(37, 2300, dtype=torch.float64, seed=5)
     from sparsegpt_kernels.backends import _cpp
 
     R = _cpp.cholesky_factor(H, 0.01)
