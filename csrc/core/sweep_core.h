@@ -757,7 +757,7 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
   // the group's end: one GEMM with K = kLazyWidth instead of kLazyWidth / B GEMMs with K = B (BLAS runs K = 512 at
   // about 1.3x the rate of K = 128 on 2 cores, K = 1024 a little faster still); inside the group each block still updates the group's later columns.
   const int64_t group = chol ? std::max<int64_t>(1, kLazyWidth / Bmax) : 1;
-  const int64_t ldpt = group * Bmax;
+  const int64_t ldpt = std::min(group * Bmax, p.cols);  // a group's columns, never more than W has
   BigBuffer<T> PT(static_cast<size_t>(p.rows * ldpt));  // (rows, ldpt): the group's W0 - Q (kCholesky) or -E
   SelectScratch<T> select_scratch;
   Threshold<T> thr;
