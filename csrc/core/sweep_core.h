@@ -609,9 +609,10 @@ inline void nm_select_lanes(const T* w, const T* diag, int64_t dstride, int64_t 
 // ---------------------------------------------------------------------------------------------------------------
 // Steps 1 (N:M) and 2 of docs/algorithm.md ("The blocked sweep") for the rows [r0, r0 + tr) (tr <= L) of a
 // block.
-// thr: the block's unstructured selection (the tile computes its own mask from it; unused for N:M). PT (rows, ldpt) receives, in the tile's rows and the block's columns, what the lazy
-// update needs: -err (kInverse) or W0 - q (kCholesky). The pruned weights go to W. Both are written row by row at
-// the end: PT as it goes, a transposed column a whole row apart, would cost one page per column of the tile.
+// thr: the block's unstructured selection (the tile computes its own mask from it; unused for N:M).
+// PT (rows, ldpt) receives, in the tile's rows and the block's columns, what the lazy update needs: -err
+// (kInverse) or W0 - q (kCholesky). The pruned weights go to W. Both are written row by row at the end: PT as it
+// goes, a transposed column a whole row apart, would cost one page per column of the tile.
 // Returns Σ err² over the tile.
 // Columns are decided in chunks of `chunk`: inside a chunk one after the other (each one's update reaching the
 // chunk's later columns first), then the chunk's updates reach the rest of the block together. Every weight gets
@@ -755,7 +756,8 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
   const int64_t ntiles = (p.rows + L - 1) / L;
   // kCholesky defers the lazy update of the columns right of a group of blocks ("superblock", kLazyWidth columns) to
   // the group's end: one GEMM with K = kLazyWidth instead of kLazyWidth / B GEMMs with K = B (BLAS runs K = 512 at
-  // about 1.3x the rate of K = 128 on 2 cores, K = 1024 a little faster still); inside the group each block still updates the group's later columns.
+  // about 1.3x the rate of K = 128 on 2 cores, K = 1024 a little faster still); inside the group each block still
+  // updates the group's later columns.
   const int64_t group = chol ? std::max<int64_t>(1, kLazyWidth / Bmax) : 1;
   const int64_t ldpt = std::min(group * Bmax, p.cols);  // a group's columns, never more than W has
   BigBuffer<T> PT(static_cast<size_t>(p.rows * ldpt));  // (rows, ldpt): the group's W0 - Q (kCholesky) or -E
