@@ -36,7 +36,13 @@ def _compiled_nonzeros_and_finite(t: torch.Tensor) -> tuple[int, bool] | None:
 def nonzeros_and_finite(t: torch.Tensor) -> tuple[int, bool]:
     """(number of non-zero entries, whether every entry is finite)."""
     got = _compiled_nonzeros_and_finite(t)
-    return got if got is not None else (int(torch.count_nonzero(t.detach())), _all_finite_torch(t))
+    if got is not None:
+        return got
+    t = t.detach()
+    lo, hi = torch.aminmax(t)
+    # one host synchronisation (a GPU tensor would otherwise pay three); counts below 2**53 are exact in float64
+    nonzeros, lo, hi = torch.stack((torch.count_nonzero(t).double(), lo.double(), hi.double())).tolist()
+    return int(nonzeros), math.isfinite(lo) and math.isfinite(hi)
 
 
 def count_nonzero(t: torch.Tensor) -> int:
@@ -51,5 +57,5 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def _all_finite_torch(t: torch.Tensor) -> bool:
     """min and max propagate NaN and show ±Inf: one reduction, no temporary."""
-    lo, hi = torch.aminmax(t.detach())
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()
+    return math.isfinite(lo) and math.isfinite(hi)

@@ -81,3 +81,16 @@ def test_phase_b_summary(tmp_path):
     row = next(ln for ln in auto.splitlines() if ln.startswith("| 64x128 | 2:4 |"))
     assert row.split("|")[-2].strip() == "cuda"
     assert "(no sparse timings in sparse_matmul.csv)" in out
+
+
+def test_gpu_check_phases_fit_five_minutes():
+    """The step limits of each phase of benchmarks/gpu_check.sh add up to at most 300 s (a phase's whole budget)."""
+    import re
+
+    with open(os.path.join(BENCH, "gpu_check.sh")) as f:
+        text = f.read()
+    a_part, b_part = text.split('if [ "$PHASE" = "A" ]; then', 1)[1].split("\nelse\n", 1)
+    b_part = b_part.split("\nfi\n", 1)[0]
+    for part in (a_part, b_part):
+        limits = [int(x) for x in re.findall(r"^\s*step \w+ (\d+) ", part, flags=re.M)]
+        assert len(limits) >= 5 and sum(limits) <= 300, limits

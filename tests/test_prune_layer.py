@@ -317,6 +317,47 @@ def test_bad_input_rejected_weight_untouched(name):
         assert torch.equal(w.detach().view(torch.uint8), before.view(torch.uint8)), "weight changed"
 
 
+HESSIAN_BAD = ["h-asym", "h-asym-far", "h-inf", "h-nan-offdiag", "h-neg-diag"]
+
+
+@pytest.mark.parametrize("c", [1, 5, 64, 301])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_hessian_stats_match_torch(c, dtype, monkeypatch):
+    """The GPU-side Hessian check (one host synchronisation), run here on CPU tensors: min, max, max |H - Hᵀ| and the
+    sign of the diagonal equal plain torch's, in several panels (a partial last one at 5 and 64 columns), with the
+    largest asymmetry in the last two rows."""
+    from sparsegpt_kernels import api
+
+    monkeypatch.setattr(api, "_SYM_PANEL_ELEMS", 7 * c)  # panels of 7 rows
+    A = torch.randn(c, c, generator=torch.Generator().manual_seed(c), dtype=torch.float64)
+    H = ((A + A.T) / 2).to(dtype)
+    H.diagonal().abs_()
+    assert api._hessian_stats_device(H) == (float(H.min()), float(H.max()), 0.0, False)
+    H[0, c - 1] -= 0.25
+    H[c - 1, c - 2] += 0.75  # the largest, seen only in the last two rows (the last panel)
+    H[c // 2, c // 2] = -1.0
+    lo, hi, asym, neg = api._hessian_stats_device(H)
+    assert (lo, hi, neg) == (float(H.min()), float(H.max()), True)
+    assert asym == float((H - H.T).abs().max())
+    assert asym == 0.0 if c == 1 else asym == pytest.approx(0.75, rel=1e-6)
+    H[c - 1, c // 3] = float("nan")
+    assert math.isnan(api._hessian_stats_device(H)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", HESSIAN_BAD)
+def test_cuda_bad_hessian_rejected_weight_untouched(name):
+    """The same errors from the GPU-side check (the CPU runs the tile loop or the compiled check)."""
+    _, exc, msg = BAD[name]
+    args = BAD[name][0]()
+    W = args["layer"].weight.detach().cuda()
+    before = W.clone()
+    with pytest.raises(exc, match=msg):
+        sk.prune_layer(W, args["hessian"].cuda(), backend="torch")
+    assert torch.equal(W, before)
+
+
 def test_mask_sparsity_is_reported_apart_from_zeros():
     """Joint quantization can round kept weights to 0: PruneResult.sparsity counts zeros, mask_sparsity what the
     mask pruned (exactly n_pruned per block, or 1 - N/M)."""
@@ -332,9 +373,10 @@ def test_mask_sparsity_is_reported_apart_from_zeros():
     assert res.mask_sparsity == 0.75 == res.sparsity
 
 
-def test_auto_prefers_cuda_for_nm_and_triton_otherwise(monkeypatch):
-    """On CUDA tensors "auto" takes Triton for unstructured sparsity and the cuda backend for N:M patterns (what the
-    H200 measurements showed; backends/_cuda.py). Only the choice is tested: nothing runs on a device."""
+def test_auto_prefers_cuda_then_triton_on_cuda(monkeypatch):
+    """On CUDA tensors "auto" takes the cuda backend where the extension has its CUDA part, for unstructured sparsity
+    and N:M patterns alike (both timed in one H200 run; backends/_cuda.py), else Triton. Only the choice is tested:
+    nothing runs on a device."""
     from sparsegpt_kernels import backends
     from sparsegpt_kernels.backends import _cuda, _triton
 
@@ -342,9 +384,9 @@ def test_auto_prefers_cuda_for_nm_and_triton_otherwise(monkeypatch):
     monkeypatch.setattr(_cuda, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(_triton, "unavailable_reason", lambda device: None)
     dev = torch.device("cuda")
-    assert select_backend("auto", dev).NAME == "triton"
-    assert select_backend("auto", dev, nm=True).NAME == "cuda"
-    assert backends.available_backends(dev, nm=True)[:2] == ["cuda", "triton"]
-    assert backends.available_backends(dev)[:2] == ["triton", "cuda"]
+    for nm in (False, True):
+        assert select_backend("auto", dev, nm=nm).NAME == "cuda"
+        assert backends.available_backends(dev, nm=nm)[:2] == ["cuda", "triton"]
     monkeypatch.setattr(_cuda, "unavailable_reason", lambda device: "not built")
-    assert select_backend("auto", dev, nm=True).NAME == "triton"
+    for nm in (False, True):
+        assert select_backend("auto", dev, nm=nm).NAME == "triton"

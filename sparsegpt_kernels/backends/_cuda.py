@@ -16,9 +16,10 @@ from ..spec import SweepSpec
 from . import extension as _ext
 
 NAME = "cuda"
-PRIORITY = 10
-#: above the Triton backend's 30, for N:M patterns only
-NM_PRIORITY = 40
+#: Above the Triton backend's 30: on the H200 (2026-11-30, benchmarks/results/gpu_h200/2026-11-30b/B, both backends
+#: timed in one run) this backend's prune_layer was faster at every shape and mode, 50% and 2:4, 4096x4096 to
+#: 12288x12288: 0.029 vs 0.045 s ... 0.240 vs 0.257 s unstructured, 0.025 vs 0.029 s ... 0.234 vs 0.247 s for 2:4.
+PRIORITY = 40
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -30,13 +31,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     if not _ext.has_cuda():
         return "the compiled extension was built without CUDA (needs a CUDA build of torch and nvcc at build time)"
     return None
-
-
-def auto_priority(device: torch.device, nm: bool) -> int:
-    """Measured on an H200 (benchmarks/results/gpu_h200, 2026-11-30): for 2:4 this backend's prune_layer took about
-    half the Triton backend's time at every shape (4096x4096 to 12288x12288: 0.021 vs 0.039 s ... 0.21 vs 0.40 s),
-    for unstructured sparsity 1.3-5x longer. So ``backend="auto"`` prefers it for N:M patterns and Triton otherwise."""
-    return NM_PRIORITY if nm else PRIORITY
 
 
 def max_block_size() -> int:
