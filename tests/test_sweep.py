@@ -30,15 +30,30 @@ def _scores(kind: str, shape) -> torch.Tensor:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("shape", [(1, 5), (7, 13), (129, 40)])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 13), (129, 40), (300, 64)])
 @pytest.mark.parametrize("kind", ["randn", "ties", "zeros_and_signed_zero", "tiny_and_inf"])
 def test_unstructured_mask_matches_reference(shape, kind, poison_empty):
+    """(300, 64) is 150 rows of the op's 128-wide layout: three row tiles under the interpreter, so ties are ranked
+    across tiles."""
     s = _scores(kind, shape)
     n = s.numel()
     for k in sorted({0, 1, n // 3, reference.n_pruned(0.5, n), n - 1, n}):
         got = unstructured_prune_mask_triton(s, k)
         assert torch.equal(got, reference.unstructured_prune_mask(s, k)), k
         assert int(got.sum()) == k
+
+
+@pytest.mark.parametrize("sum_ties_max", [0, 1024])
+def test_tie_ranks_summed_in_kernel_or_on_the_stream(sum_ties_max, monkeypatch, poison_empty):
+    """The mask kernel adds up the tie counts of the tiles before its own (up to SUM_TIES_MAX tiles) or reads them
+    as prefix sums computed before it: the same mask either way, with ties in every tile (5 tiles here)."""
+    from sparsegpt_kernels.ops import sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "SUM_TIES_MAX", sum_ties_max)
+    s = torch.randint(0, 3, (600, 64), generator=torch.Generator().manual_seed(4)).float()
+    for k in (1, 9000, reference.n_pruned(0.5, s.numel()), 26000):
+        got = unstructured_prune_mask_triton(s, k)
+        assert torch.equal(got, reference.unstructured_prune_mask(s, k)), k
 
 
 # --------------------------------------------------------------------------------------------------------------------

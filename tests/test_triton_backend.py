@@ -226,12 +226,13 @@ compile_for_sm90(hinv._trinv_apply_kernel, dict(a_ptr=F, t_ptr=F, dinv_ptr=F), d
 compile_for_sm90(hinv._rotate_kernel, dict(a_ptr=F), dict(BT=BT), WM)
 c = nm_mask.CONFIGS[0]
 compile_for_sm90(nm_mask._nm_keep_mask_kernel, dict(s_ptr=F, out_ptr=I8), dict(N=2, M=4, **c.kwargs), c.num_warps)
-sel = dict(src_ptr=F, d_ptr=F, state_ptr=I32, hist_ptr=I32, ties_ptr=I32, tie_prefix_ptr=I32, mask_ptr=I8)
+sel = dict(src_ptr=F, d_ptr=F, hist_ptr=I32, ties_ptr=I32, mask_ptr=I8)
 BR = sweep.SELECT_BR_GPU
-compile_for_sm90(sweep._radix_hist_kernel, sel, dict(PASS=1, HAS_D=True, BR=BR, BC=128), 4)
-compile_for_sm90(sweep._radix_pick_kernel, sel, dict(PASS=1), 4)
+for p in (0, 3):
+    compile_for_sm90(sweep._radix_hist_kernel, sel, dict(PASS=p, HAS_D=True, BR=BR, BC=128), 4)
 compile_for_sm90(sweep._tie_count_kernel, sel, dict(HAS_D=True, BR=BR, BC=128), 4)
-compile_for_sm90(sweep._prune_mask_kernel, sel, dict(HAS_D=True, BR=BR, BC=128), 4)
+for sum_ties in (0, sweep.SUM_TIES_MAX):
+    compile_for_sm90(sweep._prune_mask_kernel, sel, dict(HAS_D=True, BR=BR, BC=128, SUM_TIES=sum_ties), 4)
 sw = dict(w_ptr=F, u_ptr=F, mask_ptr=I8, e_ptr=F, loss_ptr=F, qs_ptr=F, qz_ptr=F)
 c = sweep.SWEEP_CONFIGS[0]
 for mode in (dict(N=0, M=0, UNSTRUCT=True, QUANT=False), dict(N=2, M=4, UNSTRUCT=False, QUANT=True)):

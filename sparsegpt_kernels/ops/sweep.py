@@ -4,10 +4,12 @@ Per column block [i1, i1 + nb) (docs/algorithm.md, "The blocked sweep"):
 
 * unstructured sparsity: an exact selection finds the k-th smallest score s = w²/d² of the rows × nb block
   (k = ``reference.n_pruned(p, rows·nb)``) with a 4-pass radix select on order-preserving integer keys of the float
-  bits (``_radix_hist_kernel`` builds a 256-bin histogram of the next 8 bits among the candidates,
-  ``_radix_pick_kernel`` picks the bin holding the k-th one). Then ``_tie_count_kernel`` and ``_prune_mask_kernel``
-  prune everything below the threshold plus the first ties in row-major order, exactly as
-  ``reference.unstructured_prune_mask``.
+  bits: ``_radix_hist_kernel`` builds a 256-bin histogram of the next 8 bits among the candidates, one histogram per
+  pass, and every later kernel picks the bins holding the k-th key again from those histograms (``_radix_state``, a
+  few hundred integers per program) instead of a one-program launch per pass. Then ``_tie_count_kernel`` and
+  ``_prune_mask_kernel`` prune everything below the threshold plus the first ties in row-major order, exactly as
+  ``reference.unstructured_prune_mask`` (the mask kernel adds up the tie counts of the tiles before its own). Seven
+  launches per block with the histograms' zeroing (fourteen with a pick launch per pass and a separate prefix sum).
 * ``_sweep_block_kernel``: one launch per block; a program owns a tile of BR rows for the whole block, keeps the
   rows × nb tile in registers, reads the block's rows of U as it goes (nb·nb floats, cache resident), and for each
   column computes the N:M selection at each group start (with the current, updated weights), the masked (and
@@ -84,6 +86,11 @@ HIST_BINS: tl.constexpr = tl.constexpr(256)
 SIGN_BIT: tl.constexpr = tl.constexpr(-2147483648)
 
 
+#: Up to this many row tiles, each program of the mask kernel adds up the tie counts of the tiles before it (a
+#: 16-row tile: blocks of up to 16384 rows); above that, a separate prefix sum (three launches) costs less.
+SUM_TIES_MAX = 1024
+
+
 def _select_br() -> int:
     return SELECT_BR_INTERPRET if interpreting() else SELECT_BR_GPU
 
@@ -124,15 +131,33 @@ def _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D: tl
     return key, valid
 
 
-@triton.jit(do_not_specialize=["rows", "ncols"])
-def _radix_hist_kernel(src_ptr, d_ptr, state_ptr, hist_ptr, rows, ncols, stride_s, stride_d,
+@triton.jit
+def _radix_state(hist_ptr, k, NPASS: tl.constexpr):
+    """After passes 0..NPASS-1: (the bits of the k-th smallest key found so far, the rank of the k-th among the
+    candidates left). Each pass's pick (the first bin whose cumulative count reaches the rank) is replayed from its
+    histogram (row p of ``hist_ptr``)."""
+    bins = tl.arange(0, HIST_BINS)
+    prefix = tl.zeros((), dtype=tl.int32)
+    krem = tl.zeros((), dtype=tl.int32) + k
+    for p in tl.static_range(NPASS):
+        h = tl.load(hist_ptr + p * HIST_BINS + bins)
+        b = tl.sum((tl.cumsum(h, 0) < krem).to(tl.int32), axis=0)
+        prefix = prefix | (b << (24 - 8 * p))
+        krem = krem - tl.sum(tl.where(bins < b, h, 0), axis=0)
+    return prefix, krem
+
+
+@triton.jit(do_not_specialize=["rows", "ncols", "k"])
+def _radix_hist_kernel(src_ptr, d_ptr, hist_ptr, rows, ncols, stride_s, stride_d, k,
                        PASS: tl.constexpr, HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Row PASS of ``hist_ptr`` (zeroed before the first pass): the histogram of the PASS-th 8 bits of the keys that
+    share the first PASS bytes of the k-th smallest one."""
     pid = tl.program_id(0)
     key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
     u = key ^ SIGN_BIT  # unsigned order as bits
     ok = valid
     if PASS > 0:
-        prefix = tl.load(state_ptr)
+        prefix, _ = _radix_state(hist_ptr, k, PASS)
         ok = ok & ((u >> (32 - 8 * PASS)) == (prefix >> (32 - 8 * PASS)))
     digit = (u >> (24 - 8 * PASS)) & 0xFF
     flat_ok = tl.reshape(ok, (BR * BC,))
@@ -141,50 +166,38 @@ def _radix_hist_kernel(src_ptr, d_ptr, state_ptr, hist_ptr, rows, ncols, stride_
     bins = tl.arange(0, HIST_BINS)
     n_out = tl.sum((flat_ok == 0).to(tl.int32), axis=0)
     h = h - tl.where(bins == 0, n_out, 0)  # the masked-out entries were counted in bin 0
-    tl.atomic_add(hist_ptr + bins, h, mask=h != 0)
+    tl.atomic_add(hist_ptr + PASS * HIST_BINS + bins, h, mask=h != 0)
 
 
-@triton.jit(do_not_specialize=["k"])
-def _radix_pick_kernel(state_ptr, hist_ptr, k, PASS: tl.constexpr):
-    """state = [bits of the k-th smallest key found so far, rank of the k-th among the remaining candidates]."""
-    bins = tl.arange(0, HIST_BINS)
-    h = tl.load(hist_ptr + bins)
-    csum = tl.cumsum(h, 0)
-    if PASS == 0:  # k comes as an argument: no host-to-device copy (and no sync) per block
-        krem = k
-        prefix = 0
-    else:
-        krem = tl.load(state_ptr + 1)
-        prefix = tl.load(state_ptr)
-    b = tl.sum((csum < krem).to(tl.int32), axis=0)  # first bin whose cumulative count reaches krem
-    below = tl.sum(tl.where(bins < b, h, 0), axis=0)
-    tl.store(state_ptr, prefix | (b << (24 - 8 * PASS)))
-    tl.store(state_ptr + 1, krem - below)
-    tl.store(hist_ptr + bins, tl.zeros_like(h))
-
-
-@triton.jit(do_not_specialize=["rows", "ncols"])
-def _tie_count_kernel(src_ptr, d_ptr, state_ptr, ties_ptr, rows, ncols, stride_s, stride_d,
+@triton.jit(do_not_specialize=["rows", "ncols", "k"])
+def _tie_count_kernel(src_ptr, d_ptr, hist_ptr, ties_ptr, rows, ncols, stride_s, stride_d, k,
                       HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     pid = tl.program_id(0)
     key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
-    t = tl.load(state_ptr) ^ SIGN_BIT
-    tie = valid & (key == t)
+    prefix, _ = _radix_state(hist_ptr, k, 4)
+    tie = valid & (key == (prefix ^ SIGN_BIT))
     tl.store(ties_ptr + pid, tl.sum(tl.sum(tie.to(tl.int32), axis=1), axis=0))
 
 
-@triton.jit(do_not_specialize=["rows", "ncols"])
-def _prune_mask_kernel(src_ptr, d_ptr, state_ptr, tie_prefix_ptr, mask_ptr, rows, ncols, stride_s, stride_d,
-                       stride_m, HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+@triton.jit(do_not_specialize=["rows", "ncols", "k", "n_tiles"])
+def _prune_mask_kernel(src_ptr, d_ptr, hist_ptr, ties_ptr, mask_ptr, rows, ncols, stride_s, stride_d, stride_m, k,
+                       n_tiles, HAS_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, SUM_TIES: tl.constexpr):
+    """``ties_ptr``: each row tile's count of keys equal to the threshold (SUM_TIES > 0, a power of two >= the
+    number of tiles: this program adds up those of the tiles before it) or already their exclusive prefix sums."""
     pid = tl.program_id(0)
     key, valid = _load_scores(src_ptr, d_ptr, rows, ncols, stride_s, stride_d, pid, HAS_D, BR, BC)
-    t = tl.load(state_ptr) ^ SIGN_BIT
-    need = tl.load(state_ptr + 1)  # how many entries equal to the threshold are pruned (in row-major order)
+    prefix, need = _radix_state(hist_ptr, k, 4)  # need: how many keys equal to the threshold are pruned
+    t = prefix ^ SIGN_BIT
+    if SUM_TIES > 0:
+        prev = tl.arange(0, SUM_TIES)
+        before = tl.sum(tl.load(ties_ptr + prev, mask=(prev < pid) & (prev < n_tiles), other=0), axis=0)
+    else:
+        before = tl.load(ties_ptr + pid)
     tie = (valid & (key == t)).to(tl.int32)
     per_row = tl.sum(tie, axis=1)
     row_before = tl.cumsum(per_row, 0) - per_row
     in_row_before = tl.cumsum(tie, 1) - tie
-    rank = tl.load(tie_prefix_ptr + pid) + row_before[:, None] + in_row_before
+    rank = before + row_before[:, None] + in_row_before
     pruned = (key < t) | ((tie != 0) & (rank < need))
     r = pid * BR + tl.arange(0, BR)
     cidx = tl.arange(0, BC)
@@ -247,7 +260,7 @@ def _sweep_block_kernel(
         Et = tl.where(sel, err[:, None], Et)
     tl.store(w_ptrs, Wt, mask=tmask)
     tl.store(e_ptr + r64[:, None] * nb + cidx[None, :], Et, mask=tmask)
-    tl.store(loss_ptr + r64, lacc, mask=rmask)
+    tl.store(loss_ptr + r64, lacc * 0.5, mask=rmask)  # OBS loss: half the sum (halving is exact)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,17 +286,17 @@ def _select_into(mask: torch.Tensor, src: torch.Tensor, d_src: torch.Tensor | No
     grid = (triton.cdiv(rows, BR),)
     has_d = d_src is not None
     d_arg = d_src if has_d else src
-    state = torch.empty(2, dtype=torch.int32, device=dev)
-    hist = torch.zeros(HIST_BINS.value, dtype=torch.int32, device=dev)
+    hist = torch.zeros((4, HIST_BINS.value), dtype=torch.int32, device=dev)
     for p in range(4):
-        _radix_hist_kernel[grid](src, d_arg, state, hist, rows, ncols, stride_s, d_stride,
-                                       PASS=p, HAS_D=has_d, BR=BR, BC=BC)
-        _radix_pick_kernel[(1,)](state, hist, k, PASS=p)
+        _radix_hist_kernel[grid](src, d_arg, hist, rows, ncols, stride_s, d_stride, k,
+                                 PASS=p, HAS_D=has_d, BR=BR, BC=BC)
     ties = torch.empty(grid[0], dtype=torch.int32, device=dev)
-    _tie_count_kernel[grid](src, d_arg, state, ties, rows, ncols, stride_s, d_stride, HAS_D=has_d, BR=BR, BC=BC)
-    tie_prefix = (torch.cumsum(ties, 0) - ties).to(torch.int32)
-    _prune_mask_kernel[grid](src, d_arg, state, tie_prefix, mask, rows, ncols, stride_s, d_stride,
-                                   mask.stride(0), HAS_D=has_d, BR=BR, BC=BC)
+    _tie_count_kernel[grid](src, d_arg, hist, ties, rows, ncols, stride_s, d_stride, k, HAS_D=has_d, BR=BR, BC=BC)
+    sum_ties = next_pow2(grid[0]) if grid[0] <= SUM_TIES_MAX else 0
+    if not sum_ties:  # many tiles (a whole-matrix mask): three launches cost less than each program reading them all
+        ties = (torch.cumsum(ties, 0) - ties).to(torch.int32)
+    _prune_mask_kernel[grid](src, d_arg, hist, ties, mask, rows, ncols, stride_s, d_stride, mask.stride(0), k,
+                             grid[0], HAS_D=has_d, BR=BR, BC=BC, SUM_TIES=sum_ties)
 
 
 _PAD_COLS = 128
@@ -367,7 +380,7 @@ def _sweep_block_op(W: torch.Tensor, U: torch.Tensor, i1: int, nb: int, sparsity
     i2 = i1 + nb
     if i2 < cols:
         W[:, i2:].addmm_(E, U[i1:i2, i2:], alpha=-1.0)
-    return loss.sum() * 0.5
+    return loss.sum()
 
 
 @_sweep_block_op.register_fake
