@@ -31,6 +31,21 @@ def test_triton_nm_mask_under_compile():
     assert torch.equal(got, reference.nm_keep_mask(s, 2, 4))
 
 
+@pytest.mark.parametrize("mode", [dict(sparsity=0.5, n=None, m=None), dict(sparsity=0.5, n=2, m=4)])
+def test_triton_sweep_under_compile(mode):
+    """Inside a compiled region the sweep goes through the registered op (eagerly it calls the op's implementation
+    directly); both give the eager weights and loss, and the compiled call mutates its input like the eager one."""
+    from sparsegpt_kernels.ops.sweep import sweep_triton
+
+    U = reference.inverse_factor(_spd(80), 0.01).contiguous()
+    W = torch.randn(20, 80, generator=torch.Generator().manual_seed(2))
+    We, Wc = W.clone(), W.clone()
+    loss_e = sweep_triton(We, U, block_size=32, **mode)
+    loss_c = _compiled(lambda w, u: sweep_triton(w, u, block_size=32, **mode))(Wc, U)
+    assert torch.equal(Wc, We) and not torch.equal(We, W)
+    assert float(loss_c) == pytest.approx(float(loss_e), rel=1e-6) and float(loss_e) > 0
+
+
 def test_triton_hinv_under_compile():
     H = _spd(48)
 
