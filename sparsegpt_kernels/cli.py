@@ -240,7 +240,8 @@ def _log(msg: str) -> None:
 
 def _init_distributed(args) -> int:
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL with GPUs, gloo without; collectives time out
-    after --dist-timeout seconds) and return this process's rank; 0 otherwise."""
+    after --dist-timeout seconds) and return this process's rank; 0 otherwise. Sets ``args.own_group`` when it
+    created the group (``main`` closes it after a command that succeeded)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0
@@ -256,6 +257,7 @@ def _init_distributed(args) -> int:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
+        args.own_group = True
     return dist.get_rank()
 
 
@@ -462,10 +464,19 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.own_group = False
     try:
         _check_args(args)
         args.rank = _init_distributed(args)
-        return args.func(args)
+        rc = args.func(args)
+        if args.own_group:
+            # Every process got here, so closing the group waits on no one. A group left open is torn down with the
+            # interpreter, where gloo's and NCCL's threads can abort the process after its work is done. After a
+            # failure it stays open: closing could wait on processes that are still running.
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        return rc
     except ImportError as e:
         print(f"error: {_one_line(e)} (install the Hugging Face extra: pip install 'sparsegpt_kernels[hf]')",
               file=sys.stderr)

@@ -158,3 +158,37 @@ def test_encoder_checkpoint_is_refused(tmp_path, capsys):
     assert main(["prune", "--model", str(tmp_path), "--output", str(out_dir), "--quiet"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and "not a causal language model" in err[0] and not out_dir.exists()
+
+
+def test_cli_closes_the_process_group_it_opened(monkeypatch):
+    """Under torchrun the CLI opens the process group and closes it after a command that succeeded. After a failure
+    it leaves it open, because closing could wait on processes that are still running. Only the calls are checked
+    here; tests/test_distributed.py runs the real thing."""
+    import torch.distributed as dist
+
+    from sparsegpt_kernels import cli
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append("init"))
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 1)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
+    monkeypatch.setattr(cli, "cmd_prune", lambda args: calls.append(("prune", args.rank)) or 0)
+    assert cli.main(["prune", "--device", "cpu"]) == 0
+    assert calls == ["init", ("prune", 1), "destroy"]
+
+    def fail(args):
+        calls.append("prune")
+        raise RuntimeError("a worker failed")
+
+    calls.clear()
+    monkeypatch.setattr(cli, "cmd_prune", fail)
+    with pytest.raises(RuntimeError, match="a worker failed"):
+        cli.main(["prune", "--device", "cpu"])
+    assert calls == ["init", "prune"]
+    calls.clear()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # a group the caller made: not the CLI's to close
+    monkeypatch.setattr(cli, "cmd_prune", lambda args: calls.append("prune") or 0)
+    assert cli.main(["prune", "--device", "cpu"]) == 0
+    assert calls == ["prune"]
