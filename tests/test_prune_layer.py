@@ -349,8 +349,8 @@ def test_device_hessian_stats_match_torch(c, dtype, monkeypatch):
 @pytest.mark.parametrize("name", HESSIAN_BAD)
 def test_cuda_bad_hessian_rejected_weight_untouched(name):
     """The same errors from the GPU-side check (the CPU runs the tile loop or the compiled check)."""
-    _, exc, msg = BAD[name]
-    args = BAD[name][0]()
+    make, exc, msg = BAD[name]
+    args = make()
     W = args["layer"].weight.detach().cuda()
     before = W.clone()
     with pytest.raises(exc, match=msg):
