@@ -137,7 +137,7 @@ def _extensions() -> dict:
     os.environ.update(chosen)
 
     src = read_sources()
-    depends = list(src.get("core", [])) + ["csrc/cpu/aten_ops.h", "csrc/cuda/sweep_kernels.h"]
+    depends = list(src.get("core", [])) + list(src.get("ext_headers", []))
     # the C++ standard comes from cpp_extension (it matches the torch headers); no contraction into fused
     # multiply-adds, so that the CPU sweep rounds like the reference on every architecture
     openmp = sys.platform.startswith("linux") and torch.backends.openmp.is_available()

@@ -188,7 +188,7 @@ def run_model(name: str, device: torch.device, dtype: torch.dtype, workload, rep
             "phase": phase, "batch": b, "prompt": t, "unit": "ms/forward" if phase == "prefill" else "ms/token step",
             "dense_ms": f"{s * 1e3:.3f}", "sparse_ms": f"{sp * 1e3:.3f}" if sp else "",
             "speedup": f"{s / sp:.3f}" if sp else "",
-            "converted": f"{n_conv}/{len(pruned)}", "sparse_backend": report.support.backend or "-",
+            "converted": f"{n_conv}/{len(pruned)}", "sparse_backend": report.support.kernels or "-",
             "linear_mb_dense": f"{dense_bytes / 2**20:.1f}", "linear_mb_sparse": f"{sparse_bytes / 2**20:.1f}",
             "logits_max_abs_diff": f"{diff:.3g}" if diff is not None else "",
             "logits_max_abs": f"{float(ref_logits.abs().max()):.3g}",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import os
 import statistics
 import sys
@@ -33,25 +34,24 @@ from sparsegpt_kernels.model import calibration_windows, load_model, load_text, 
 @contextlib.contextmanager
 def recording(backend: str, rows: list[dict]):
     """Make prune_model's per-layer prune_layer call also run the float32/float64 references and record losses."""
-    original = prune_block.prune_layer
+    original = prune_block.prune_layer_with
 
-    def prune_and_compare(W, H, **kw):
-        kw = {k: v for k, v in kw.items() if k != "backend"}
+    def prune_and_compare(W, H, opts, **kw):
         ref = {}
         for name, dtype in (("torch_fp32", torch.float32), ("torch_fp64", torch.float64)):
             Hc = H.to(dtype)
             Hc = (Hc + Hc.T) / 2  # a float32-accumulated H is symmetric to float32 precision only
-            ref[name] = original(W.detach().clone().to(dtype), Hc, backend="torch", **kw).loss
-        res = original(W, H, backend=backend, **kw)
+            ref[name] = original(W.detach().clone().to(dtype), Hc, dataclasses.replace(opts, backend="torch")).loss
+        res = original(W, H, dataclasses.replace(opts, backend=backend), **kw)
         rows.append({"layer": len(rows), "shape": "x".join(map(str, res.shape)), "backend": res.backend,
                      "loss": res.loss, **ref})
         return res
 
-    prune_block.prune_layer = prune_and_compare
+    prune_block.prune_layer_with = prune_and_compare
     try:
         yield
     finally:
-        prune_block.prune_layer = original
+        prune_block.prune_layer_with = original
 
 
 def main(argv=None) -> int:
@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="2 blocks, 4 x 128 calibration, output to benchmarks/out")
+    p.add_argument("--out-dir", default=None, help="where layer_accuracy.csv/.md go (default: benchmarks/results, "
+                                                    "benchmarks/out with --quick)")
     args = p.parse_args(argv)
     blocks = [0, 1] if args.quick else None
     if args.quick:
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     total = {k: sum(r[k] for r in rows) for k in ("loss", "torch_fp32", "torch_fp64")}
     worse = sum(r["loss"] > r["torch_fp32"] for r in rows)
     info = meta(torch.device("cpu"))
-    out = os.path.join(OUT_DIR if args.quick else RESULTS_DIR, "layer_accuracy")
+    out = os.path.join(args.out_dir or (OUT_DIR if args.quick else RESULTS_DIR), "layer_accuracy")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["layer", "shape", "backend", "loss", "torch_fp32", "torch_fp64"])

@@ -12,7 +12,8 @@ Per decoder block, with T calibration tokens shared by W processes:
 Nothing is downloaded or written to disk: the blocks are random tensors built from a seed.
 
     python benchmarks/bench_scale.py                       # CPU: width / 16, link: measured gloo between 2 processes
-    python benchmarks/bench_scale.py --profile h200        # the H200 rates (assumed, printed) instead of measured ones
+    python benchmarks/bench_scale.py --profile h200        # assumed H200 rates (printed) instead of measured ones:
+                                                           # results/scale_h200_assumed.csv, a projection
     python benchmarks/bench_scale.py --quick               # smoke run
 """
 
@@ -199,7 +200,9 @@ def main(argv=None) -> int:
             print(f"{name:>14} {w:>2} ranks: {t['model_min']:9.1f} min (block {t['block_s']:.3g} s)", flush=True)
     print_table(rows, ["model", "ranks", "forward_s", "hessian_s", "reduce_s", "solve_s", "broadcast_s", "block_s",
                        "model_min"])
-    out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, f"scale_{args.profile}.csv")
+    # the h200 profile projects from assumed rates: its file says so (it is not a measurement on an H200)
+    name = "scale_h200_assumed.csv" if args.profile == "h200" else "scale_measured.csv"
+    out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, name)
     write_csv(out, rows)
     png = os.path.splitext(out)[0] + ".png"
     plot(rows, png, source)

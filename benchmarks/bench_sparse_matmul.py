@@ -107,7 +107,7 @@ def _graph_bench(fn, device: torch.device, repeats: int) -> float | None:
 
 def run(models: dict[str, dict[str, tuple[int, int]]], tokens: list[int], dtypes: list[str], device: torch.device,
         repeats: int, backend: str = "auto") -> list[dict]:
-    support = semi_structured_support(device, backend)
+    support = semi_structured_support(device, kernels=backend)
     info = meta(device)
     rows = []
     seen: dict[tuple, dict] = {}
@@ -124,7 +124,7 @@ def run(models: dict[str, dict[str, tuple[int, int]]], tokens: list[int], dtypes
                 Ws = None
                 if reason is None:
                     try:
-                        Ws = semi_structured_class(support.backend).from_dense(W)
+                        Ws = semi_structured_class(support.kernels).from_dense(W)
                     except (RuntimeError, NotImplementedError) as e:
                         reason = f"conversion failed: {str(e).splitlines()[0]}"
                 for t in tokens:
@@ -161,7 +161,7 @@ def run(models: dict[str, dict[str, tuple[int, int]]], tokens: list[int], dtypes
                            "dense_tflops": f"{flops / dense_s / 1e12:.2f}",
                            "sparse_tflops_eff": f"{flops / sparse_s / 1e12:.2f}" if sparse_s else "",
                            "rel_err": f"{err:.2e}" if err is not None else "",
-                           "sparse_backend": support.backend or "-", "status": status, **info}
+                           "sparse_backend": support.kernels or "-", "status": status, **info}
                     seen[key] = row
                     rows.append(row)
                     print(f"{model:>10} {layer:>13} {out_f:>6}x{in_f:<6} {dname:>8} t={t:<5} dense "
@@ -259,10 +259,10 @@ def main(argv=None) -> int:
         names = args.models or (CPU_MODELS if cpu else list(MODELS))
         models = {n: MODELS[n] for n in names}
         tokens, repeats = args.tokens or (CPU_TOKENS if cpu else TOKENS), args.repeats
-    support = semi_structured_support(device, args.backend)
+    support = semi_structured_support(device, kernels=args.backend)
     info = meta(device)
     print(f"# {info['date']}  {info['device']}  torch {info['torch']}  semi-structured: "
-          f"{support.backend if support.available else 'unsupported (' + support.reason + ')'}")
+          f"{support.kernels if support.available else 'unsupported (' + support.reason + ')'}")
     rows = run(models, tokens, args.dtypes, device, repeats, args.backend)
     recs = recommend(rows)
     out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, f"sparse_matmul_{device.type}.csv")

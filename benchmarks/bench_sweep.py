@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import OUT_DIR, RESULTS_DIR, bench, meta, print_table, write_csv  # noqa: E402
 
 from sparsegpt_kernels import reference  # noqa: E402
-from sparsegpt_kernels.backends import _triton  # noqa: E402
+from sparsegpt_kernels.backends._triton import BACKEND as _triton  # noqa: E402
 from sparsegpt_kernels.spec import SweepSpec  # noqa: E402
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "12288x12288"]

@@ -84,7 +84,6 @@ if [ "$PHASE" = "A" ]; then
     tests/test_precision.py tests/test_prune_layer.py
   step prune_layer 70 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
     --backends torch triton --repeats 3 --no-published --csv "$D/prune_layer_triton.csv"
-  step hinv 20 "$PY" benchmarks/bench_hinv.py --sizes 4096 12288 --csv "$D/hinv.csv"
   step published 30 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes 4096x4096 11008x4096 \
     --modes 0.5 2:4 --backends torch --repeats 2 --csv "$D/prune_layer_published.csv"
   step profile 20 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \

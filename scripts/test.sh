@@ -11,9 +11,9 @@ if [ -f scripts/ci_native.sh ]; then
 fi
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   rc=0
-  TRITON_INTERPRET=1 "$PY" -m pytest tests -q -m "not gpu" "$@" || rc=$?
-  TRITON_INTERPRET=0 "$PY" -m pytest tests -q -m gpu "$@" || rc=$?
+  TRITON_INTERPRET=1 "$PY" -m pytest tests -q --durations=25 -m "not gpu" "$@" || rc=$?
+  TRITON_INTERPRET=0 "$PY" -m pytest tests -q --durations=25 -m gpu "$@" || rc=$?
   exit "$rc"
 fi
 export TRITON_INTERPRET=1
-exec "$PY" -m pytest tests -q "$@"
+exec "$PY" -m pytest tests -q --durations=25 "$@"

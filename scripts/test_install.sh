@@ -24,7 +24,8 @@ sdist=$(ls "$WORK"/dist/*.tar.gz)
 echo "test_install: built $(basename "$wheel") and $(basename "$sdist")"
 # the sdist holds what building the extension needs, and nothing of the benchmarks
 tar tzf "$sdist" >"$WORK/sdist.txt"
-for f in csrc/sources.txt csrc/module.cpp csrc/core/rules.h csrc/core/sweep_core.h CMakeLists.txt setup.py; do
+for f in csrc/sources.txt csrc/module.cpp csrc/core/rules.h csrc/core/sweep_core.h csrc/aten/aten_ops.cpp \
+  CMakeLists.txt setup.py; do
   grep -q "^[^/]*/$f$" "$WORK/sdist.txt" || { echo "test_install: $f missing from the sdist"; exit 1; }
 done
 if grep -q "^[^/]*/benchmarks/" "$WORK/sdist.txt"; then

@@ -16,7 +16,7 @@ from .export import (
 )
 from .hessian import HessianAccumulator
 from .masks import nm_keep_mask, unstructured_prune_mask
-from .settings import parse_pattern
+from .options import PruneOptions, parse_pattern
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [
     "HessianAccumulator",
     "LayerReport",
     "PruneReport",
+    "PruneOptions",
     "PruneResult",
     "available_backends",
     "empty_cache",

@@ -1,4 +1,6 @@
-"""Public entry point: :func:`prune_layer`."""
+"""Public entry point: :func:`prune_layer`, in four steps (validate, check the values, factor with retries, sweep and
+write back); the settings are a :class:`~sparsegpt_kernels.options.PruneOptions`, the steps a backend's
+(:mod:`sparsegpt_kernels.backends.base`)."""
 
 from __future__ import annotations
 
@@ -11,18 +13,14 @@ import torch
 from torch import nn
 
 from . import reference
-from .backends import select_backend
-from .checks import all_finite, compiled_checks, nonzeros_and_finite
+from .backends import Backend, select_backend
+from .checks import check_finite, check_hessian_values
 from .hessian import HessianAccumulator
+from .options import DAMP_GROWTH, DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, MAX_DAMP_RETRIES, PruneOptions
 from .precision import ieee_float32_matmul
-from .settings import parse_pattern
 from .spec import SweepSpec
 
 logger = logging.getLogger("sparsegpt_kernels")
-
-#: Damping is multiplied by this factor after each failed factorisation, at most ``MAX_DAMP_RETRIES`` times.
-DAMP_GROWTH = 10.0
-MAX_DAMP_RETRIES = 6
 
 
 class FactorizationError(RuntimeError):
@@ -34,7 +32,10 @@ class PruneResult:
     """What :func:`prune_layer` did.
 
     Attributes:
-        loss: the OBS estimate of the increase of ½·||XWᵀ − XŴᵀ||²/n·2 (sum over rows of Σ err²/d²/2).
+        loss: the OBS loss the sweep accumulates, Σ err²/2 over every weight with err = (w − q)/U_jj: the increase
+            of ½·Σ_rows (W − Ŵ) H (W − Ŵ)ᵀ on the damped Hessian, which for H = (2/n)·XᵀX is
+            (1/n)·||XWᵀ − XŴᵀ||² (the mean over the n input vectors of the squared change of the output) up to the
+            damping.
         sparsity: fraction of exact zeros in the weight after pruning.
         damp: the relative damping actually used (larger than requested if factorisation had to be retried).
         backend: the backend that ran.
@@ -59,16 +60,6 @@ class PruneResult:
     mask_sparsity: float | None = None
 
 
-def mask_fraction(rows: int, cols: int, spec: SweepSpec) -> float:
-    """The fraction of a (rows, cols) weight that the sweep's masks prune: exactly N:M's 1 - N/M, or for unstructured
-    sparsity ``reference.n_pruned`` of every column block."""
-    if spec.m is not None:
-        return 1.0 - spec.n / spec.m
-    B = spec.block_size
-    pruned = sum(reference.n_pruned(spec.sparsity, rows * min(B, cols - i1)) for i1 in range(0, cols, B))
-    return pruned / (rows * cols)
-
-
 def is_conv1d(module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored (in_features, out_features)."""
     return (isinstance(module, nn.Module) and type(module).__name__ == "Conv1D"
@@ -87,46 +78,6 @@ def _weight_of(layer) -> tuple[torch.Tensor, bool]:
         "layer must be an nn.Linear, a transformers Conv1D or a 2-D weight tensor (out, in), "
         f"got {type(layer).__name__}"
     )
-
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not all_finite(t):
-        raise ValueError(f"{what} contains NaN or Inf")
-
-
-#: Side of the square tiles of H compared with their mirror images in the symmetry check (both fit in cache).
-_SYM_TILE = 256
-
-
-def _max_asymmetry(H: torch.Tensor) -> float:
-    """max |H − Hᵀ| over the upper triangle, tile by tile: each (T, T) tile against the transpose of its mirror tile,
-    so the transposed read stays in cache (3–4.5x faster than row panels on 4096² and 11008² Hessians)."""
-    n = H.shape[0]
-    worst = 0.0
-    for i in range(0, n, _SYM_TILE):
-        for j in range(i, n, _SYM_TILE):
-            lo, hi = torch.aminmax(H[i : i + _SYM_TILE, j : j + _SYM_TILE] - H[j : j + _SYM_TILE, i : i + _SYM_TILE].T)
-            worst = max(worst, float(hi), -float(lo))
-    return worst
-
-
-#: Elements of the temporary difference per step of the device-side symmetry check (64 MiB in float32).
-_SYM_PANEL_ELEMS = 1 << 24
-
-
-def _hessian_stats_device(H: torch.Tensor) -> tuple[float, float, float, bool]:
-    """(min, max, max |H − Hᵀ|, any negative diagonal entry) of a GPU-resident H as device reductions read back in
-    one host synchronisation. The CPU's tile loop would cost two launches and two synchronisations per tile there:
-    136 tiles at c = 4096 (H200, 2026-11-30: 139 aminmax launches in one prune_layer call)."""
-    n = H.shape[0]
-    lo, hi = torch.aminmax(H)
-    step = max(1, _SYM_PANEL_ELEMS // n)
-    asym = torch.zeros((), dtype=H.dtype, device=H.device)
-    for i in range(0, n, step):
-        asym = torch.maximum(asym, torch.sub(H[i : i + step], H[:, i : i + step].T).abs_().amax())
-    neg = (H.diagonal() < 0).any().to(H.dtype)
-    lo, hi, asym, neg = torch.stack((lo, hi, asym, neg)).tolist()
-    return lo, hi, asym, neg != 0
 
 
 def _hessian_tensor(H, in_features: int, weight: torch.Tensor) -> torch.Tensor:
@@ -148,42 +99,73 @@ def _hessian_tensor(H, in_features: int, weight: torch.Tensor) -> torch.Tensor:
     return H
 
 
-def _check_hessian_values(H: torch.Tensor) -> None:
-    """Finite, symmetric (to 1e-4 of its largest entry in float32, 1e-10 in float64) and a non-negative diagonal;
-    one compiled pass where it runs, else torch reductions."""
-    ops = compiled_checks(H)
-    neg_diag = None
-    if ops is not None:
-        lo, hi, asym, finite = ops.ext_hessian_stats(H)
-    elif H.device.type != "cpu":
-        lo, hi, asym, neg_diag = _hessian_stats_device(H)
-        finite = math.isfinite(lo) and math.isfinite(hi)
-    else:
-        lo, hi = (float(x) for x in torch.aminmax(H))  # NaN and Inf propagate: this doubles as the finiteness check
-        finite = math.isfinite(lo) and math.isfinite(hi)
-        asym = None
-    if not finite:
-        raise ValueError("hessian contains NaN or Inf")
-    scale = max(abs(lo), abs(hi))
-    tol = (1e-4 if H.dtype == torch.float32 else 1e-10) * max(scale, 1e-30)
-    if asym is None:
-        asym = _max_asymmetry(H)
-    if asym > tol:
-        raise ValueError(f"hessian is not symmetric (max |H - Hᵀ| = {asym:.3g}, |H|max = {scale:.3g})")
-    if neg_diag is None:
-        neg_diag = bool((H.diagonal() < 0).any())
-    if neg_diag:
-        raise ValueError("hessian has negative diagonal entries; it is not a Gram matrix of real inputs")
+@dataclass(frozen=True)
+class _Problem:
+    """A layer's weight and Hessian after the type and shape checks: ``weight`` is the user's tensor (stored
+    transposed when ``transposed``), ``W0`` its (out, in) view."""
+
+    weight: torch.Tensor
+    transposed: bool
+    W0: torch.Tensor
+    H: torch.Tensor
+
+
+def _validate(layer, hessian, opts: PruneOptions) -> _Problem:
+    """Step 1: types, shapes, dtypes and devices of the layer and the Hessian, and the settings against the width."""
+    weight, transposed = _weight_of(layer)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"weight dtype must be float16, bfloat16, float32 or float64, got {weight.dtype}")
+    W0 = weight.T if transposed else weight
+    rows, cols = W0.shape
+    if rows == 0 or cols == 0:
+        raise ValueError(f"weight has an empty dimension: shape {tuple(W0.shape)}")
+    H = _hessian_tensor(hessian, cols, weight)
+    opts.check_layer(cols)
+    return _Problem(weight, transposed, W0, H)
+
+
+def _check_block_limit(be: Backend, block_size: int, cols: int) -> None:
+    limit = be.max_block_size()
+    if limit is not None and min(block_size, cols) > limit:
+        raise ValueError(f"block_size={block_size} is wider than the {be.name} backend supports ({limit} columns); "
+                         f"use block_size <= {limit}")
+
+
+def _factor_with_retries(be: Backend, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Step 3: the backend's factor of the damped Hessian, multiplying the damping by DAMP_GROWTH after each
+    failure (at most MAX_DAMP_RETRIES times); returns (factor, damping used)."""
+    used = damp
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        F = be.factor(H, used)
+        if F is not None:
+            return F, used
+        logger.warning("sparsegpt_kernels: Hessian factorisation failed at damp=%g; retrying with more", used)
+        used *= DAMP_GROWTH
+    raise FactorizationError(f"could not factorise the Hessian even with damp={used / DAMP_GROWTH:g} "
+                             f"(started at {damp:g}); is it a Gram matrix of finite inputs?")
+
+
+def _write_back(p: _Problem, W: torch.Tensor, loss: float, be: Backend) -> float:
+    """Step 4b: the result into the user's weight once it is known to be finite; returns the fraction of zeros."""
+    nonzeros, finite = be.nonzeros_and_finite(W)
+    if not finite or not math.isfinite(loss):
+        raise FloatingPointError("pruning produced NaN/Inf; the weight was left unchanged")
+    p.weight.copy_((W.T if p.transposed else W).to(p.weight.dtype))
+    if p.weight.dtype != W.dtype:  # rounding to the weight's dtype can make more zeros
+        nonzeros = be.nonzeros_and_finite(p.weight)[0]
+    return 1.0 - nonzeros / p.weight.numel()
 
 
 def prune_layer(
     layer,
     hessian,
     *,
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     pattern: str | None = None,
-    block_size: int = 128,
-    damp: float = 0.01,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    damp: float = DEFAULT_DAMP,
     quant_bits: int | None = None,
     quant_group_size: int | None = None,
     backend: str = "auto",
@@ -195,7 +177,7 @@ def prune_layer(
             Its weight is updated in place, keeping dtype and device; the math runs in float32 (float64 if the
             weight or the Hessian is float64).
         hessian: (in, in) tensor on the weight's device, or a :class:`HessianAccumulator`.
-        sparsity: fraction of weights pruned (unstructured), in [0, 1); ignored when ``pattern`` is given.
+        sparsity: fraction of weights pruned (unstructured), in [0, 1); default 0.5. Not together with ``pattern``.
         pattern: "N:M", N kept of every M consecutive input columns (e.g. "2:4", "4:8").
         block_size: columns per block of the sweep (lazy batch updates between blocks).
         damp: relative damping λ = damp · mean(diag H); multiplied by 10 on factorisation failure.
@@ -206,107 +188,53 @@ def prune_layer(
     Returns:
         :class:`PruneResult`. On any exception the weight is left exactly as it was.
 
-    Float32 matrix products inside run at IEEE precision even where the process enabled TF32 (or bfloat16 on the
-    CPU) for inference; the setting is restored before returning (:mod:`sparsegpt_kernels.precision`).
+    The settings are checked by :class:`~sparsegpt_kernels.options.PruneOptions`. Float32 matrix products inside
+    run at IEEE precision even where the process enabled TF32 (or bfloat16 on the CPU) for inference; the setting is
+    restored before returning (:mod:`sparsegpt_kernels.precision`).
     """
     t0 = time.perf_counter()
-    weight, transposed = _weight_of(layer)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"weight dtype must be float16, bfloat16, float32 or float64, got {weight.dtype}")
-    W0 = weight.T if transposed else weight
-    rows, cols = W0.shape
-    if rows == 0 or cols == 0:
-        raise ValueError(f"weight has an empty dimension: shape {tuple(W0.shape)}")
-    H = _hessian_tensor(hessian, cols, weight)
+    opts = PruneOptions(sparsity=sparsity, pattern=pattern, block_size=block_size, damp=damp, quant_bits=quant_bits,
+                        quant_group_size=quant_group_size, backend=backend)
+    return prune_layer_with(layer, hessian, opts, started=t0)
 
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
-        raise ValueError(f"damp must be a finite number > 0, got {damp!r}")
-    n = m = None
-    if pattern is not None:
-        n, m = parse_pattern(pattern)
-        if cols % m:
-            raise ValueError(f"pattern {pattern!r}: in_features={cols} is not a multiple of M={m}")
-        if block_size % m:
-            raise ValueError(f"pattern {pattern!r}: block_size={block_size} is not a multiple of M={m}")
-        sparsity = 1.0 - n / m
-    else:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    if quant_bits is not None:
-        if isinstance(quant_bits, bool) or not isinstance(quant_bits, int) or not 2 <= quant_bits <= 8:
-            raise ValueError(f"quant_bits must be an int in 2..8, got {quant_bits!r}")
-        if quant_group_size is not None:
-            g = quant_group_size
-            if isinstance(g, bool) or not isinstance(g, int) or g < 1 or cols % g:
-                raise ValueError(f"quant_group_size must be a positive int dividing in_features={cols}, got {g!r}")
-    elif quant_group_size is not None:
-        raise ValueError("quant_group_size needs quant_bits")
 
-    be = select_backend(backend, weight.device, nm=m is not None)
-    max_block = be.max_block_size() if hasattr(be, "max_block_size") else None
-    if max_block is not None and min(block_size, cols) > max_block:
-        raise ValueError(
-            f"block_size={block_size} is wider than the {be.NAME} backend supports ({max_block} columns); "
-            f"use block_size <= {max_block}"
-        )
-    # the value checks last: one pass each over W and H (compiled where the backend loaded the extension)
-    _check_finite(W0, "weight")
-    _check_hessian_values(H)
+def prune_layer_with(layer, hessian, opts: PruneOptions, *, started: float | None = None) -> PruneResult:
+    """:func:`prune_layer` with its settings as a :class:`~sparsegpt_kernels.options.PruneOptions` (``method`` and
+    ``allocation`` are whole-model settings and not read here)."""
+    t0 = time.perf_counter() if started is None else started
+    p = _validate(layer, hessian, opts)
+    rows, cols = p.W0.shape
+    be = select_backend(opts.backend, p.weight.device)
+    _check_block_limit(be, opts.block_size, cols)
+    # step 2, the value checks: one pass each over W and H (compiled where the backend has them)
+    check_finite(p.W0, "weight", be)
+    check_hessian_values(p.H, be)
 
-    cdtype = torch.float64 if torch.float64 in (weight.dtype, H.dtype) else torch.float32
+    cdtype = torch.float64 if torch.float64 in (p.weight.dtype, p.H.dtype) else torch.float32
     # float32 products at full precision whatever the process-wide TF32/bfloat16 setting (restored on the way out)
     with torch.no_grad(), ieee_float32_matmul():
-        # never a view of the user's weight
-        W = be.working_copy(W0, cdtype) if hasattr(be, "working_copy") else W0.to(cdtype).clone().contiguous()
-        Hc = H.to(cdtype)
+        W = be.working_copy(p.W0, cdtype)  # never a view of the user's weight
+        Hc = p.H.to(cdtype)
         dead = Hc.diagonal() == 0
         n_dead = int(dead.sum())
         if n_dead:
             W[:, dead] = 0
-        grid = reference.make_quant_grid(W, quant_bits, quant_group_size) if quant_bits is not None else None
+        grid = reference.make_quant_grid(W, opts.quant_bits, opts.quant_group_size) if opts.quant_bits else None
+        n, m = opts.nm or (None, None)
         # cols and block_size are multiples of M for N:M, so the clamp keeps the block a multiple of M
-        spec = SweepSpec(sparsity=float(sparsity), n=n, m=m, block_size=min(block_size, cols), quant=grid)
-
-        # backends that never form U factor H itself (R with H + damping = R Rᵀ) and sweep on that
-        factor, sweep = (
-            (be.cholesky_factor, be.sweep_cholesky)
-            if hasattr(be, "cholesky_factor")
-            else (be.inverse_factor, be.sweep)
-        )
-        used = float(damp)
-        for _ in range(MAX_DAMP_RETRIES + 1):
-            F = factor(Hc, used)  # U, or R for the Cholesky pair
-            if F is not None:
-                break
-            logger.warning("sparsegpt_kernels: Hessian factorisation failed at damp=%g; retrying with more", used)
-            used *= DAMP_GROWTH
-        else:
-            raise FactorizationError(
-                f"could not factorise the Hessian even with damp={used / DAMP_GROWTH:g} "
-                f"(started at {damp:g}); is it a Gram matrix of finite inputs?"
-            )
-        loss = sweep(W, F, spec)
-        nonzeros, finite = nonzeros_and_finite(W)
-        if not finite or not math.isfinite(loss):
-            raise FloatingPointError("pruning produced NaN/Inf; the weight was left unchanged")
-        out = W.T if transposed else W
-        weight.copy_(out.to(weight.dtype))
-        if weight.dtype != W.dtype:  # rounding to the weight's dtype can make more zeros
-            nonzeros = nonzeros_and_finite(weight)[0]
-        achieved = 1.0 - nonzeros / weight.numel()
+        spec = SweepSpec(sparsity=opts.fraction, n=n, m=m, block_size=min(opts.block_size, cols), quant=grid)
+        F, used = _factor_with_retries(be, Hc, opts.damp)
+        loss = be.sweep(W, F, spec)  # step 4a
+        achieved = _write_back(p, W, loss, be)
     return PruneResult(
         loss=float(loss),
         sparsity=achieved,
         damp=used,
-        backend=be.NAME,
+        backend=be.name,
         seconds=time.perf_counter() - t0,
         shape=(rows, cols),
-        pattern=None if m is None else f"{n}:{m}",
-        quant_bits=quant_bits,
+        pattern=opts.pattern,
+        quant_bits=opts.quant_bits,
         dead_columns=n_dead,
-        mask_sparsity=mask_fraction(rows, cols, spec),
+        mask_sparsity=reference.mask_fraction(rows, cols, sparsity=opts.fraction, nm=opts.nm, per=spec.block_size),
     )

@@ -1,9 +1,10 @@
-"""Value checks over whole tensors (finiteness, non-zero counts) in one pass where the compiled extension is loaded.
+"""Value checks over whole tensors: finiteness, zero counts and the Hessian's properties, each through a backend
+(:mod:`sparsegpt_kernels.backends.base` has the pure-PyTorch forms, the cpp backend compiled one-pass forms).
 
-prune_layer checks its inputs and output and counts the zeros it made; on large CPU layers torch's
-``count_nonzero`` alone took longer than the rest of the bookkeeping together (0.11 s on 11008x4096 with an
-unstructured mask, against 0.012 s for ``ext_nonzeros_finite``). These helpers use the compiled checks for CPU
-tensors when the extension is already loaded (they never load or build it) and torch reductions otherwise.
+On large CPU layers the checks are a visible part of a call (torch's ``count_nonzero`` alone took longer than the
+rest of prune_layer's bookkeeping on 11008x4096), so :func:`count_nonzero` and :func:`all_finite`, used outside a
+solve, take the compiled checks where the extension is loaded already (:func:`~sparsegpt_kernels.backends.value_checks`;
+they never load or build it).
 """
 
 from __future__ import annotations
@@ -12,50 +13,34 @@ import math
 
 import torch
 
-_COMPILED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def compiled_checks(t: torch.Tensor):
-    """``torch.ops.sparsegpt_kernels`` where the compiled value checks can take ``t`` (a floating-point CPU tensor,
-    the extension already loaded), else ``None``."""
-    from .backends import extension
-
-    if t.device.type == "cpu" and t.dtype in _COMPILED_DTYPES and extension.is_loaded():
-        return torch.ops.sparsegpt_kernels
-    return None
-
-
-def _compiled_nonzeros_and_finite(t: torch.Tensor) -> tuple[int, bool] | None:
-    ops = compiled_checks(t)
-    if ops is None:
-        return None
-    nonzeros, finite = ops.ext_nonzeros_finite(t.detach())
-    return int(nonzeros), bool(finite)
-
-
-def nonzeros_and_finite(t: torch.Tensor) -> tuple[int, bool]:
-    """(number of non-zero entries, whether every entry is finite)."""
-    got = _compiled_nonzeros_and_finite(t)
-    if got is not None:
-        return got
-    t = t.detach()
-    lo, hi = torch.aminmax(t)
-    # one host synchronisation (a GPU tensor would otherwise pay three); counts below 2**53 are exact in float64
-    nonzeros, lo, hi = torch.stack((torch.count_nonzero(t).double(), lo.double(), hi.double())).tolist()
-    return int(nonzeros), math.isfinite(lo) and math.isfinite(hi)
+from .backends import Backend, value_checks
 
 
 def count_nonzero(t: torch.Tensor) -> int:
-    got = _compiled_nonzeros_and_finite(t)
-    return got[0] if got is not None else int(torch.count_nonzero(t.detach()))
+    return value_checks(t).nonzeros_and_finite(t)[0]
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    got = _compiled_nonzeros_and_finite(t)
-    return got[1] if got is not None else _all_finite_torch(t)
+    return value_checks(t).nonzeros_and_finite(t)[1]
 
 
-def _all_finite_torch(t: torch.Tensor) -> bool:
-    """min and max propagate NaN and show ±Inf: one reduction, no temporary."""
-    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()
-    return math.isfinite(lo) and math.isfinite(hi)
+def check_finite(t: torch.Tensor, what: str, backend: Backend) -> None:
+    if not backend.nonzeros_and_finite(t)[1]:
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+def check_hessian_values(H: torch.Tensor, backend: Backend) -> None:
+    """Finite, symmetric (to 1e-4 of its largest entry in float32, 1e-10 in float64), a non-negative diagonal and not
+    all zero, in one pass where ``backend`` has one."""
+    lo, hi, asym, neg_diag = backend.hessian_stats(H)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("hessian contains NaN or Inf")
+    scale = max(abs(lo), abs(hi))
+    if scale == 0:
+        raise ValueError("hessian is all zeros: the layer saw no inputs, or only zeros (was the accumulator fed?); "
+                         "every column would be dead and the whole weight would be set to 0")
+    tol = (1e-4 if H.dtype == torch.float32 else 1e-10) * scale
+    if asym > tol:
+        raise ValueError(f"hessian is not symmetric (max |H - Hᵀ| = {asym:.3g}, |H|max = {scale:.3g})")
+    if neg_diag:
+        raise ValueError("hessian has negative diagonal entries; it is not a Gram matrix of real inputs")

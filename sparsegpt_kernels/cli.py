@@ -3,6 +3,7 @@
     sparsegpt-kernels prune   --model embedded --sparsity 0.5 --output pruned/ --report report.json
     sparsegpt-kernels eval    --model pruned/
     sparsegpt-kernels compare --methods dense,magnitude,wanda,sparsegpt --settings 50%,4:8,2:4
+    sparsegpt-kernels grid    --sparsities 50%,60%,70%,80% --allocations uniform,owl,error --output grid/
 
 Several processes (GPUs, or CPU processes with gloo) share the pruning under torchrun:
 
@@ -20,8 +21,25 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
+
+from .options import (
+    ALLOCATIONS,
+    BACKENDS,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DAMP,
+    DEFAULT_NSAMPLES,
+    DEFAULT_SEQLEN,
+    MAX_QUANT_BITS,
+    METHODS,
+    MIN_QUANT_BITS,
+    OWL_LAMBDA,
+    OWL_M,
+    PruneOptions,
+    parse_setting,
+)
 
 
 def _csv(text: str) -> list[str]:
@@ -50,7 +68,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="text source: shakespeare, kjv, wikitext2, c4 or a path to a text file")
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per calibration sequence (and evaluation window unless --eval-seqlen; default: "
-                        "min(2048, model limit))")
+                        f"min({DEFAULT_SEQLEN}, model limit))")
     p.add_argument("--eval-seqlen", type=int, default=None, help="tokens per evaluation window (default: --seqlen)")
     p.add_argument("--bos", default="auto", choices=["auto", "window", "stream", "none"],
                    help="BOS at the start of windows: auto (as the tokenizer does), window (every window), stream "
@@ -60,21 +78,31 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _sparsity(text: str) -> float:
+    """--sparsity: a fraction or a percentage ("0.5", "50%")."""
+    try:
+        return parse_setting(text, "--sparsity", allow_pattern=False).sparsity
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--quant-bits", type=int, default=None, help="joint quantization bits (2..8)")
+    """The options of a prune (their defaults and choices are :mod:`sparsegpt_kernels.options`')."""
+    p.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES, help="calibration sequences")
+    p.add_argument("--quant-bits", type=int, default=None, choices=range(MIN_QUANT_BITS, MAX_QUANT_BITS + 1),
+                   metavar="BITS", help=f"joint quantization bits ({MIN_QUANT_BITS}..{MAX_QUANT_BITS})")
     p.add_argument("--quant-group-size", type=int, default=None)
     p.add_argument("--blocks", type=_blocks, default=None, help="decoder blocks to prune, e.g. '0-3,7' (default all)")
     p.add_argument("--include", type=_csv, default=None, help="comma-separated globs of layer names to prune")
     p.add_argument("--exclude", type=_csv, default=None, help="comma-separated globs of layer names to keep dense")
     p.add_argument("--true-sequential", action="store_true", help="re-run the block between groups of layers")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--backend", default="auto", help="auto, torch, triton, cpp or cuda")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument("--damp", type=float, default=DEFAULT_DAMP)
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
-    p.add_argument("--owl-m", type=float, default=5.0,
+    p.add_argument("--owl-m", type=float, default=OWL_M,
                    help="allocation owl: a weight is an outlier above this many times the block's mean score")
-    p.add_argument("--owl-lambda", type=float, default=0.08,
+    p.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA,
                    help="allocation owl: per-block sparsities span [S - lambda, S + lambda]")
 
 
@@ -82,13 +110,30 @@ class UsageError(ValueError):
     """A bad option or path, reported in one line with exit status 2."""
 
 
-def _check_args(args) -> None:
-    """Every option and path that can be checked without loading the model, before anything is loaded."""
-    from .backends import KNOWN_BACKENDS
+def _options(args, **setting) -> PruneOptions:
+    """The options a command's flags describe, checked when made (``setting``: sparsity, pattern, method,
+    allocation, quant_bits, overriding the flags)."""
+    kw = dict(block_size=args.block_size, damp=args.damp, quant_bits=args.quant_bits,
+              quant_group_size=args.quant_group_size, backend=args.backend, owl_m=args.owl_m,
+              owl_lambda=args.owl_lambda)
+    kw.update(setting)
+    try:
+        return PruneOptions(**kw)
+    except ValueError as e:  # the message names the fields: name the flags instead
+        raise UsageError(_FIELD_NAME.sub(lambda m: _FLAG_OF[m.group(1) or m.group(2)], str(e))) from None
+
+
+#: PruneOptions' fields as the command line spells them, and where its messages name a field (``name=``, ``name (``,
+#: ``name must``, ``name needs``, ``needs name``; not "the pattern '2:4'" or "a layer's sparsity")
+_FLAG_OF = {f: "--" + f.replace("_", "-") for f in ("quant_group_size", "quant_bits", "block_size", "damp", "sparsity",
+                                                    "pattern", "owl_m", "owl_lambda", "allocation", "backend")}
+_FIELD_NAME = re.compile(r"(?<![\w'])(?<!'s )(" + "|".join(_FLAG_OF) + r")\b(?=\s*(?:=|\(|must\b|needs\b)|$)"
+                         r"|(?<=needs )(" + "|".join(_FLAG_OF) + r")\b")
+
+
+def _check_common(args) -> None:
     from .model.data import check_source
     from .model.embedded import check_model_source
-    from .model.plan import METHODS
-    from .settings import parse_pattern, parse_setting
 
     check_model_source(args.model)
     check_source(args.data)
@@ -97,65 +142,71 @@ def _check_args(args) -> None:
             raise UsageError(f"{flag} must be >= 2, got {value}")
     if args.eval_windows < 0:
         raise UsageError(f"--eval-windows must be >= 0 (0: all), got {args.eval_windows}")
-    if args.command == "eval":
-        return
-    methods = _csv(args.methods) if args.command in ("compare", "sweep") else [args.method]
+
+
+def _check_pruning(args, methods: list[str]) -> None:
     for m in methods:
-        if m not in ("dense", *METHODS):
-            raise UsageError(f"unknown method {m!r}: expected dense or one of {', '.join(METHODS)}")
+        if m not in METHODS:
+            raise UsageError(f"unknown method {m!r}: expected one of {', '.join(METHODS)}")
     if any(m in ("sparsegpt", "wanda") for m in methods) and args.nsamples < 1:
         raise UsageError(f"--nsamples must be >= 1 (calibration sequences), got {args.nsamples}")
-    if args.quant_bits is not None and not 2 <= args.quant_bits <= 8:
-        raise UsageError(f"--quant-bits must be in 2..8, got {args.quant_bits}")
-    if args.quant_group_size is not None and (args.quant_bits is None or args.quant_group_size < 1):
-        raise UsageError("--quant-group-size needs --quant-bits and must be >= 1")
-    if args.block_size < 1:
-        raise UsageError(f"--block-size must be >= 1, got {args.block_size}")
-    if not (math.isfinite(args.damp) and args.damp > 0):
-        raise UsageError(f"--damp must be a finite number > 0, got {args.damp}")
-    if args.backend not in ("auto", *KNOWN_BACKENDS):
-        raise UsageError(f"unknown backend {args.backend!r}: expected auto or one of {', '.join(KNOWN_BACKENDS)}")
     if args.blocks is not None and min(args.blocks, default=0) < 0:
         raise UsageError(f"--blocks must be block indices >= 0, got {args.blocks}")
-    if args.command == "sweep":
-        for a in _csv(args.allocations):
-            if a not in ("uniform", "owl", "error"):
-                raise UsageError(f"unknown allocation {a!r}: expected uniform, owl or error")
-        for x in _csv(args.sparsities):
-            parse_setting(x, f"--sparsities {x!r}")
-        if "dense" in methods:
-            raise UsageError("--methods: the sweep always measures dense; list pruning methods only")
-        patterns = []
+
+
+def _check_paths(args) -> None:
+    """prune's --output (a directory) and --report (a file), and what --stream needs."""
+    if args.stream:
+        if not args.output:
+            raise UsageError("--stream writes the pruned model block by block: it needs --output")
+        if args.checkpoint_dir:
+            raise UsageError("--stream keeps its progress in --output; leave out --checkpoint-dir")
+        if not os.path.isdir(os.path.expanduser(args.model)):
+            raise UsageError(f"--stream reads a local checkpoint directory; {args.model!r} is not one")
+        args.no_eval = True
+    for path, what in ((args.output, "--output"), (args.report, "--report")):
+        if path and os.path.exists(path) and (what == "--report") == os.path.isdir(path):
+            raise UsageError(f"{what} {path!r} is a {'directory' if os.path.isdir(path) else 'file'}")
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if parent and not os.path.isdir(parent):
+            raise UsageError(f"{what} {path!r}: directory {parent!r} does not exist")
+
+
+def _check_args(args) -> None:
+    """Every option and path that can be checked without loading the model, before anything is loaded."""
+    _check_common(args)
+    if args.command == "eval":
+        return
+    if args.command == "sweep":  # the grid's former name
+        args.command = "grid"
+    if args.command == "prune":
+        _check_pruning(args, [args.method])
+        _options(args, sparsity=args.sparsity, pattern=args.pattern, method=args.method, allocation=args.allocation)
+        _check_paths(args)
     elif args.command == "compare":
+        methods = _csv(args.methods)
+        _check_pruning(args, [m for m in methods if m != "dense"])
         settings = [parse_setting(s, f"--settings {s!r}", allow_quant=True) for s in _csv(args.settings)]
         if not settings:
             raise UsageError("--settings is empty")
-        patterns = [s.pattern for s in settings if s.pattern]
-    else:
-        if args.pattern is not None:
-            parse_pattern(args.pattern)
-            patterns = [args.pattern]
-        else:
-            parse_setting(args.sparsity, "--sparsity")
-            patterns = []
-        if args.stream:
-            if not args.output:
-                raise UsageError("--stream writes the pruned model block by block: it needs --output")
-            if args.checkpoint_dir:
-                raise UsageError("--stream keeps its progress in --output; leave out --checkpoint-dir")
-            if not os.path.isdir(os.path.expanduser(args.model)):
-                raise UsageError(f"--stream reads a local checkpoint directory; {args.model!r} is not one")
-            args.no_eval = True
-        for path, what in ((args.output, "--output"), (args.report, "--report")):
-            if path and os.path.exists(path) and (what == "--report") == os.path.isdir(path):
-                raise UsageError(f"{what} {path!r} is a {'directory' if os.path.isdir(path) else 'file'}")
-            parent = os.path.dirname(os.path.abspath(path)) if path else None
-            if parent and not os.path.isdir(parent):
-                raise UsageError(f"{what} {path!r}: directory {parent!r} does not exist")
-    for pat in patterns:
-        m = parse_pattern(pat)[1]
-        if "sparsegpt" in methods and args.block_size % m:
-            raise UsageError(f"pattern {pat!r}: --block-size {args.block_size} is not a multiple of M={m}")
+        for s in settings:
+            for m in methods:
+                if m != "dense":
+                    _options(args, method=m, sparsity=None if s.pattern else s.sparsity, pattern=s.pattern,
+                             quant_bits=s.quant_bits or args.quant_bits)
+    else:  # grid
+        methods = _csv(args.methods)
+        if "dense" in methods:
+            raise UsageError("--methods: the grid always measures dense; list pruning methods only")
+        _check_pruning(args, methods)
+        args.sparsities = [parse_setting(x, f"--sparsities {x!r}", allow_pattern=False).sparsity
+                           for x in _csv(args.sparsities)]
+        if not args.sparsities:
+            raise UsageError("--sparsities is empty")
+        for a in _csv(args.allocations):
+            if a not in ALLOCATIONS:
+                raise UsageError(f"unknown allocation {a!r}: expected one of {', '.join(ALLOCATIONS)}")
+            _options(args, sparsity=args.sparsities[0], allocation=a)
 
 
 def _load(args):
@@ -187,7 +238,7 @@ def _lengths(args, model) -> tuple[int, int]:
     lengths = []
     for value, flag in ((args.seqlen, "--seqlen"), (args.eval_seqlen or args.seqlen, "--eval-seqlen")):
         if value is None:
-            value = min(2048, limit or 2048)
+            value = min(DEFAULT_SEQLEN, limit or DEFAULT_SEQLEN)
         elif limit is not None and value > limit:
             raise ValueError(f"{flag} {value} exceeds the model's limit of {limit} positions")
         lengths.append(value)
@@ -374,26 +425,26 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
-    from .model.sweep import format_table, plot, sweep
+def cmd_grid(args) -> int:
+    from .model.grid import CSV, PLOT, TABLE, format_table, plot, sparsity_grid
 
     t0 = time.perf_counter()
     model, tok = _load(args)
     texts = _Texts(args, tok, model, args.nsamples)
     _log(texts.describe())
     kw = _prune_kwargs(args)
-    rows = sweep(model, texts.calib, texts.ev, args.output, sparsities=[float(x) for x in _csv(args.sparsities)],
-                 methods=_csv(args.methods), allocations=_csv(args.allocations), device=args.device,
-                 progress=not args.quiet, log=_log, **kw)
+    rows = sparsity_grid(model, texts.calib, texts.ev, args.output, sparsities=args.sparsities,
+                         methods=_csv(args.methods), allocations=_csv(args.allocations), device=args.device,
+                         progress=not args.quiet, log=_log, **kw)
     title = f"{args.model}: {texts.describe()}"
     table = format_table(rows)
-    with open(os.path.join(args.output, "sweep.md"), "w") as f:
-        f.write(f"# Sparsity sweep\n\n{title}\n\n{table}\n")
-    written = "sweep.csv, sweep.md and sweep.png"
+    with open(os.path.join(args.output, TABLE), "w") as f:
+        f.write(f"# Sparsity grid\n\n{title}\n\n{table}\n")
+    written = f"{CSV}, {TABLE} and {PLOT}"
     try:
-        plot(rows, os.path.join(args.output, "sweep.png"), title)
+        plot(rows, os.path.join(args.output, PLOT), title)
     except ImportError:
-        written = "sweep.csv and sweep.md (no plot: matplotlib is not installed; pip install 'sparsegpt_kernels[plot]')"
+        written = f"{CSV} and {TABLE} (no plot: matplotlib is not installed; pip install 'sparsegpt_kernels[plot]')"
     print(f"held-out perplexity of {args.model} ({texts.describe()}):")
     print(table)
     print(f"wrote {args.output}/{written}; total time: {time.perf_counter() - t0:.1f} s")
@@ -414,9 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save it")
     _add_common(p)
     _add_prune_options(p)
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sparsity", type=_sparsity, default=None,
+                   help="fraction pruned, e.g. 0.5 or 50%% (default 0.5); not with --pattern")
     p.add_argument("--pattern", default=None, help="N:M, N kept of every M input columns (e.g. 2:4)")
-    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    p.add_argument("--method", default="sparsegpt", choices=METHODS)
     p.add_argument("--output", default=None, help="directory for the pruned model (save_pretrained, safetensors)")
     p.add_argument("--report", default=None, help="write the per-layer report as JSON here")
     p.add_argument("--checkpoint-dir", default=None, help="resume from / save progress to this directory")
@@ -425,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models bigger than memory: read one decoder block at a time from the safetensors checkpoint "
                         "in --model and write it to --output (needs --output; no perplexity, no --checkpoint-dir: "
                         "a rerun resumes from the output)")
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "error"],
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                    help="how --sparsity is spread over the layers: uniform, owl (outlier-weighted per block) or error "
                         "(per layer, from the solver's measured losses); the global sparsity stays --sparsity")
     p.add_argument("--dist-timeout", type=float, default=600,
@@ -440,21 +492,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="dense vs magnitude vs wanda vs sparsegpt, as a table")
     _add_common(p)
     _add_prune_options(p)
-    p.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt")
+    p.add_argument("--methods", default=",".join(("dense", *METHODS)))
     p.add_argument("--settings", default="50%,4:8,2:4", help="comma-separated: 50%%, 0.6, 2:4, 50%%+4bit, ...")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("sweep", help="perplexity over sparsities x methods x allocations: table, CSV and plot")
+    p = sub.add_parser("grid", aliases=["sweep"],
+                       help="the sparsity grid: perplexity over sparsities x methods x allocations as a table, CSV and "
+                            "plot ('sweep' is its former name)")
     _add_common(p)
     _add_prune_options(p)
-    p.add_argument("--sparsities", default="0.5,0.6,0.7,0.8", help="comma-separated fractions")
-    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
-    p.add_argument("--allocations", default="uniform,owl,error")
-    p.add_argument("--output", default="sweep", help="directory of sweep.csv (finished cells are not redone), "
-                                                     "sweep.md and sweep.png")
-    p.set_defaults(func=cmd_sweep)
+    p.add_argument("--sparsities", default="0.5,0.6,0.7,0.8", help="comma-separated fractions or percentages")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    p.add_argument("--output", default="grid", help="directory of grid.csv (finished cells are not redone), grid.md "
+                                                    "and grid.png")
+    p.set_defaults(func=cmd_grid)
     return parser
 
 

@@ -15,7 +15,10 @@ A dense ``save_pretrained`` checkpoint of the pruned model remains the portable 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import logging
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -37,6 +40,30 @@ _FALLBACK_CONSTRAINTS = {
 
 class ExportError(RuntimeError):
     """``strict=True`` and at least one selected layer could not be converted."""
+
+
+def _accepts_deprecated_backend(fn):
+    """Let ``fn`` take its ``kernels`` argument under the old keyword ``backend`` too, with a DeprecationWarning.
+
+    The sparse kernels ("cusparselt", "cutlass") were once chosen with ``backend=``, the keyword that picks the pruning
+    backend (torch, triton, cpp, cuda) of :func:`prune_layer`; callers that still pass it keep working. Passing both
+    keywords raises ``TypeError``, as passing any argument twice does.
+    """
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "backend" in kwargs:
+            value = kwargs.pop("backend")
+            if "kernels" in signature.bind_partial(*args, **kwargs).arguments:
+                raise TypeError(f"{fn.__name__}() got both kernels= and its deprecated alias backend=; "
+                                "pass only kernels=")
+            warnings.warn(f"{fn.__name__}(backend=...) is deprecated; use kernels=... (same values)",
+                          DeprecationWarning, stacklevel=2)
+            kwargs["kernels"] = value
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,29 +127,37 @@ class SemiStructuredSupport:
     Attributes:
         available: conversion and matmul are supported here.
         reason: why not, when ``available`` is False ("" otherwise).
-        backend: "cusparselt" or "cutlass" (``None`` when unavailable).
+        kernels: "cusparselt" or "cutlass" (``None`` when unavailable).
         constraints: dtype -> (min_rows, min_cols); a weight's (out, in) must be multiples of these.
         device: the device queried.
     """
 
     available: bool
     reason: str = ""
-    backend: str | None = None
+    kernels: str | None = None
     constraints: dict = field(default_factory=dict)
     device: str = "cpu"
 
+    @property
+    def backend(self) -> str | None:
+        """Deprecated (warns): the old name of :attr:`kernels`, read-only."""
+        warnings.warn("SemiStructuredSupport.backend is deprecated; use SemiStructuredSupport.kernels",
+                      DeprecationWarning, stacklevel=2)
+        return self.kernels
 
-def semi_structured_class(backend: str):
-    """torch's semi-structured sparse tensor class of ``backend`` ("cusparselt" or "cutlass"); ``None`` if absent."""
-    name = "SparseSemiStructuredTensorCUSPARSELT" if backend == "cusparselt" else "SparseSemiStructuredTensorCUTLASS"
+
+def semi_structured_class(kernels: str):
+    """torch's semi-structured sparse tensor class of ``kernels`` ("cusparselt" or "cutlass"); ``None`` if absent."""
+    name = "SparseSemiStructuredTensorCUSPARSELT" if kernels == "cusparselt" else "SparseSemiStructuredTensorCUTLASS"
     return getattr(torch.sparse, name, None)
 
 
-def _constraints(backend: str) -> dict:
-    cls = semi_structured_class(backend)
+def _constraints(kernels: str) -> dict:
+    """dtype -> (min_rows, min_cols) of ``kernels``: torch's own table, or ours where the running torch has none."""
+    cls = semi_structured_class(kernels)
     table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None) if cls is not None else None
     if not table:
-        return dict(_FALLBACK_CONSTRAINTS[backend])
+        return dict(_FALLBACK_CONSTRAINTS[kernels])
     return {dt: (int(c.sparse_min_rows), int(c.sparse_min_cols)) for dt, c in table.items()}
 
 
@@ -134,13 +169,15 @@ def _cusparselt_available() -> bool:
         return False
 
 
-def semi_structured_support(device: torch.device | str | None = None, backend: str = "auto") -> SemiStructuredSupport:
+@_accepts_deprecated_backend
+def semi_structured_support(device: torch.device | str | None = None, kernels: str = "auto") -> SemiStructuredSupport:
     """Query (without converting anything) whether 2:4 semi-structured sparsity runs on ``device``.
 
-    ``backend``: "auto" (cuSPARSELt when torch has it, else CUTLASS), "cusparselt" or "cutlass".
+    ``device``: default the current CUDA device, or the CPU without CUDA. ``kernels``: "auto" (cuSPARSELt when torch
+    has it, else CUTLASS), "cusparselt" or "cutlass"; ``backend=`` is its deprecated alias.
     """
-    if backend not in ("auto", "cusparselt", "cutlass"):
-        raise ValueError(f"backend must be 'auto', 'cusparselt' or 'cutlass', got {backend!r}")
+    if kernels not in ("auto", "cusparselt", "cutlass"):
+        raise ValueError(f"kernels must be 'auto', 'cusparselt' or 'cutlass', got {kernels!r}")
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if not hasattr(torch.sparse, "to_sparse_semi_structured") or semi_structured_class("cutlass") is None:
         return SemiStructuredSupport(False, f"torch {torch.__version__} has no semi-structured sparse tensors",
@@ -157,11 +194,11 @@ def semi_structured_support(device: torch.device | str | None = None, backend: s
     if cap < MIN_CAPABILITY:
         return SemiStructuredSupport(False, f"compute capability {cap[0]}.{cap[1]} has no sparse tensor cores "
                                             f"(needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+)", device=str(dev))
-    if backend == "auto":
-        backend = "cusparselt" if _cusparselt_available() else "cutlass"
-    elif backend == "cusparselt" and not _cusparselt_available():
+    if kernels == "auto":
+        kernels = "cusparselt" if _cusparselt_available() else "cutlass"
+    elif kernels == "cusparselt" and not _cusparselt_available():
         return SemiStructuredSupport(False, "this torch build has no cuSPARSELt", device=str(dev))
-    return SemiStructuredSupport(True, "", backend, _constraints(backend), str(dev))
+    return SemiStructuredSupport(True, "", kernels, _constraints(kernels), str(dev))
 
 
 def keep_dense_reason(weight: torch.Tensor, support: SemiStructuredSupport) -> str | None:
@@ -180,12 +217,12 @@ def keep_dense_reason(weight: torch.Tensor, support: SemiStructuredSupport) -> s
         return "float32 would run on the sparse kernels in TF32 only; cast the model to float16 or bfloat16 first"
     if weight.dtype not in support.constraints:
         names = ", ".join(str(d).replace("torch.", "") for d in support.constraints)
-        return f"dtype {str(weight.dtype).replace('torch.', '')} not supported by {support.backend} ({names})"
+        return f"dtype {str(weight.dtype).replace('torch.', '')} not supported by {support.kernels} ({names})"
     min_r, min_c = support.constraints[weight.dtype]
     rows, cols = weight.shape
     if rows < min_r or rows % min_r or cols < min_c or cols % min_c:
         return (f"shape {rows}x{cols} (out x in) is not a multiple of {min_r}x{min_c} "
-                f"required by {support.backend} for {str(weight.dtype).replace('torch.', '')}")
+                f"required by {support.kernels} for {str(weight.dtype).replace('torch.', '')}")
     bad = nm_violations(weight, 2, 4)
     if bad:
         groups = rows * cols // 4
@@ -225,8 +262,8 @@ class ExportReport:
         return self.support.available
 
     def __str__(self) -> str:
-        head = (f"semi-structured export ({self.support.backend}): {len(self.converted)} of {len(self.layers)} "
-                f"linear layers converted" if self.support.available else
+        head = (f"semi-structured export ({self.support.kernels} kernels): {len(self.converted)} of "
+                f"{len(self.layers)} linear layers converted" if self.support.available else
                 f"semi-structured export not supported here: {self.support.reason}; model left dense "
                 f"({len(self.layers)} linear layers)")
         lines = [head]
@@ -235,8 +272,78 @@ class ExportReport:
         return "\n".join(lines)
 
 
+#: One entry of a conversion plan: (module name, the layer, the support on its device, why it stays dense or None).
+_Planned = tuple[str, nn.Linear, SemiStructuredSupport, str | None]
+
+
 def _selected(name: str, patterns: list[str] | None) -> bool:
     return patterns is None or any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _select_linears(model: nn.Module, layers: Iterable[str] | str | None) -> list[tuple[str, nn.Linear]]:
+    """The (name, module) of every ``nn.Linear`` of ``model`` that ``layers`` (names or fnmatch patterns) selects."""
+    patterns = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
+    return [(name, mod) for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and _selected(name, patterns)]
+
+
+def _count_owners(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many module attributes hold it; above 1 for tied weights, which must stay dense (swapping
+    one holder's weight would untie it from the others)."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    return owners
+
+
+def _query_support(named: list[tuple[str, nn.Linear]],
+                   kernels: str) -> tuple[SemiStructuredSupport, dict[str, SemiStructuredSupport]]:
+    """(the support the report describes, str(device) -> support for every device the selected weights are on).
+
+    The report describes the first CUDA device holding a selected weight, else the device of any of them (the CPU
+    when nothing is selected); every other device is queried once, in the order the layers come.
+    """
+    devices = {mod.weight.device for _, mod in named}
+    cuda_devs = sorted((d for d in devices if d.type == "cuda"), key=str)
+    query_dev = cuda_devs[0] if cuda_devs else (next(iter(devices)) if devices else torch.device("cpu"))
+    support = semi_structured_support(query_dev, kernels=kernels)
+    per_device = {str(query_dev): support}
+    for _, mod in named:
+        if str(mod.weight.device) not in per_device:
+            per_device[str(mod.weight.device)] = semi_structured_support(mod.weight.device, kernels=kernels)
+    return support, per_device
+
+
+def _plan(named: list[tuple[str, nn.Linear]], owners: dict[int, int],
+          per_device: dict[str, SemiStructuredSupport]) -> list[_Planned]:
+    """Decide, before converting anything, which selected layers stay dense and why (``None``: convert it).
+
+    In order: no support on the weight's device, a weight that is already semi-structured, a weight shared with
+    another module, then :func:`keep_dense_reason` (device, dtype, shape, the 2:4 pattern).
+    """
+    plan = []
+    for name, mod in named:
+        w = mod.weight
+        sup = per_device[str(w.device)]
+        if not sup.available:
+            reason = f"unsupported: {sup.reason}"
+        elif isinstance(w, getattr(torch.sparse, "SparseSemiStructuredTensor", ())):
+            reason = "already semi-structured"
+        elif owners.get(id(w), 1) > 1:
+            reason = "weight is shared with another module (tied weights)"
+        else:
+            reason = keep_dense_reason(w.detach(), sup)
+        plan.append((name, mod, sup, reason))
+    return plan
+
+
+def _check_plan(plan: list[_Planned]) -> None:
+    """``strict=True``: raise :class:`ExportError` naming the layers (the first 8) that the plan keeps dense."""
+    bad = [(name, reason) for name, _, _, reason in plan if reason is not None]
+    if bad:
+        listing = "; ".join(f"{n}: {r}" for n, r in bad[:8])
+        listing += f"; ... ({len(bad)} in all)" if len(bad) > 8 else ""
+        raise ExportError(f"{len(bad)} selected linear layers cannot be converted: {listing}")
 
 
 def _check_conversion(sparse: torch.Tensor, dense: torch.Tensor) -> str | None:
@@ -258,22 +365,56 @@ def _convert(w: torch.Tensor, sup: SemiStructuredSupport, verify: bool) -> tuple
     """(the semi-structured copy of ``w``, None), or (None, why it could not be made)."""
     dense = prepare_weight(w)
     try:
-        sparse = semi_structured_class(sup.backend).from_dense(dense)
+        sparse = semi_structured_class(sup.kernels).from_dense(dense)
         reason = _check_conversion(sparse, dense) if verify else None
     except (RuntimeError, NotImplementedError) as e:
         sparse, reason = None, f"conversion failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return (sparse, None) if reason is None else (None, reason)
 
 
+def _layer_export(name: str, w: torch.Tensor, reason: str | None) -> LayerExport:
+    """The report line of a layer whose weight (before any swap) is ``w``: converted when ``reason`` is None."""
+    shape = (int(w.shape[0]), int(w.shape[1])) if w.dim() == 2 else tuple(int(s) for s in w.shape)
+    return LayerExport(name, shape, str(w.dtype).replace("torch.", ""), reason is None, reason)
+
+
+def _convert_planned(plan: list[_Planned], *, strict: bool, verify: bool) -> list[LayerExport]:
+    """Convert (and with ``verify`` check) every layer the plan converts, swap the copies in, and report every layer.
+
+    In strict mode nothing is swapped until every conversion has succeeded, so a failure late in the model raises
+    :class:`ExportError` and leaves it untouched (the converted copies are held meanwhile: up to ~0.6x the selected
+    weights in extra memory). Otherwise each layer is swapped as soon as it is converted, and a failed one stays dense.
+    """
+    staged, done = [], []
+    for name, mod, sup, reason in plan:
+        w = mod.weight
+        sparse = None
+        if reason is None:
+            sparse, reason = _convert(w, sup, verify)
+        if strict and reason is not None:
+            raise ExportError(f"{name}: {reason}; no layer was converted")
+        if sparse is not None:
+            if strict:
+                staged.append((mod, sparse))
+            else:
+                _swap_in(mod, sparse)
+        done.append(_layer_export(name, w, reason))
+    for mod, sparse in staged:
+        _swap_in(mod, sparse)
+    return done
+
+
+@_accepts_deprecated_backend
 def to_semi_structured(model: nn.Module, *, layers: Iterable[str] | str | None = None, strict: bool = False,
-                       backend: str = "auto", verify: bool = True) -> ExportReport:
+                       kernels: str = "auto", verify: bool = True) -> ExportReport:
     """Swap the weights of 2:4-pruned ``nn.Linear`` layers of ``model`` for semi-structured sparse tensors, in place.
 
     Args:
         model: any module; every ``nn.Linear`` in it (or those named by ``layers``) is considered.
         layers: module names or fnmatch patterns (e.g. ``"model.layers.*.mlp.*"``); default: all linear layers.
         strict: raise :class:`ExportError` (before changing anything) when a selected layer cannot be converted.
-        backend: "auto", "cusparselt" or "cutlass".
+        kernels: "auto", "cusparselt" or "cutlass" (see :func:`semi_structured_support`); ``backend=`` is its
+            deprecated alias.
         verify: after converting a layer, compare a small probe product with the dense weight and keep the layer
             dense on mismatch.
 
@@ -285,65 +426,13 @@ def to_semi_structured(model: nn.Module, *, layers: Iterable[str] | str | None =
     The converted weights are frozen (``requires_grad=False``); the model is for inference. Convert after moving the
     model to its device and dtype.
     """
-    patterns = [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
-    named = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and _selected(name, patterns)]
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
-
-    devices = {mod.weight.device for _, mod in named}
-    cuda_devs = sorted((d for d in devices if d.type == "cuda"), key=str)
-    query_dev = cuda_devs[0] if cuda_devs else (next(iter(devices)) if devices else torch.device("cpu"))
-    support = semi_structured_support(query_dev, backend)
-    per_device = {str(query_dev): support}
-    report = ExportReport(support=support)
-
-    plan = []
-    for name, mod in named:
-        w = mod.weight
-        sup = per_device.get(str(w.device))
-        if sup is None:
-            sup = per_device[str(w.device)] = semi_structured_support(w.device, backend)
-        if not sup.available:
-            reason = f"unsupported: {sup.reason}"
-        elif isinstance(w, getattr(torch.sparse, "SparseSemiStructuredTensor", ())):
-            reason = "already semi-structured"
-        elif owners.get(id(w), 1) > 1:
-            reason = "weight is shared with another module (tied weights)"
-        else:
-            reason = keep_dense_reason(w.detach(), sup)
-        plan.append((name, mod, sup, reason))
-
+    named = _select_linears(model, layers)
+    owners = _count_owners(model)
+    support, per_device = _query_support(named, kernels)
+    plan = _plan(named, owners, per_device)
     if strict:
-        bad = [(name, reason) for name, _, _, reason in plan if reason is not None]
-        if bad:
-            listing = "; ".join(f"{n}: {r}" for n, r in bad[:8])
-            listing += f"; ... ({len(bad)} in all)" if len(bad) > 8 else ""
-            raise ExportError(f"{len(bad)} selected linear layers cannot be converted: {listing}")
-
-    # Convert (and check) every layer; in strict mode nothing is swapped until every conversion has succeeded, so a
-    # failure late in the model leaves it untouched (the converted copies are held meanwhile: up to ~0.6x the
-    # selected weights in extra memory). Otherwise each layer is swapped as soon as it is converted.
-    staged = []
-    for name, mod, sup, reason in plan:
-        w = mod.weight
-        shape = (int(w.shape[0]), int(w.shape[1])) if w.dim() == 2 else tuple(int(s) for s in w.shape)
-        dtype = str(w.dtype).replace("torch.", "")
-        sparse = None
-        if reason is None:
-            sparse, reason = _convert(w, sup, verify)
-        if strict and reason is not None:
-            raise ExportError(f"{name}: {reason}; no layer was converted")
-        if sparse is not None:
-            if strict:
-                staged.append((mod, sparse))
-            else:
-                _swap_in(mod, sparse)
-        report.layers.append(LayerExport(name, shape, dtype, reason is None, reason))
-    for mod, sparse in staged:
-        _swap_in(mod, sparse)
-
+        _check_plan(plan)
+    report = ExportReport(support=support, layers=_convert_planned(plan, strict=strict, verify=verify))
     if not support.available:
         logger.warning("sparsegpt_kernels: %s", str(report).splitlines()[0])
     return report

@@ -52,6 +52,25 @@ def n_pruned(sparsity: float, numel: int) -> int:
     return min(numel, int(sparsity * numel + 0.5))
 
 
+def mask_fraction(rows: int, cols: int, *, sparsity: float, nm: tuple[int, int] | None = None,
+                  per: str | int = "matrix") -> float:
+    """The fraction of a (rows, cols) weight that a mask prunes: exactly 1 - N/M for an N:M pattern ``nm``; for
+    unstructured ``sparsity``, :func:`n_pruned` of every unit of selection, ``per``: "matrix" (one selection over the
+    whole weight: magnitude), "row" (each row on its own: Wanda) or a column block width B (each block of B columns
+    on its own: the SparseGPT sweep)."""
+    if nm is not None:
+        return 1.0 - nm[0] / nm[1]
+    if per == "matrix":
+        pruned = n_pruned(sparsity, rows * cols)
+    elif per == "row":
+        pruned = rows * n_pruned(sparsity, cols)
+    elif isinstance(per, int) and not isinstance(per, bool) and per >= 1:
+        pruned = sum(n_pruned(sparsity, rows * min(per, cols - i1)) for i1 in range(0, cols, per))
+    else:
+        raise ValueError(f"per must be 'matrix', 'row' or a positive block width, got {per!r}")
+    return pruned / (rows * cols)
+
+
 def unstructured_prune_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask (True = pruned) of exactly the ``k`` lowest entries of ``scores``, ties pruned in row-major order.
 
@@ -120,12 +139,17 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 # --------------------------------------------------------------------------------------------------------------------
 # Column sweep
 # --------------------------------------------------------------------------------------------------------------------
-def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
+def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec, *, observe=None) -> float:
     """Blocked column sweep with lazy batch updates; prunes (and quantizes) ``W`` in place, returns the OBS loss.
 
     Each block is worked on transposed, (B, rows), so that column j of the block is the contiguous row ``Wt[j]``
     and every per-column step is a few whole-vector operations (the arithmetic of each weight is the same either
     way: the rank-1 update is one multiply and one subtract per weight).
+
+    ``observe`` (optional) is told every decision as it is made, with what decides it: ``observe("block", scores,
+    k)`` for an unstructured block ((rows, B) scores, the ``k`` lowest pruned), ``observe("group", scores)`` for the
+    N:M groups of ``m`` columns ((rows, m) scores), ``observe("round", q, scale)`` before each column's values ``q``
+    are rounded onto the grid of step ``scale`` (the tests measure how close each decision is to a tie with it).
     """
     rows, cols = W.shape
     B = spec.block_size
@@ -140,17 +164,25 @@ def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
         if spec.m is None:
             # the block's scores in (rows, B) order: ties are pruned in row-major order of the block
             scores = W[:, i1:i2] ** 2 / d**2
-            pruned = unstructured_prune_mask(scores, n_pruned(spec.sparsity, scores.numel())).T.contiguous()
+            k = n_pruned(spec.sparsity, scores.numel())
+            if observe is not None:
+                observe("block", scores, k)
+            pruned = unstructured_prune_mask(scores, k).T.contiguous()
         else:
             pruned = torch.empty_like(Wt, dtype=torch.bool)
         for j in range(i2 - i1):
             if spec.m is not None and j % spec.m == 0:
                 grp = slice(j, j + spec.m)
-                pruned[grp] = ~nm_keep_mask((Wt[grp] ** 2 / d[grp, None] ** 2).T, spec.n, spec.m).T
+                scores = (Wt[grp] ** 2 / d[grp, None] ** 2).T
+                if observe is not None:
+                    observe("group", scores)
+                pruned[grp] = ~nm_keep_mask(scores, spec.n, spec.m).T
             w = Wt[j]
             q = w.masked_fill(pruned[j], 0)
             if quant is not None:
                 g = (i1 + j) // quant.group_size
+                if observe is not None:
+                    observe("round", q, quant.scale[:, g])
                 q = quantize(q, quant.scale[:, g], quant.zero[:, g], quant.maxq)
             # (w - q) / d, divided by a tensor: with a Python number CUDA would multiply by its reciprocal instead
             err = torch.sub(w, q, out=E[j]).div_(d[j])

@@ -34,7 +34,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--nsamples", type=int, default=6)
     p.add_argument("--seqlen", type=int, default=32)
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sparsity", type=float, default=None)
     p.add_argument("--pattern", default=None)
     p.add_argument("--method", default="sparsegpt")
     p.add_argument("--blocks", default=None)

@@ -66,7 +66,7 @@ def assert_exact_sparsity(W: torch.Tensor, *, block_size: int, sparsity: float =
     column block for unstructured (too many zeros fails as well as too few). With joint quantization a kept weight can
     round to 0, so only "at least" is checked there."""
     from sparsegpt_kernels import reference
-    from sparsegpt_kernels.api import parse_pattern
+    from sparsegpt_kernels.options import parse_pattern
 
     W = W.detach().cpu()
     rows, cols = W.shape
@@ -89,13 +89,12 @@ def decision_margin(W: torch.Tensor, U: torch.Tensor, spec) -> float:
     for an N:M group the largest pruned and the smallest kept score, for a quantized weight the distance of w / scale
     from the nearest rounding boundary. Exact ties between exact zeros (dead columns) are not near-ties: every
     implementation sees the same zeros. A float32 implementation whose relative error is well below this margin must
-    make every decision as the reference does."""
-    from sparsegpt_kernels import reference
+    make every decision as the reference does. The decisions are the reference's own (its ``observe`` hook)."""
+    import dataclasses
 
-    W = W.detach().double().cpu().clone()
-    U = U.detach().double().cpu()
-    rows, cols = W.shape
-    quant = spec.quant
+    from sparsegpt_kernels import reference
+    from sparsegpt_kernels.spec import QuantGrid
+
     margin = float("inf")
 
     def gap(lo: torch.Tensor, hi: torch.Tensor) -> float:
@@ -104,46 +103,28 @@ def decision_margin(W: torch.Tensor, U: torch.Tensor, spec) -> float:
         rel = torch.where(both_zero, torch.full_like(rel, float("inf")), rel)
         return float(rel.min()) if rel.numel() else float("inf")
 
-    for i1 in range(0, cols, spec.block_size):
-        i2 = min(i1 + spec.block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        d = U1.diagonal()
-        E = torch.zeros_like(W1)
-        if spec.m is None:
-            s = W1**2 / d**2
-            k = reference.n_pruned(spec.sparsity, s.numel())
-            if 0 < k < s.numel():
-                srt = torch.sort(s.reshape(-1)).values
+    def observe(kind: str, *args) -> None:
+        nonlocal margin
+        if kind == "block":
+            scores, k = args
+            if 0 < k < scores.numel():
+                srt = torch.sort(scores.reshape(-1)).values
                 margin = min(margin, gap(srt[k - 1 : k], srt[k : k + 1]))
-            pruned = reference.unstructured_prune_mask(s, k)
-        else:
-            pruned = torch.zeros_like(W1, dtype=torch.bool)
-        for j in range(i2 - i1):
-            if spec.m is not None and j % spec.m == 0:
-                grp = slice(j, j + spec.m)
-                s = W1[:, grp] ** 2 / d[grp] ** 2
-                srt = torch.sort(s, dim=1).values
-                cut = spec.m - spec.n
-                margin = min(margin, gap(srt[:, cut - 1], srt[:, cut]))
-                pruned[:, grp] = ~reference.nm_keep_mask(s, spec.n, spec.m)
-            w = W1[:, j]
-            q = torch.where(pruned[:, j], torch.zeros_like(w), w)
-            if quant is not None:
-                g = (i1 + j) // quant.group_size
-                scale, zero = quant.scale[:, g].double(), quant.zero[:, g].double()
-                x = q / scale
-                live = q != 0  # a pruned weight is exactly 0, on the grid in every implementation
-                if bool(live.any()):
-                    margin = min(margin, float((x - torch.floor(x) - 0.5).abs()[live].min()))
-                q = reference.quantize(q, scale, zero, quant.maxq)
-            err = (w - q) / d[j]
-            W1[:, j] = q
-            W1[:, j + 1 :] -= err[:, None] * U1[j, j + 1 :][None, :]
-            E[:, j] = err
-        W[:, i1:i2] = W1
-        if i2 < cols:
-            W[:, i2:] -= E @ U[i1:i2, i2:]
+        elif kind == "group":
+            srt = torch.sort(args[0], dim=1).values
+            cut = spec.m - spec.n
+            margin = min(margin, gap(srt[:, cut - 1], srt[:, cut]))
+        else:  # "round": a pruned weight is exactly 0, on the grid in every implementation
+            q, scale = args
+            x = q / scale
+            live = q != 0
+            if bool(live.any()):
+                margin = min(margin, float((x - torch.floor(x) - 0.5).abs()[live].min()))
+
+    q = spec.quant
+    spec64 = spec if q is None else dataclasses.replace(
+        spec, quant=QuantGrid(q.scale.double().cpu(), q.zero.double().cpu(), q.maxq, q.group_size))
+    reference.sweep(W.detach().double().cpu().clone(), U.detach().double().cpu(), spec64, observe=observe)
     return margin
 
 
@@ -174,7 +155,7 @@ def problem_without_near_ties(rows: int, cols: int, spec, *, tol: float = 1e-4, 
 
 def spec_of(kw: dict, block_size: int):
     """The SweepSpec that ``prune_layer(**kw, block_size=...)`` runs (without its quantization grid)."""
-    from sparsegpt_kernels.api import parse_pattern
+    from sparsegpt_kernels.options import parse_pattern
     from sparsegpt_kernels.spec import SweepSpec
 
     if "pattern" in kw:

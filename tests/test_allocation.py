@@ -86,24 +86,24 @@ def test_error_targets_equalise_marginal_costs():
     assert sol["a"] == pytest.approx(0.6, abs=0.01) and sol["b"] == pytest.approx(0.4, abs=0.01)
 
 
-def test_sweep_resumes_and_plots(tmp_path, monkeypatch):
-    from sparsegpt_kernels.model import sweep as sweep_mod
+def test_grid_resumes_and_plots(tmp_path, monkeypatch):
+    from sparsegpt_kernels.model import grid as grid_mod
 
     model = tiny_llama()
     ids = calib(4)
     ev = calib(2, seed=9)
     kw = dict(sparsities=[0.5, 0.7], methods=["magnitude", "sparsegpt"], allocations=["uniform", "owl"],
               device="cpu")
-    rows = sweep_mod.sweep(model, ids, ev, str(tmp_path), **kw)
-    assert len(rows) == 1 + 2 * 2 * 2 and (tmp_path / "sweep.csv").exists()
+    rows = grid_mod.sparsity_grid(model, ids, ev, str(tmp_path), **kw)
+    assert len(rows) == 1 + 2 * 2 * 2 and (tmp_path / "grid.csv").exists()
     calls = []
-    real = sweep_mod.prune_model
-    monkeypatch.setattr(sweep_mod, "prune_model", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = sweep_mod.sweep(model, ids, ev, str(tmp_path), **kw)
+    real = grid_mod.prune_model
+    monkeypatch.setattr(grid_mod, "prune_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = grid_mod.sparsity_grid(model, ids, ev, str(tmp_path), **kw)
     assert calls == [] and len(again) == len(rows)  # finished cells are not redone
-    more = sweep_mod.sweep(model, ids, ev, str(tmp_path), **{**kw, "sparsities": [0.5, 0.7, 0.8]})
+    more = grid_mod.sparsity_grid(model, ids, ev, str(tmp_path), **{**kw, "sparsities": [0.5, 0.7, 0.8]})
     assert len(calls) == 4 and len(more) == len(rows) + 4
-    sweep_mod.plot(more, str(tmp_path / "sweep.png"))
-    assert (tmp_path / "sweep.png").stat().st_size > 1000
-    table = sweep_mod.format_table(more)
+    grid_mod.plot(more, str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    table = grid_mod.format_table(more)
     assert "| sparsegpt | owl |" in table and "80%" in table and "dense:" in table

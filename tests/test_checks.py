@@ -67,7 +67,10 @@ def test_nonzeros_finite_match_torch(n, dtype):
         t[-1] = -0.0  # negative zero is zero
     nz, finite = ops().ext_nonzeros_finite(t)
     assert nz == int(torch.count_nonzero(t)) and finite == 1
-    assert checks.nonzeros_and_finite(t) == (nz, True)
+    assert checks.count_nonzero(t) == nz and checks.all_finite(t)
+    from sparsegpt_kernels.backends._torch import BACKEND as torch_backend
+
+    assert torch_backend.nonzeros_and_finite(t) == (nz, True)
     if n:
         for i in {0, n // 2, n - 1}:
             u = t.clone()
@@ -83,9 +86,16 @@ def test_nonzeros_finite_of_a_strided_view():
 
 
 def test_checks_fall_back_to_torch_for_other_tensors():
-    assert checks.compiled_checks(torch.ones(3, dtype=torch.int32)) is None
+    """Outside a solve the compiled checks read CPU tensors once the extension is loaded; dtypes they do not take
+    (integers) go to torch's, with the same answers."""
+    from sparsegpt_kernels.backends import value_checks
+    from sparsegpt_kernels.backends._cpp import BACKEND as cpp
+
+    assert value_checks(torch.ones(3)) is cpp
     assert checks.count_nonzero(torch.tensor([0, 2, 0, 5], dtype=torch.int32)) == 2
-    assert checks.compiled_checks(torch.ones(3)) is not None
+    assert cpp.nonzeros_and_finite(torch.tensor([0, 2, 0, 5], dtype=torch.int32)) == (2, True)
+    assert checks.count_nonzero(torch.tensor([0.0, -0.0, 1e-45, float("nan")])) == 2
+    assert not checks.all_finite(torch.tensor([0.0, float("-inf")])) and checks.all_finite(torch.zeros(2))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
@@ -114,7 +124,7 @@ def test_prune_layer_rejects_bad_hessians_through_either_path(backend):
 def test_cpp_working_copy_is_a_new_contiguous_copy(dtype):
     """The cpp backend's working copy of W (huge pages): same values in the requested dtype, contiguous, never
     sharing memory with the weight, from a transposed (Conv1D-style) view too."""
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
     for W0 in (torch.randn(600, 1100, dtype=torch.float16), torch.randn(1100, 600).T, torch.randn(3, 5)):
         W = _cpp.working_copy(W0, dtype)

@@ -93,11 +93,18 @@ BAD_INVOCATIONS = [
     (["prune", "--pattern", "5:4"], "need 0 < N < M"),
     (["prune", "--sparsity", "1.2"], "sparsity must be in [0, 1)"),
     (["prune", "--nsamples", "0"], "--nsamples must be >= 1"),
-    (["prune", "--quant-bits", "9"], "--quant-bits must be in 2..8"),
+    (["prune", "--quant-bits", "9"], "argument --quant-bits: invalid choice: 9 (choose from 2, 3, 4, 5, 6, 7, 8)"),
     (["prune", "--quant-group-size", "64"], "--quant-group-size needs --quant-bits"),
-    (["prune", "--block-size", "0"], "--block-size must be >= 1"),
+    (["prune", "--block-size", "0"], "--block-size must be a positive int, got 0"),
     (["prune", "--damp", "0"], "--damp must be a finite number > 0"),
-    (["prune", "--backend", "gpu"], "unknown backend 'gpu'"),
+    (["prune", "--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
+    (["prune", "--sparsity", "0.5", "--pattern", "2:4"], "give either --sparsity (0.5) or --pattern ('2:4'), not both"),
+    (["prune", "--sparsity", "150%"], "--sparsity: sparsity must be in [0, 1), got 1.5"),
+    (["prune", "--allocation", "owl", "--pattern", "2:4"],
+     "--allocation='owl' spreads an unstructured sparsity over the layers; the N:M pattern '2:4' fixes"),
+    (["grid", "--sparsities", "50%,2:4"], "expected a sparsity like 0.5 or '50%', got the pattern '2:4'"),
+    (["sweep", "--allocations", "uniform,best"], "unknown allocation 'best'"),
+    (["grid", "--methods", "dense,sparsegpt"], "the grid always measures dense"),
     (["prune", "--blocks", "x"], "expected block indices like '0-3,7'"),
     (["prune", "--pattern", "2:4", "--block-size", "6"], "not a multiple of M=4"),
     (["prune", "--data", "/no/such/file.txt"], "unknown text source"),
@@ -192,3 +199,36 @@ def test_cli_closes_the_process_group_it_opened(monkeypatch):
     monkeypatch.setattr(cli, "cmd_prune", lambda args: calls.append("prune") or 0)
     assert cli.main(["prune", "--device", "cpu"]) == 0
     assert calls == ["prune"]
+
+
+@pytest.mark.parametrize("command", ["grid", "sweep"])
+def test_grid_takes_percentages_and_its_defaults_from_the_options(command, tmp_path, monkeypatch, capsys):
+    """`grid --sparsities 50%,0.7` reaches the grid as [0.5, 0.7] (it used to pass the check and then fail on
+    float('50%') after loading the model); `sweep` is the grid's former name; the method and allocation defaults
+    are the options module's lists."""
+    from sparsegpt_kernels import cli, options
+    from sparsegpt_kernels.model import grid
+
+    seen = {}
+
+    class Texts:
+        calib, ev = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)
+
+        def __init__(self, *a, **k):
+            pass
+
+        def describe(self):
+            return "stub texts"
+
+    def fake_grid(model, calibration, eval_ids, out_dir, **kw):
+        seen.update(kw)
+        return [{"method": "dense", "allocation": "-", "sparsity": "0.0000", "perplexity": "10", "achieved": "0",
+                 "prune_seconds": "0", "eval_seconds": "0"}]
+
+    monkeypatch.setattr(cli, "_load", lambda args: (None, None))
+    monkeypatch.setattr(cli, "_Texts", Texts)
+    monkeypatch.setattr(grid, "sparsity_grid", fake_grid)
+    assert main([command, "--sparsities", "50%,0.7", "--output", str(tmp_path), "--quiet"]) == 0
+    assert seen["sparsities"] == [0.5, 0.7]
+    assert seen["methods"] == list(options.METHODS) and seen["allocations"] == list(options.ALLOCATIONS)
+    assert (tmp_path / "grid.md").read_text().startswith("# Sparsity grid")

@@ -289,11 +289,12 @@ def test_factor_failure_matches_reference(op):
     assert reference.inverse_factor(H, 1e-3) is None
     F, info = getattr(ops(), f"ext_{op}")(H, 1e-3)
     assert int(info) != 0
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
-    assert getattr(_cpp, op)(H, 1e-3) is None
+    factor = _cpp.inverse_factor if op == "inverse_factor" else _cpp.factor  # the backend's own factor is R
+    assert factor(H, 1e-3) is None
     assert reference.inverse_factor(H, 100.0) is not None  # enough damping makes it positive definite
-    assert getattr(_cpp, op)(H, 100.0) is not None
+    assert factor(H, 100.0) is not None
 
 
 @pytest.mark.parametrize("where", [0, 290, 599])
@@ -308,11 +309,11 @@ def test_cholesky_factor_failure_in_any_block(where):
     assert reference.inverse_factor(H, 1e-3) is None
     _, info = ops().ext_cholesky_factor(H, 1e-3)
     assert int(info) != 0
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
-    assert _cpp.cholesky_factor(H, 1e-3) is None
+    assert _cpp.factor(H, 1e-3) is None
     assert reference.inverse_factor(H, 100.0) is not None
-    R = _cpp.cholesky_factor(H, 100.0)
+    R = _cpp.factor(H, 100.0)
     assert R is not None and torch.equal(R, R.triu())
 
 
@@ -364,9 +365,9 @@ def test_sweep_against_reference(spec_kw, quant):
     grid = reference.make_quant_grid(W, *quant) if quant else None
     spec = SweepSpec(block_size=32, quant=grid, **spec_kw)
     Wc, Wr = W.clone(), W.clone()
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
-    lc = _cpp.sweep(Wc, U, spec)
+    lc = _cpp.sweep_inverse(Wc, U, spec)
     lr = reference.sweep(Wr, U, spec)
     assert lc == pytest.approx(lr, rel=1e-4)
     torch.testing.assert_close(Wc, Wr, rtol=1e-4, atol=1e-5)
@@ -393,14 +394,14 @@ def test_sweep_cholesky_against_reference(spec_kw, quant, dtype, rows):
     """The sweep on R (what prune_layer runs here) against the reference sweep on U = R⁻¹: same masks, same weights
     to rounding (well-conditioned H, so that rounding cannot flip a decision)."""
     X, W, H = _problem(rows, 96, dtype=dtype, seed=11)
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
-    R = _cpp.cholesky_factor(H, 0.01)
+    R = _cpp.factor(H, 0.01)
     U = reference.inverse_factor(H.double(), 0.01).to(dtype)
     grid = reference.make_quant_grid(W, *quant) if quant else None
     spec = SweepSpec(quant=grid, **spec_kw)
     Wc, Wr = W.clone(), W.clone()
-    lc = _cpp.sweep_cholesky(Wc, R, spec)
+    lc = _cpp.sweep(Wc, R, spec)
     lr = reference.sweep(Wr, U, spec)
     tol = {torch.float32: 2e-4, torch.float64: 1e-9}[dtype]
     assert torch.equal(Wc == 0, Wr == 0)
@@ -415,13 +416,13 @@ def test_sweep_cholesky_groups_of_blocks(block_size, kw):
     """Wider than the column groups whose lazy updates the Cholesky sweep defers to the group's end (kLazyWidth = 1024
     columns): several groups, a partial last group and (B = 96) a partial last block, against the reference."""
     X, W, H = _problem(37, 2300, dtype=torch.float64, seed=5)
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
-    R = _cpp.cholesky_factor(H, 0.01)
+    R = _cpp.factor(H, 0.01)
     U = reference.inverse_factor(H, 0.01)
     spec = SweepSpec(block_size=block_size, **kw)
     Wc, Wr = W.clone(), W.clone()
-    lc = _cpp.sweep_cholesky(Wc, R, spec)
+    lc = _cpp.sweep(Wc, R, spec)
     lr = reference.sweep(Wr, U, spec)
     assert torch.equal(Wc == 0, Wr == 0)
     assert lc == pytest.approx(lr, rel=1e-9)
@@ -484,13 +485,13 @@ def test_sweep_cholesky_tracks_float64_like_the_reference():
 
 def test_prune_layer_runs_on_the_cholesky_factor(monkeypatch):
     """prune_layer(backend="cpp") never forms U: it factors H and sweeps on R."""
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
     def no_inverse(*args):
         raise AssertionError("the U-driven path was used")
 
     monkeypatch.setattr(_cpp, "inverse_factor", no_inverse)
-    monkeypatch.setattr(_cpp, "sweep", no_inverse)
+    monkeypatch.setattr(_cpp, "sweep_inverse", no_inverse)
     X, W, H = _problem(16, 64)
     Wt = W.clone()
     res = sk.prune_layer(W, H, backend="cpp", pattern="2:4")
@@ -542,17 +543,17 @@ def test_auto_prefers_cpp_over_torch(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     avail = sk.available_backends("cpu")
     assert "cpp" in avail and avail.index("cpp") < avail.index("torch")
-    assert select_backend("auto", "cpu").PRIORITY >= 20
+    assert select_backend("auto", "cpu").priority >= 20
 
 
 def test_cpp_refuses_other_devices():
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
     assert "CPU tensors only" in _cpp.unavailable_reason(torch.device("meta"))
 
 
 def test_missing_extension_is_reported(monkeypatch):
-    from sparsegpt_kernels.backends import _cpp
+    from sparsegpt_kernels.backends._cpp import BACKEND as _cpp
 
     monkeypatch.setattr(_ext, "_loaded", True)
     monkeypatch.setattr(_ext, "_module", None)
@@ -573,14 +574,18 @@ def test_extension_not_loaded_at_import():
 
 def test_rules_agree_with_python():
     """csrc/core/rules.h and the Python rules are one definition per language; they must agree."""
-    from sparsegpt_kernels.backends import _cuda
+    from sparsegpt_kernels.backends._cuda import BACKEND as _cuda
 
     mod = _ext.load()
     assert mod is not None, _ext.missing_reason()
     cases = [(p, c) for p in (0.0, 0.1, 0.25, 0.3, 0.5, 0.6, 0.7, 0.75, 0.9, 0.99, 1 - 1e-12)
              for c in (0, 1, 2, 3, 7, 10, 127, 128, 4097, 128 * 11008, 2**31 + 1)]
     assert [mod.n_pruned(p, c) for p, c in cases] == [reference.n_pruned(p, c) for p, c in cases]
-    assert mod.CUDA_MAX_BLOCK == 1024 and _cuda.max_block_size() == mod.CUDA_MAX_BLOCK
+    import re
+
+    with open(os.path.join(_ext.source_dir(), "core", "rules.h")) as f:  # the rule as written, not a copy of it
+        limit = int(re.search(r"\bkCudaMaxBlock = (\d+);", f.read()).group(1))
+    assert mod.CUDA_MAX_BLOCK == limit and _cuda.max_block_size() == mod.CUDA_MAX_BLOCK
 
 
 def _fresh_loader(monkeypatch):

@@ -146,7 +146,7 @@ def test_sweep_against_reference(spec_kw, poison_cuda_allocator):
     U = reference.inverse_factor(H, 0.01)
     spec = SweepSpec(block_size=32, **spec_kw)
     Wg, Wr = W.to(DEV), W.clone()
-    from sparsegpt_kernels.backends import _cuda
+    from sparsegpt_kernels.backends._cuda import BACKEND as _cuda
 
     lg = _cuda.sweep(Wg, U.to(DEV), spec)
     lr = reference.sweep(Wr, U, spec)

@@ -12,8 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from sparsegpt_kernels import export
 from sparsegpt_kernels.export import (
     ExportError,
+    ExportReport,
+    LayerExport,
     SemiStructuredSupport,
     keep_dense_reason,
     nm_violations,
@@ -59,8 +62,11 @@ def prune_24_(model: nn.Module, names=("up", "down")):
             w.mul_(nm_keep_mask(w.abs(), 2, 4))
 
 
-FAKE = SemiStructuredSupport(True, "", "cutlass", {torch.float16: (32, 64), torch.bfloat16: (32, 64),
-                                                   torch.float32: (32, 32)}, "cuda")
+FAKE = SemiStructuredSupport(True, "", kernels="cutlass", device="cuda",
+                             constraints={torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.float32: (32, 32)})
+
+#: Why this CPU-only machine has no semi-structured support (the first check after torch's feature check).
+NO_CUDA = "semi-structured sparse tensors need a CUDA GPU; device is cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,9 +80,11 @@ def test_validator_accepts_its_own_pattern(n, m):
 
 
 def test_validator_rejects_dense_and_names_the_group():
-    W = torch.randn(5, 16)
+    W = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))  # no zeros: every group has 4 non-zeros
     assert not validate_nm(W)
-    with pytest.raises(ValueError, match=r"not 2:4 .*row 0, columns 0\.\.3"):
+    msg = ("weight is not 2:4 along the input dimension: 20 of 20 groups have more than 2 non-zeros (first: row 0, "
+           "columns 0..3 have 4)")
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
         validate_nm(W, raise_error=True)
 
 
@@ -103,9 +111,11 @@ def test_validator_checks_the_input_dimension_not_the_output():
 
 def test_validator_bad_shapes():
     assert not validate_nm(torch.zeros(4, 6))
-    with pytest.raises(ValueError, match="multiple of 4"):
+    msg = ("weight of shape (4, 6) cannot hold an 2:4 pattern along its input dimension (needs 2-D with in_features "
+           "a multiple of 4)")
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
         validate_nm(torch.zeros(4, 6), raise_error=True)
-    with pytest.raises(ValueError, match="0 < N < M"):
+    with pytest.raises(ValueError, match=f"^{re.escape('N:M needs 0 < N < M (N kept of every M), got 4:4')}$"):
         nm_violations(torch.zeros(4, 8), 4, 4)
 
 
@@ -124,6 +134,7 @@ def test_prepare_weight_non_contiguous():
     W = -torch.zeros(8, 4).T
     P = prepare_weight(W)
     assert P.is_contiguous() and not torch.signbit(P).any()
+    assert P.shape == (4, 8) and torch.equal(P, torch.zeros(4, 8))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,27 +159,28 @@ def test_decision_converts_a_good_layer():
     assert keep_dense_reason(_FakeCuda(nm_weight(64, 128, 2, 4, dtype=torch.float16)), FAKE) is None
 
 
-@pytest.mark.parametrize("shape,dtype,match", [
-    ((64, 128), torch.float32, "TF32"),
-    ((64, 128), torch.float64, "dtype float64 not supported by cutlass"),
-    ((48, 128), torch.float16, r"shape 48x128 .* multiple of 32x64"),
-    ((64, 96), torch.bfloat16, r"shape 64x96 .* multiple of 32x64"),
-    ((16, 64), torch.float16, r"shape 16x64"),
+@pytest.mark.parametrize("shape,dtype,reason", [
+    ((64, 128), torch.float32,
+     "float32 would run on the sparse kernels in TF32 only; cast the model to float16 or bfloat16 first"),
+    ((64, 128), torch.float64, "dtype float64 not supported by cutlass (float16, bfloat16, float32)"),
+    ((48, 128), torch.float16, "shape 48x128 (out x in) is not a multiple of 32x64 required by cutlass for float16"),
+    ((64, 96), torch.bfloat16, "shape 64x96 (out x in) is not a multiple of 32x64 required by cutlass for bfloat16"),
+    ((16, 64), torch.float16, "shape 16x64 (out x in) is not a multiple of 32x64 required by cutlass for float16"),
 ])
-def test_decision_keeps_bad_shapes_and_dtypes_dense(shape, dtype, match):
+def test_decision_keeps_bad_shapes_and_dtypes_dense(shape, dtype, reason):
     W = nm_weight(*shape, 2, 4, dtype=dtype)
-    reason = keep_dense_reason(_FakeCuda(W), FAKE)
-    assert reason is not None and re.search(match, reason)
+    assert keep_dense_reason(_FakeCuda(W), FAKE) == reason
 
 
 def test_decision_keeps_non_24_dense():
-    W = nm_weight(64, 128, 3, 4, dtype=torch.float16)
-    assert "not 2:4" in keep_dense_reason(_FakeCuda(W), FAKE)
+    W = nm_weight(64, 128, 3, 4, dtype=torch.float16)  # 3 non-zeros in each of the 64 * 32 groups
+    assert keep_dense_reason(_FakeCuda(W), FAKE) == ("not 2:4 along the input dimension (2048 of 2048 groups have "
+                                                     "more than 2 non-zeros)")
 
 
 def test_decision_keeps_cpu_weights_dense_even_if_supported():
     W = nm_weight(64, 128, 2, 4, dtype=torch.float16)
-    assert "not on a CUDA device" in keep_dense_reason(W, FAKE)
+    assert keep_dense_reason(W, FAKE) == "weight is on cpu, not on a CUDA device"
 
 
 def test_decision_unsupported():
@@ -180,10 +192,88 @@ def test_decision_unsupported():
 # Export on this machine's CPU: no support, nothing changes
 # ----------------------------------------------------------------------------------------------------------------
 def test_cpu_support_query():
-    sup = semi_structured_support("cpu")
-    assert not sup.available and "CUDA" in sup.reason and sup.backend is None
-    with pytest.raises(ValueError, match="backend"):
-        semi_structured_support("cpu", backend="magic")
+    assert semi_structured_support("cpu") == SemiStructuredSupport(False, NO_CUDA, None, {}, "cpu")
+    assert semi_structured_support("cpu", kernels="cutlass") == SemiStructuredSupport(False, NO_CUDA, device="cpu")
+
+
+def test_kernels_value_is_validated():
+    msg = "kernels must be 'auto', 'cusparselt' or 'cutlass', got 'bogus'"
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        semi_structured_support("cpu", kernels="bogus")
+    model = MLP()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        to_semi_structured(model, kernels="bogus")
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+
+
+def _fake_cuda_machine(monkeypatch, cusparselt: bool):
+    """Make semi_structured_support see a CUDA build with a compute capability 9.0 GPU (and cuSPARSELt or not)."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(export, "_cusparselt_available", lambda: cusparselt)
+
+
+@pytest.mark.parametrize("cusparselt,kernels,want", [
+    (True, "auto", "cusparselt"), (False, "auto", "cutlass"), (True, "cutlass", "cutlass"),
+    (True, "cusparselt", "cusparselt"), (False, "cusparselt", None),
+])
+def test_support_query_picks_the_kernels(monkeypatch, cusparselt, kernels, want):
+    _fake_cuda_machine(monkeypatch, cusparselt)
+    sup = semi_structured_support("cuda", kernels=kernels)
+    if want is None:
+        assert sup == SemiStructuredSupport(False, "this torch build has no cuSPARSELt", device="cuda")
+    else:
+        assert sup == SemiStructuredSupport(True, "", want, export._constraints(want), "cuda")
+
+
+def test_deprecated_backend_keyword_still_works_and_warns(monkeypatch):
+    _fake_cuda_machine(monkeypatch, cusparselt=True)
+    with pytest.warns(DeprecationWarning, match=re.escape("semi_structured_support(backend=...) is deprecated; use "
+                                                          "kernels=...")) as record:
+        sup = semi_structured_support("cuda", backend="cutlass")
+    assert [w.filename for w in record] == [__file__]  # points at the caller
+    assert sup == SemiStructuredSupport(True, "", "cutlass", export._constraints("cutlass"), "cuda")
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="^kernels must be 'auto'"):
+        semi_structured_support("cuda", backend="bogus")
+
+    seen = []
+    monkeypatch.setattr(export, "semi_structured_support",
+                        lambda device, kernels: seen.append(kernels) or SemiStructuredSupport(False, "stand-in"))
+    with pytest.warns(DeprecationWarning, match=re.escape("to_semi_structured(backend=...) is deprecated; use "
+                                                          "kernels=...")) as record:
+        report = to_semi_structured(MLP(), backend="cutlass")
+    assert [w.filename for w in record] == [__file__]
+    assert seen == ["cutlass"] and report.kept_dense == {n: "unsupported: stand-in" for n in ("up", "down", "head")}
+
+
+def test_deprecated_support_backend_attribute():
+    with pytest.warns(DeprecationWarning, match=re.escape("SemiStructuredSupport.backend is deprecated; use "
+                                                          "SemiStructuredSupport.kernels")):
+        assert FAKE.backend == "cutlass"
+    with pytest.raises(AttributeError):
+        FAKE.backend = "cusparselt"
+    assert FAKE.kernels == "cutlass"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: semi_structured_support("cpu", kernels="cutlass", backend="cutlass"),
+    lambda: semi_structured_support("cpu", "auto", backend="cutlass"),  # kernels given by position, at its default
+    lambda: to_semi_structured(MLP(), kernels="auto", backend="cutlass"),
+])
+def test_both_kernels_keywords_raise(call):
+    with pytest.raises(TypeError, match=r"^\w+\(\) got both kernels= and its deprecated alias backend=; pass only "
+                                        r"kernels=$"):
+        call()
+
+
+def test_report_text():
+    layers = [LayerExport("a", (64, 128), "float16", True), LayerExport("b", (40, 96), "float16", False, "why")]
+    assert str(ExportReport(FAKE, layers)) == ("semi-structured export (cutlass kernels): 1 of 2 linear layers "
+                                               "converted\n  kept dense b: why")
+    assert str(ExportReport(SemiStructuredSupport(False, NO_CUDA), layers)) == (
+        f"semi-structured export not supported here: {NO_CUDA}; model left dense (2 linear layers)")
 
 
 def test_export_on_cpu_reports_and_leaves_the_model_unchanged():
@@ -198,9 +288,9 @@ def test_export_on_cpu_reports_and_leaves_the_model_unchanged():
     report = to_semi_structured(model)
 
     assert not report.supported and report.converted == []
-    assert set(report.kept_dense) == {"up", "down", "head"}
-    assert all(r.startswith("unsupported:") for r in report.kept_dense.values())
-    assert "not supported here" in str(report)
+    assert report.support == SemiStructuredSupport(False, NO_CUDA, device="cpu")
+    assert report.kept_dense == {name: f"unsupported: {NO_CUDA}" for name in ("up", "down", "head")}
+    assert str(report) == f"semi-structured export not supported here: {NO_CUDA}; model left dense (3 linear layers)"
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]) and type(v) is torch.Tensor
@@ -211,17 +301,29 @@ def test_export_on_cpu_reports_and_leaves_the_model_unchanged():
 def test_export_on_cpu_strict_raises_before_changing_anything():
     model = MLP()
     prune_24_(model)
-    w = model.up.weight
-    with pytest.raises(ExportError, match="cannot be converted"):
+    params = list(model.parameters())
+    msg = (f"3 selected linear layers cannot be converted: up: unsupported: {NO_CUDA}; down: unsupported: {NO_CUDA}; "
+           f"head: unsupported: {NO_CUDA}")
+    with pytest.raises(ExportError, match=f"^{re.escape(msg)}$"):
         to_semi_structured(model, strict=True)
-    assert model.up.weight is w
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+
+
+def test_strict_listing_names_the_first_eight():
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(10)))
+    listing = "; ".join(f"{i}: unsupported: {NO_CUDA}" for i in range(8))
+    msg = f"10 selected linear layers cannot be converted: {listing}; ... (10 in all)"
+    with pytest.raises(ExportError, match=f"^{re.escape(msg)}$"):
+        to_semi_structured(model, strict=True)
 
 
 def test_export_layer_selection():
     model = MLP()
-    report = to_semi_structured(model, layers=["up", "do*"])
-    assert [x.name for x in report.layers] == ["up", "down"]
-    assert report.layers[0].shape == (256, 128) and report.layers[0].dtype == "float32"
+    why = f"unsupported: {NO_CUDA}"
+    assert to_semi_structured(model, layers=["up", "do*"]).layers == [
+        LayerExport("up", (256, 128), "float32", False, why), LayerExport("down", (128, 256), "float32", False, why)]
+    assert [x.name for x in to_semi_structured(model, layers="h*").layers] == ["head"]  # one pattern, as a string
+    assert to_semi_structured(model, layers=["nothing"]).layers == []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,7 +352,7 @@ def test_gpu_export_matches_dense(dtype):
         ref_last = model.up(last).float()
     report = to_semi_structured(model)
     assert report.converted == ["up", "down"], str(report)
-    assert "tied" in report.kept_dense["head"]
+    assert report.kept_dense == {"head": "weight is shared with another module (tied weights)"}
     assert isinstance(model.up.weight, torch.sparse.SparseSemiStructuredTensor)
     with torch.no_grad():
         got = model(ids).float()
@@ -275,10 +377,14 @@ def test_gpu_export_keeps_bad_layers_dense():
     with torch.no_grad():
         model[2].weight.mul_(nm_keep_mask(model[2].weight.abs(), 2, 4))
     report = to_semi_structured(model)
+    not_24 = "not 2:4 along the input dimension (6144 of 6144 groups have more than 2 non-zeros)"  # 96 x 256 / 4
+    min_r, min_c = sup.constraints[torch.float16]
     assert report.converted == ["0"]
-    assert "not 2:4" in report.kept_dense["1"]
-    assert "shape 40x96" in report.kept_dense["2"]
-    with pytest.raises(ExportError):
+    assert report.kept_dense == {
+        "1": not_24,
+        "2": f"shape 40x96 (out x in) is not a multiple of {min_r}x{min_c} required by {sup.kernels} for float16"}
+    msg = f"1 selected linear layers cannot be converted: 1: {not_24}"
+    with pytest.raises(ExportError, match=f"^{re.escape(msg)}$"):
         to_semi_structured(model, layers=["1"], strict=True)
 
 
@@ -302,8 +408,6 @@ def test_converted_layers_fold_any_input_into_one_mm(monkeypatch):
     dimension keeps the sequence's stride): a converted layer gets a forward pre-hook that gives such inputs canonical
     strides. Checked on the CPU with a stand-in conversion (the real one needs a GPU: test_gpu_export_matches_dense
     runs such a slice through a real semi-structured weight)."""
-    from sparsegpt_kernels import export
-
     class FakeSparse:
         @staticmethod
         def from_dense(dense):
@@ -311,7 +415,7 @@ def test_converted_layers_fold_any_input_into_one_mm(monkeypatch):
 
     monkeypatch.setattr(export, "semi_structured_support", lambda *a, **k: FAKE)
     monkeypatch.setattr(export, "keep_dense_reason", lambda *a, **k: None)
-    monkeypatch.setattr(export, "semi_structured_class", lambda backend: FakeSparse)
+    monkeypatch.setattr(export, "semi_structured_class", lambda kernels: FakeSparse)
     monkeypatch.setattr(export, "_check_conversion", lambda sparse, dense: None)
     lin = nn.Linear(64, 32, bias=False)
     prune_24_(nn.ModuleDict({"up": lin}), names=("up",))
@@ -333,21 +437,26 @@ def test_converted_layers_fold_any_input_into_one_mm(monkeypatch):
     assert len(lin._forward_pre_hooks) == 1
 
 
-def test_constraints_come_from_torch():
-    from sparsegpt_kernels.export import _constraints
+def test_constraints_come_from_torch(monkeypatch):
+    assert export._constraints("cutlass")[torch.float16] == export._constraints("cutlass")[torch.bfloat16] == (32, 64)
+    assert export._constraints("cusparselt")[torch.float16] == (16, 16)
 
-    for backend in ("cutlass", "cusparselt"):
-        table = _constraints(backend)
-        assert torch.float16 in table and torch.bfloat16 in table
-        rows, cols = table[torch.float16]
-        assert rows >= 8 and cols >= 8
+    class Limit:  # the fields of torch's table entries that are read
+        sparse_min_rows, sparse_min_cols = 48, 80
+
+    class WithTable:
+        _DTYPE_SHAPE_CONSTRAINTS = {torch.float16: Limit()}
+
+    monkeypatch.setattr(export, "semi_structured_class", lambda kernels: WithTable)
+    assert export._constraints("cutlass") == {torch.float16: (48, 80)}
+    monkeypatch.setattr(export, "semi_structured_class", lambda kernels: None)  # a torch without the table: ours
+    table, ours = export._constraints("cusparselt"), export._FALLBACK_CONSTRAINTS["cusparselt"]
+    assert table == ours and table is not ours  # a copy: callers may change it
 
 
 def test_strict_export_failing_late_changes_nothing(monkeypatch):
     """strict=True: a conversion that fails at the last layer, after earlier ones converted, leaves every layer as it
     was (the conversions are staged, then swapped)."""
-    from sparsegpt_kernels import export
-
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)).half()
     prune_24_(model, names=("0", "1", "2"))
     before = [(m.weight, m.weight.detach().clone()) for m in model]
@@ -363,14 +472,19 @@ def test_strict_export_failing_late_changes_nothing(monkeypatch):
 
     monkeypatch.setattr(export, "semi_structured_support", lambda *a, **k: FAKE)
     monkeypatch.setattr(export, "keep_dense_reason", lambda *a, **k: None)
-    monkeypatch.setattr(export, "semi_structured_class", lambda backend: FakeSparse)
+    monkeypatch.setattr(export, "semi_structured_class", lambda kernels: FakeSparse)
     monkeypatch.setattr(export, "_check_conversion", lambda sparse, dense: None)
-    with pytest.raises(ExportError, match="2: conversion failed: RuntimeError: simulated failure"):
+    msg = "2: conversion failed: RuntimeError: simulated failure of the third conversion; no layer was converted"
+    with pytest.raises(ExportError, match=f"^{re.escape(msg)}$"):
         to_semi_structured(model, strict=True)
     assert len(calls) == 3
     for m, (param, values) in zip(model, before):
         assert m.weight is param and torch.equal(m.weight, values)
     calls.clear()
     report = to_semi_structured(model, strict=False)  # not strict: the two that convert are swapped, one stays
-    assert [lay.converted for lay in report.layers] == [True, True, False]
-    assert model[0].weight is not before[0][0] and model[2].weight is before[2][0]
+    assert report.layers == [LayerExport("0", (64, 64), "float16", True), LayerExport("1", (64, 64), "float16", True),
+                             LayerExport("2", (64, 64), "float16", False,
+                                         "conversion failed: RuntimeError: simulated failure of the third conversion")]
+    for m, (param, values) in zip(model[:2], before):
+        assert m.weight is not param and not m.weight.requires_grad and torch.equal(m.weight, values)
+    assert model[2].weight is before[2][0]

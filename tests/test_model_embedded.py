@@ -72,7 +72,7 @@ def test_perplexity_protocol(embedded):
     assert perplexity(model, ev, batch_size=2) == pytest.approx(expected, rel=1e-4)
 
 
-def test_layer_accuracy_benchmark_quick():
+def test_layer_accuracy_benchmark_quick(tmp_path):
     """benchmarks/bench_layer_accuracy.py --quick: every layer's OBS loss from the chosen backend (auto: cpp when built)
     agrees with the float64 reference on the real Hessians of two blocks."""
     import csv
@@ -85,8 +85,8 @@ def test_layer_accuracy_benchmark_quick():
         import bench_layer_accuracy
     finally:
         sys.path.remove(bench)
-    assert bench_layer_accuracy.main(["--quick", "--backend", "auto"]) == 0
-    with open(os.path.join(bench, "out", "layer_accuracy.csv"), newline="") as f:
+    assert bench_layer_accuracy.main(["--quick", "--backend", "auto", "--out-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "layer_accuracy.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 14  # 2 blocks x 7 linear layers
     for r in rows:

@@ -70,7 +70,7 @@ def test_shared_hessian_matches_separate():
 
     separate = tiny_llama()
     # forgetting which tensors were seen makes every layer accumulate its own Hessian from the same inputs
-    from sparsegpt_kernels.model.hessians import HessianCollector
+    from sparsegpt_kernels.model.hessian_hooks import HessianCollector
 
     real = HessianCollector._linear_hook
 
@@ -299,3 +299,22 @@ def test_report_splits_the_time(tmp_path, monkeypatch):
     tok = type("Tok", (), {"__call__": lambda self, text, **k: {"input_ids": list(range(1, 90)) * 50}})()
     report = prune_model(tiny_llama(layers=1), "some text", tokenizer=tok, nsamples=2, seqlen=16, device="cpu")
     assert report.timings["calibration"] > 0
+
+
+def test_a_layer_whose_inputs_are_all_zero_is_left_dense_and_reported():
+    """An all-zero Hessian (every input of the layer was 0) would make every column dead and zero the whole weight:
+    prune_model leaves such a layer as it is and says why; the other layers are pruned as usual."""
+    model = tiny_llama(layers=1)
+    down = model.model.layers[0].mlp.down_proj
+    before = down.weight.detach().clone()
+    handle = down.register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]),))
+    try:
+        report = prune_model(model, calib(), sparsity=0.5, device="cpu", backend="torch")
+    finally:
+        handle.remove()
+    rep = {r.name.rsplit(".", 2)[-2] + "." + r.name.rsplit(".", 1)[-1]: r for r in report.layers}
+    assert rep["mlp.down_proj"].skipped == "every calibration input of this layer was zero"
+    assert rep["mlp.down_proj"].loss is None and rep["mlp.down_proj"].tokens == 4 * 32
+    assert torch.equal(down.weight, before)
+    others = [r for r in report.layers if r.name != rep["mlp.down_proj"].name]
+    assert len(others) == 6 and all(r.skipped is None and abs(r.sparsity - 0.5) < 1e-6 for r in others)

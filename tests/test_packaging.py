@@ -63,3 +63,16 @@ def test_every_declared_runtime_dependency_is_used():
     runtime = required | set().union(*(v for k, v in extras.items() if k not in ("test", "dev")))
     unused = sorted(d for d in runtime if d not in imported and d not in USED_INDIRECTLY)
     assert not unused, f"declared in pyproject.toml but never imported (and no reason given): {unused}"
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml takes the version from the package (``__version__``), and the installed metadata agrees."""
+    import importlib.metadata
+
+    import sparsegpt_kernels
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "sparsegpt_kernels.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", sparsegpt_kernels.__version__)
+    assert importlib.metadata.version("sparsegpt_kernels") == sparsegpt_kernels.__version__

@@ -16,7 +16,7 @@ from helpers import correlated_inputs, hessian_of
 
 import sparsegpt_kernels as sk
 from sparsegpt_kernels import precision
-from sparsegpt_kernels.backends import _torch as torch_backend
+from sparsegpt_kernels.backends._torch import BACKEND as torch_backend
 
 HAS_BACKEND_SETTINGS = bool(precision._matmul_settings())
 

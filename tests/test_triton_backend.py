@@ -8,10 +8,19 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_exact_sparsity, check_backend_like_torch, correlated_inputs, hessian_of, recon_error
+from helpers import (
+    assert_exact_sparsity,
+    check_backend_like_torch,
+    correlated_inputs,
+    hessian_of,
+    problem_without_near_ties,
+    recon_error,
+    spec_of,
+)
 
 import sparsegpt_kernels as sk
-from sparsegpt_kernels.backends import _triton, available_backends, select_backend
+from sparsegpt_kernels.backends import available_backends, select_backend
+from sparsegpt_kernels.backends._triton import BACKEND as _triton
 
 
 def test_package_import_does_not_import_triton():
@@ -100,15 +109,20 @@ def _check_ties(device: str) -> None:
 
 
 def test_float64_layer_is_computed_in_float32():
-    X = correlated_inputs(512, 128, seed=5)
-    H = hessian_of(X)
-    W64 = torch.randn(48, 128, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    """The Triton backend solves a float64 layer in float32 and casts back (its module docstring says so): the same
+    masks as the float64 torch solve on a problem without near-ties, the weights off by float32 rounding (not
+    float64's), and the reconstruction error within 1% either way."""
+    X, W64, H, _, _ = problem_without_near_ties(48, 128, spec_of({"pattern": "2:4"}, 64), seed=5)
     Wt, Wk = W64.clone(), W64.clone()
-    sk.prune_layer(Wt, H.double(), pattern="2:4", block_size=64, backend="torch")
-    sk.prune_layer(Wk, H.double(), pattern="2:4", block_size=64, backend="triton")
+    sk.prune_layer(Wt, H, pattern="2:4", block_size=64, backend="torch")
+    sk.prune_layer(Wk, H, pattern="2:4", block_size=64, backend="triton")
     assert Wk.dtype == torch.float64
     assert_exact_sparsity(Wk, block_size=64, pattern="2:4")
-    assert recon_error(X, W64, Wk) <= 1.01 * recon_error(X, W64, Wt)
+    assert torch.equal(Wk == 0, Wt == 0)
+    rel = float((Wk - Wt).abs().max() / Wt.abs().max())
+    assert 1e-12 < rel <= 1e-4, rel
+    ratio = recon_error(X, W64, Wk) / recon_error(X, W64, Wt)
+    assert 0.99 <= ratio <= 1.01, ratio
 
 
 def test_block_size_limit(monkeypatch):
@@ -120,7 +134,7 @@ def test_block_size_limit(monkeypatch):
     W0 = W.clone()
     H = hessian_of(correlated_inputs(4 * limit, 2 * limit))
     factored = []
-    monkeypatch.setattr(_triton, "inverse_factor", lambda *a: factored.append(1))
+    monkeypatch.setattr(_triton, "factor", lambda *a: factored.append(1))
     with pytest.raises(ValueError, match=f"wider than the triton backend supports \\({limit} columns\\)"):
         sk.prune_layer(W, H, block_size=limit + 1, backend="triton")
     assert torch.equal(W, W0) and not factored  # refused before any work
@@ -201,7 +215,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sparsegpt_kernels.ops import hinv, nm_mask, sweep
+from sparsegpt_kernels.ops import nm_mask, sweep
 
 def jit_fn(k):
     while not isinstance(k, triton.runtime.jit.JITFunction):
@@ -215,15 +229,6 @@ def compile_for_sm90(kernel, types, consts, num_warps):
                           options={"num_warps": num_warps})
 
 F, I8, I32 = "*fp32", "*i8", "*i32"
-cfg = hinv.GPU_CONFIG
-BS, BT, BK, WD, WM = cfg["BS"], cfg["BT"], cfg["BK"], cfg["num_warps_diag"], cfg["num_warps_dot"]
-compile_for_sm90(hinv._prepare_kernel, dict(h_ptr=F, a_ptr=F, lam_ptr=F), dict(BT=BT), WM)
-compile_for_sm90(hinv._chol_diag_kernel, dict(a_ptr=F, dinv_ptr=F, info_ptr=I32), dict(BS=BS), WD)
-compile_for_sm90(hinv._chol_panel_kernel, dict(a_ptr=F, dinv_ptr=F), dict(BS=BS, BM=BS, BK=BK), WM)
-compile_for_sm90(hinv._chol_update_kernel, dict(a_ptr=F), dict(BS=BS, BT=BT, BK=BK), WM)
-compile_for_sm90(hinv._trinv_t_kernel, dict(a_ptr=F, t_ptr=F), dict(BS=BS, BK=BK), WM)
-compile_for_sm90(hinv._trinv_apply_kernel, dict(a_ptr=F, t_ptr=F, dinv_ptr=F), dict(BS=BS, BK=BK), WM)
-compile_for_sm90(hinv._rotate_kernel, dict(a_ptr=F), dict(BT=BT), WM)
 c = nm_mask.CONFIGS[0]
 compile_for_sm90(nm_mask._nm_keep_mask_kernel, dict(s_ptr=F, out_ptr=I8), dict(N=2, M=4, **c.kwargs), c.num_warps)
 sel = dict(src_ptr=F, d_ptr=F, hist_ptr=I32, ties_ptr=I32, mask_ptr=I8)
@@ -283,25 +288,6 @@ def test_cuda_graph_sweep_matches_eager(poison_empty):
 
 
 @cuda_compiled
-@pytest.mark.parametrize("c", [1, 130, 1000, 4096])
-def test_cuda_hinv_matches_reference(c, poison_empty):
-    from sparsegpt_kernels import reference
-    from sparsegpt_kernels.ops.hinv import hinv_factor
-
-    X = correlated_inputs(max(2 * c, 64), c, seed=8, dtype=torch.float64).cuda()
-    X[:, :2] = 0  # dead inputs
-    H = hessian_of(X)
-    truth = reference.inverse_factor(H, 0.01)
-    ref32 = reference.inverse_factor(H.float(), 0.01)
-    U = hinv_factor(H.float(), 0.01)
-    scale = truth.abs().max()
-    torch_err = float((ref32.double() - truth).abs().max() / scale)
-    err = float((U.double() - truth).abs().max() / scale)
-    assert err <= 4 * torch_err + 1e-6, (err, torch_err)
-    assert hinv_factor(-torch.eye(c, device="cuda"), 0.01) is None
-
-
-@cuda_compiled
 def test_cuda_masks_match_reference(poison_empty):
     from sparsegpt_kernels import reference
     from sparsegpt_kernels.ops.nm_mask import nm_keep_mask_triton
@@ -348,7 +334,6 @@ def test_cuda_opcheck():
     torch.library.opcheck(ops.unstructured_prune_mask.default, (s, 1000))
     X = correlated_inputs(512, 128, seed=10).cuda()
     H = hessian_of(X)
-    torch.library.opcheck(ops.hinv_factor.default, (H, 0.01))
     U = reference.inverse_factor(H, 0.01).contiguous()
     W = torch.randn(64, 128, device="cuda")
     torch.library.opcheck(ops.sweep_block.default, (W, U, 0, 64, 0.5, 2, 4, None, None, 0, 0))

@@ -137,7 +137,8 @@ class PhaseClock {
   Clock::time_point last_;
 };
 
-// Validates a parameter set; throws std::invalid_argument naming the problem.
+// Validates a parameter set; throws std::invalid_argument naming the problem. The value rules are those of rules.h.
+// The ATen operators check the same before they get here, with messages that name the operator and the value.
 template <typename T>
 inline void check_params(const SweepParams<T>& p) {
   auto fail = [](const char* what) { throw std::invalid_argument(what); };
@@ -150,17 +151,17 @@ inline void check_params(const SweepParams<T>& p) {
   }
   const bool nm = p.m != 0;
   if (nm) {
-    if (!(0 < p.n && p.n < p.m)) fail("N:M needs 0 < N < M");
+    if (!valid_nm(p.n, p.m)) fail("N:M needs 0 < N < M");
     if (p.cols % p.m) fail("cols is not a multiple of M");
     if (std::min(p.block_size, p.cols) % p.m) fail("block_size is not a multiple of M");
-  } else if (!(p.sparsity >= 0.0 && p.sparsity <= 1.0)) {
-    fail("sparsity must be in [0, 1]");
+  } else if (!valid_sparsity(p.sparsity)) {
+    fail("sparsity must be in [0, 1)");
   }
   if (p.scale != nullptr) {
     if (p.zero == nullptr) fail("quantization needs both scale and zero");
     if (p.group_size < 1 || p.cols % p.group_size) fail("group_size must divide cols");
     if (p.ldq < p.cols / p.group_size) fail("quantization leading dimension too small");
-    if (p.maxq < 1) fail("maxq must be >= 1");
+    if (!valid_maxq(p.maxq)) fail("maxq must be 2^bits - 1 for bits in kMinQuantBits..kMaxQuantBits");
   }
 }
 
@@ -740,59 +741,82 @@ inline double sweep_tile_dispatch(Simd simd, const SweepParams<T>& p, const Bloc
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The whole blocked sweep.
+// The whole blocked sweep (docs/algorithm.md, "The blocked sweep"), block by block, each block in four steps:
+// start_block (its weights at the start and its block of the in-block factor), select_unstructured (step 1 for
+// unstructured sparsity), sweep_tiles (step 1 for N:M, and step 2) and lazy_update (step 3). The object holds what
+// the blocks share, allocated once by the constructor: inside the block loop only the tiles' scratch (one per range
+// of tiles) and the selection's small lists are allocated.
 // `parallel(ntasks, grain, fn)` runs fn(begin, end) over [0, ntasks), possibly on several threads, in
 // non-overlapping ranges of at least `grain` tasks (fewer tasks than `grain`: one call, no threads).
 // `gemm(m, n, k, a, lda, b, ldb, c, ldc, beta)`: C (m, n) = beta * C + A (m, k) @ B (k, n), all row-major; beta is 0
 // (C is not read) or 1.
-// Returns the OBS loss Σ err² / 2.
+// run() returns the OBS loss Σ err² / 2.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename T, Factor F, bool nm, bool quant, typename Parallel, typename Gemm>
-double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
-  constexpr bool chol = F == Factor::kCholesky;
-  const int64_t Bmax = std::min(p.block_size, p.cols);
-  const Simd simd = simd_used(p.simd);
-  const int64_t L = lanes_for(simd);
-  const int64_t ntiles = (p.rows + L - 1) / L;
-  // kCholesky defers the lazy update of the columns right of a group of blocks ("superblock", kLazyWidth columns) to
-  // the group's end: one GEMM with K = kLazyWidth instead of kLazyWidth / B GEMMs with K = B (BLAS runs K = 512 at
-  // about 1.3x the rate of K = 128 on 2 cores, K = 1024 a little faster still); inside the group each block still
-  // updates the group's later columns.
-  const int64_t group = chol ? std::max<int64_t>(1, kLazyWidth / Bmax) : 1;
-  const int64_t ldpt = std::min(group * Bmax, p.cols);  // a group's columns, never more than W has
-  BigBuffer<T> PT(static_cast<size_t>(p.rows * ldpt));  // (rows, ldpt): the group's W0 - Q (kCholesky) or -E
-  SelectScratch<T> select_scratch;
-  Threshold<T> thr;
-  std::vector<T> dd(static_cast<size_t>(Bmax));  // the block's d_j²
-  BigBuffer<T> S(chol ? static_cast<size_t>(p.rows * Bmax) : 0);  // kCholesky: weights at the block start
-  std::vector<T> Ub(chol ? static_cast<size_t>(Bmax * Bmax) : 0);   // kCholesky: inv(R[blk, blk])
-  std::vector<double> partial(static_cast<size_t>(ntiles));
-  // N:M groups must start at a chunk's first column or end inside the chunk (their columns are then up to date
-  // when they are scored); otherwise one column at a time
-  const int64_t chunk = !nm || kChunk<T> % p.m == 0 || p.m % kChunk<T> == 0 ? kChunk<T> : 1;
-  double loss = 0.0;
-  PhaseClock clock(p.phase_seconds);
-  for (int64_t i1 = 0; i1 < p.cols; i1 += Bmax) {
-    const int64_t i2 = std::min(i1 + Bmax, p.cols);
+template <typename T, Factor F, bool nm, bool quant>
+class BlockedSweep {
+ public:
+  static constexpr bool kChol = F == Factor::kCholesky;
+
+  explicit BlockedSweep(const SweepParams<T>& p)
+      : p_(p),
+        Bmax_(std::min(p.block_size, p.cols)),
+        simd_(simd_used(p.simd)),
+        L_(lanes_for(simd_)),
+        ntiles_((p.rows + L_ - 1) / L_),
+        group_cols_((kChol ? std::max<int64_t>(1, kLazyWidth / Bmax_) : 1) * Bmax_),
+        ldpt_(std::min(group_cols_, p.cols)),
+        chunk_(!nm || kChunk<T> % p.m == 0 || p.m % kChunk<T> == 0 ? kChunk<T> : 1),
+        PT_(static_cast<size_t>(p.rows * ldpt_)),
+        dd_(static_cast<size_t>(Bmax_)),
+        S_(kChol ? static_cast<size_t>(p.rows * Bmax_) : 0),
+        Ub_(kChol ? static_cast<size_t>(Bmax_ * Bmax_) : 0),
+        partial_(static_cast<size_t>(ntiles_)) {}
+
+  template <typename Parallel, typename Gemm>
+  double run(Parallel&& parallel, Gemm&& gemm) {
+    PhaseClock clock(p_.phase_seconds);
+    for (int64_t i1 = 0; i1 < p_.cols; i1 += Bmax_) {
+      const BlockView<T> v = start_block(i1, std::min(i1 + Bmax_, p_.cols), parallel, gemm);
+      clock.lap(kBlockStart);
+      if (!nm) {
+        select_unstructured(v, parallel);
+        clock.lap(kSelect);
+      }
+      sweep_tiles(v, parallel);
+      clock.lap(kTiles);
+      lazy_update(v, gemm);
+      clock.lap(kLazy);
+    }
+    return loss_ / 2;
+  }
+
+ private:
+  // The block [i1, i2): where its weights at the start are read from and its block of the in-block factor
+  // (U[blk, blk]). kInverse: both are read in place, W's columns (the lazy updates of the earlier blocks have reached
+  // them) and G's diagonal block. kCholesky: W still holds the original weights W0 there, so the start weights are
+  // formed in S, W0_blk + A[:, blk] @ inv(R[blk, blk]) (see Factor; A is zero before the first block, so no GEMM
+  // there), with inv(R[blk, blk]), which is U[blk, blk], computed into Ub by back substitution, columns in parallel.
+  template <typename Parallel, typename Gemm>
+  BlockView<T> start_block(int64_t i1, int64_t i2, Parallel&& parallel, Gemm&& gemm) {
+    const SweepParams<T>& p = p_;
     const int64_t B = i2 - i1;
-    const int64_t s0 = i1 / (group * Bmax) * (group * Bmax), s1 = std::min(s0 + group * Bmax, p.cols);
-    T* PTb = PT.data() + (i1 - s0);  // this block's columns of PT
     BlockView<T> v;
     v.i1 = i1;
     v.i2 = i2;
-    if constexpr (chol) {
+    if constexpr (kChol) {
+      T* const S = S_.data();
+      T* const Ub = Ub_.data();
       const T* Rb = p.G + i1 * p.ldg + i1;
-      parallel(B, 16, [&](int64_t b, int64_t e) { upper_inverse_columns(Rb, p.ldg, B, b, e, Ub.data()); });
+      parallel(B, 16, [&](int64_t b, int64_t e) { upper_inverse_columns(Rb, p.ldg, B, b, e, Ub); });
       parallel(p.rows, kScoreGrainRows, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) std::memcpy(S.data() + r * B, p.W + r * p.ldw + i1, sizeof(T) * B);
+        for (int64_t r = b; r < e; ++r) std::memcpy(S + r * B, p.W + r * p.ldw + i1, sizeof(T) * B);
       });
       if (i1 > 0) {
-        gemm(p.rows, B, B, static_cast<const T*>(p.A + i1), p.lda, static_cast<const T*>(Ub.data()), B,
-             S.data(), B, 1);
+        gemm(p.rows, B, B, static_cast<const T*>(p.A + i1), p.lda, static_cast<const T*>(Ub), B, S, B, 1);
       }
-      v.cur = S.data();
+      v.cur = S;
       v.ldc = B;
-      v.Ub = Ub.data();
+      v.Ub = Ub;
       v.ldub = B;
     } else {
       v.cur = p.W + i1;
@@ -800,53 +824,109 @@ double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
       v.Ub = p.G + i1 * p.ldg + i1;
       v.ldub = p.ldg;
     }
-    clock.lap(kBlockStart);
-    if (!nm) {
-      // step 1: one threshold over the whole (rows, B) block, scores w² / d² from the current weights (computed
-      // the same way as threshold_lanes does in the tiles)
-      for (int64_t j = 0; j < B; ++j) {
-        const T d = v.Ub[j * v.ldub + j];
-        dd[j] = d * d;
-      }
-      auto row_scores = [&](int64_t r, T* sc) {
-        const T* w = v.cur + r * v.ldc;
-        for (int64_t j = 0; j < B; ++j) sc[j] = (w[j] * w[j]) / dd[j];
-      };
-      thr = select_threshold<T>(p.rows, B, n_pruned(p.sparsity, p.rows * B), row_scores, select_scratch, parallel);
-      clock.lap(kSelect);
+    return v;
+  }
+
+  // Step 1 for unstructured sparsity: one Threshold over the whole (rows, B) block (select_threshold), from which
+  // every tile computes its own mask. The scores w² / d² come from the block's start weights, d² rounded once per
+  // column, exactly as threshold_lanes computes them in the tiles: both must rank the same values.
+  template <typename Parallel>
+  void select_unstructured(const BlockView<T>& v, Parallel&& parallel) {
+    const int64_t B = v.i2 - v.i1;
+    T* const dd = dd_.data();
+    for (int64_t j = 0; j < B; ++j) {
+      const T d = v.Ub[j * v.ldub + j];
+      dd[j] = d * d;
     }
-    // step 2: tiles of rows through the whole block
+    auto row_scores = [&](int64_t r, T* sc) {
+      const T* w = v.cur + r * v.ldc;
+      for (int64_t j = 0; j < B; ++j) sc[j] = (w[j] * w[j]) / dd[j];
+    };
+    thr_ = select_threshold<T>(p_.rows, B, n_pruned(p_.sparsity, p_.rows * B), row_scores, select_scratch_, parallel);
+  }
+
+  // Step 2 (with step 1 for N:M): the block's rows in tiles of L, each tile through all B columns (sweep_tile), the
+  // tiles in parallel with one TileScratch per range of tiles. A tile writes its pruned weights to W and what the
+  // lazy update needs to the block's columns of PT. Its Σ err² goes to partial_[t]; the partial sums are added to
+  // the total in tile order afterwards, so that the loss does not depend on the schedule.
+  template <typename Parallel>
+  void sweep_tiles(const BlockView<T>& v, Parallel&& parallel) {
+    const SweepParams<T>& p = p_;
+    const int64_t B = v.i2 - v.i1, L = L_, ldpt = ldpt_, chunk = chunk_;
+    const Simd simd = simd_;
+    const Threshold<T>& thr = thr_;
+    T* const PTb = PT_.data() + (v.i1 - group_start(v.i1));  // this block's columns of PT
+    double* const partial = partial_.data();
     const int64_t tile_grain = std::max<int64_t>(1, kSweepGrainElems / (L * B * B / 2 + 1));
-    parallel(ntiles, tile_grain, [&](int64_t b, int64_t e) {
-      TileScratch<T> scratch(B, nm ? p.m : 0, chol, L);
+    parallel(ntiles_, tile_grain, [&](int64_t b, int64_t e) {
+      TileScratch<T> scratch(B, nm ? p.m : 0, kChol, L);
       for (int64_t t = b; t < e; ++t) {
         const int64_t r0 = t * L;
-        partial[t] = sweep_tile_dispatch<T, F, nm, quant>(simd, p, v, r0, std::min(L, p.rows - r0), thr,
-                                                          PTb, ldpt, scratch, chunk);
+        partial[t] = sweep_tile_dispatch<T, F, nm, quant>(simd, p, v, r0, std::min(L, p.rows - r0), thr, PTb, ldpt,
+                                                          scratch, chunk);
       }
     });
-    for (double x : partial) loss += x;
-    clock.lap(kTiles);
-    // step 3: lazy batch update of everything to the right
-    if (i2 < p.cols) {
-      const T* Gr = p.G + i1 * p.ldg + i2;  // G[blk, i2:]
-      if constexpr (chol) {
-        // A[:, c] was written before iff an earlier group or an earlier block of this group updated it
-        if (i2 < s1) {  // A[:, i2:s1] (+)= (W0 - Q)_blk @ R[blk, i2:s1]
-          gemm(p.rows, s1 - i2, B, static_cast<const T*>(PTb), ldpt, Gr, p.ldg, p.A + i2, p.lda,
-               s0 > 0 || i1 > s0 ? 1 : 0);
-        } else {  // the group's end: A[:, s1:] (+)= (W0 - Q)_group @ R[group, s1:]
-          gemm(p.rows, p.cols - s1, s1 - s0, static_cast<const T*>(PT.data()), ldpt,
-               p.G + s0 * p.ldg + s1, p.ldg, p.A + s1, p.lda, s0 > 0 ? 1 : 0);
-        }
-      } else {
-        gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT.data()), ldpt, Gr, p.ldg, p.W + i2, p.ldw,
-             1);  // W[:, i2:] += (-E) @ U[blk, i2:]
-      }
-    }
-    clock.lap(kLazy);
+    for (double x : partial_) loss_ += x;
   }
-  return loss / 2;
+
+  // Step 3: the lazy batch update of everything right of the block, one GEMM (none after the last block). kInverse:
+  // W[:, i2:] += (-E) @ U[blk, i2:]. kCholesky: W keeps the original weights, and the updates go to A, with (W0 - Q)
+  // and R: inside a group of blocks to the group's later columns only, at the group's end to everything right of the
+  // group, for all of the group's blocks at once (one GEMM with K = the group's width, see group_cols_). beta is 0
+  // where a column of A is written for the first time.
+  template <typename Gemm>
+  void lazy_update(const BlockView<T>& v, Gemm&& gemm) {
+    const SweepParams<T>& p = p_;
+    const int64_t i1 = v.i1, i2 = v.i2, B = i2 - i1;
+    if (i2 >= p.cols) return;
+    const int64_t ldpt = ldpt_;
+    const T* Gr = p.G + i1 * p.ldg + i2;  // G[blk, i2:]
+    if constexpr (kChol) {
+      const int64_t s0 = group_start(i1), s1 = std::min(s0 + group_cols_, p.cols);
+      const T* PTb = PT_.data() + (i1 - s0);  // this block's columns of PT
+      // A[:, c] was written before iff an earlier group or an earlier block of this group updated it
+      if (i2 < s1) {  // A[:, i2:s1] (+)= (W0 - Q)_blk @ R[blk, i2:s1]
+        gemm(p.rows, s1 - i2, B, PTb, ldpt, Gr, p.ldg, p.A + i2, p.lda, s0 > 0 || i1 > s0 ? 1 : 0);
+      } else {  // the group's end: A[:, s1:] (+)= (W0 - Q)_group @ R[group, s1:]
+        gemm(p.rows, p.cols - s1, s1 - s0, static_cast<const T*>(PT_.data()), ldpt, p.G + s0 * p.ldg + s1, p.ldg,
+             p.A + s1, p.lda, s0 > 0 ? 1 : 0);
+      }
+    } else {
+      gemm(p.rows, p.cols - i2, B, static_cast<const T*>(PT_.data()), ldpt, Gr, p.ldg, p.W + i2, p.ldw,
+           1);  // W[:, i2:] += (-E) @ U[blk, i2:]
+    }
+  }
+
+  // The first column of the group of blocks that column i1 belongs to.
+  int64_t group_start(int64_t i1) const { return i1 / group_cols_ * group_cols_; }
+
+  const SweepParams<T>& p_;
+  const int64_t Bmax_;  // columns per block (the last one may have fewer)
+  const Simd simd_;     // the copy of the in-block steps that runs (sweep_tile_dispatch)
+  const int64_t L_;     // rows per tile
+  const int64_t ntiles_;
+  // kCholesky defers the lazy update of the columns right of a group of blocks ("superblock", kLazyWidth columns) to
+  // the group's end: one GEMM with K = kLazyWidth instead of kLazyWidth / B GEMMs with K = B (BLAS runs K = 512 at
+  // about 1.3x the rate of K = 128 on 2 cores, K = 1024 a little faster still); inside the group each block still
+  // updates the group's later columns. kInverse: one block per group.
+  const int64_t group_cols_;
+  const int64_t ldpt_;  // a group's columns, never more than W has
+  // N:M groups must start at a chunk's first column or end inside the chunk (their columns are then up to date
+  // when they are scored); otherwise one column at a time
+  const int64_t chunk_;
+  BigBuffer<T> PT_;  // (rows, ldpt): the group's W0 - Q (kCholesky) or -E
+  SelectScratch<T> select_scratch_;
+  Threshold<T> thr_;     // the current block's unstructured selection (unused for N:M)
+  std::vector<T> dd_;    // the block's d_j²
+  BigBuffer<T> S_;       // kCholesky: weights at the block start
+  std::vector<T> Ub_;    // kCholesky: inv(R[blk, blk])
+  std::vector<double> partial_;  // Σ err² per tile of the current block
+  double loss_ = 0.0;
+};
+
+template <typename T, Factor F, bool nm, bool quant, typename Parallel, typename Gemm>
+double sweep_impl(const SweepParams<T>& p, Parallel&& parallel, Gemm&& gemm) {
+  return BlockedSweep<T, F, nm, quant>(p).run(parallel, gemm);
 }
 
 template <typename T, typename Parallel, typename Gemm>

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "../core/sweep_core.h"
-#include "aten_ops.h"
+#include "../aten/aten_ops.h"
 
 namespace {
 
@@ -196,7 +196,7 @@ at::Tensor sweep_cpu_impl(const at::Tensor& W, const at::Tensor& G, double spars
                           int64_t block_size, const std::optional<at::Tensor>& scale,
                           const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size,
                           sgk::Factor factor, const char* name) {
-  sgk_aten::check_sweep_args(W, G, sparsity, n, m, block_size, scale, zero, maxq, group_size);
+  sgk_aten::check_sweep_args(W, G, sparsity, n, m, block_size, scale, zero, maxq, group_size, name);
   TORCH_CHECK(W.device().is_cpu(), name, " (CPU): W must be a CPU tensor");
   const at::Tensor Gc = G.contiguous();
   const at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
@@ -425,7 +425,14 @@ at::Tensor nm_keep_mask_meta(const at::Tensor& scores, int64_t n, int64_t m) {
 at::Tensor sweep_meta(const at::Tensor& W, const at::Tensor& U, double sparsity, int64_t n, int64_t m,
                       int64_t block_size, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size) {
-  sgk_aten::check_sweep_args(W, U, sparsity, n, m, block_size, scale, zero, maxq, group_size);
+  sgk_aten::check_sweep_args(W, U, sparsity, n, m, block_size, scale, zero, maxq, group_size, "ext_sweep");
+  return at::empty({}, W.options());
+}
+
+at::Tensor sweep_cholesky_meta(const at::Tensor& W, const at::Tensor& R, double sparsity, int64_t n, int64_t m,
+                               int64_t block_size, const std::optional<at::Tensor>& scale,
+                               const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size) {
+  sgk_aten::check_sweep_args(W, R, sparsity, n, m, block_size, scale, zero, maxq, group_size, "ext_sweep_cholesky");
   return at::empty({}, W.options());
 }
 
@@ -473,5 +480,5 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {
   m.impl("ext_nm_keep_mask", &nm_keep_mask_meta);
   m.impl("ext_sweep", &sweep_meta);
   m.impl("ext_cholesky_factor", &cholesky_factor_meta);
-  m.impl("ext_sweep_cholesky", &sweep_meta);
+  m.impl("ext_sweep_cholesky", &sweep_cholesky_meta);
 }

@@ -1,6 +1,6 @@
 // CUDA implementations of the sparsegpt_kernels::ext_* operators: the block driver around the torch-free kernels of
 // sweep_kernels.cu (mask selection for unstructured blocks and the lazy GEMM through ATen/cuBLAS), N:M selection, and
-// the inverse factor on ATen's cuSOLVER-backed linalg (csrc/cpu/aten_ops.cpp, device-generic).
+// the inverse factor on ATen's cuSOLVER-backed linalg (csrc/aten/aten_ops.cpp, device-generic).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,7 +12,7 @@
 #include <optional>
 
 #include "../core/rules.h"
-#include "../cpu/aten_ops.h"
+#include "../aten/aten_ops.h"
 #include "sweep_kernels.h"
 
 namespace {
@@ -53,10 +53,10 @@ at::Tensor nm_keep_mask_cuda(const at::Tensor& scores, int64_t n, int64_t m) {
 at::Tensor sweep_cuda(const at::Tensor& W, const at::Tensor& U, double sparsity, int64_t n, int64_t m,
                       int64_t block_size, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size) {
-  sgk_aten::check_sweep_args(W, U, sparsity, n, m, block_size, scale, zero, maxq, group_size);
+  sgk_aten::check_sweep_args(W, U, sparsity, n, m, block_size, scale, zero, maxq, group_size, "ext_sweep");
   TORCH_CHECK(W.is_cuda(), "ext_sweep (CUDA): W must be a CUDA tensor");
-  TORCH_CHECK(std::min(block_size, W.size(1)) <= sgk_cuda::kMaxBlock, "ext_sweep (CUDA): block_size must be <= ",
-              sgk_cuda::kMaxBlock, ", got ", block_size);
+  TORCH_CHECK(std::min(block_size, W.size(1)) <= sgk::kCudaMaxBlock, "ext_sweep (CUDA): block_size must be <= ",
+              sgk::kCudaMaxBlock, ", got ", block_size);
   const c10::cuda::CUDAGuard guard(W.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = W.size(0), cols = W.size(1);

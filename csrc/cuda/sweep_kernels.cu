@@ -2,6 +2,7 @@
 // Torch-free: compiled by plain nvcc (CMake compile check) and by the torch extension build alike.
 #include <cstdint>
 
+#include "../core/rules.h"
 #include "sweep_kernels.h"
 
 namespace sgk_cuda {
@@ -141,11 +142,18 @@ cudaError_t launch_vpt(const BlockArgs<T>& a, cudaStream_t stream) {
 
 }  // namespace
 
+// The widest instantiation (VPT = 32 values per lane, a warp of 32 lanes) holds exactly the widest block of the rule.
+static_assert(kMaxBlock == 32 * 32, "launch_sweep_block's largest VPT must match sgk::kCudaMaxBlock");
+
 template <typename T>
 cudaError_t launch_sweep_block(const BlockArgs<T>& a, cudaStream_t stream) {
   const int64_t B = a.i2 - a.i1;
   if (a.rows <= 0 || B <= 0) return cudaSuccess;
   if (B > kMaxBlock || a.rows > (int64_t{1} << 36)) return cudaErrorInvalidValue;
+  // the rules of csrc/core/rules.h once more: register_cuda.cpp checks them first, but the launchers are a torch-free
+  // interface of their own (a bad N:M or maxq would index past a group or quantize onto the wrong grid)
+  if (a.m != 0 && !sgk::valid_nm(a.n, a.m)) return cudaErrorInvalidValue;
+  if (a.scale != nullptr && !sgk::valid_maxq(a.maxq)) return cudaErrorInvalidValue;
   if (B <= 32) return launch_vpt<T, 1>(a, stream);
   if (B <= 64) return launch_vpt<T, 2>(a, stream);
   if (B <= 128) return launch_vpt<T, 4>(a, stream);
@@ -157,7 +165,8 @@ cudaError_t launch_sweep_block(const BlockArgs<T>& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_nm_keep_mask(const T* scores, int64_t rows, int64_t cols, int n, int m, uint8_t* keep,
                                 cudaStream_t stream) {
-  const int64_t groups = m > 0 ? rows * (cols / m) : 0;
+  if (!sgk::valid_nm(n, m)) return cudaErrorInvalidValue;
+  const int64_t groups = rows * (cols / m);
   if (groups == 0) return cudaSuccess;
   constexpr int threads = 256;
   const int64_t blocks = (groups + threads - 1) / threads;

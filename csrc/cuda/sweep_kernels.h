@@ -34,7 +34,8 @@ struct BlockArgs {
   T* row_loss;
 };
 
-// Largest block the fused kernel takes (csrc/core/rules.h).
+// Largest block the fused kernel takes: the rule sgk::kCudaMaxBlock of csrc/core/rules.h (one definition for the
+// kernels, the ATen checks and sparsegpt_kernels._C.CUDA_MAX_BLOCK).
 constexpr int64_t kMaxBlock = sgk::kCudaMaxBlock;
 
 // One warp per row: the row's block stays in registers for all of its B rank-1 updates.

@@ -1,11 +1,14 @@
-// Unit tests of the torch-free CPU core (csrc/core/sweep_core.h), run by ctest.
+// Unit tests of the torch-free CPU core (csrc/core/sweep_core.h) and of the shared rules (csrc/core/rules.h), run by
+// ctest.
 // The blocked sweep driven by U is checked bit for bit against a direct transcription of the reference algorithm
 // (sparsegpt_kernels/reference.py) using the same arithmetic order; the sweep driven by the Cholesky factor is
 // checked against the U-driven one with U = R^-1 computed in extended precision.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -449,6 +452,45 @@ void test_select_block() {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The shared rules (csrc/core/rules.h) on their edges; tests/test_rules.py compares the same values with Python's.
+// ---------------------------------------------------------------------------------------------------------------
+static_assert(sgk::valid_damp(0.01) && !sgk::valid_damp(0.0), "the rules are usable at compile time");
+static_assert(sgk::valid_maxq(15) && !sgk::valid_maxq(16), "the rules are usable at compile time");
+
+void test_rules() {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  constexpr double tiny = std::numeric_limits<double>::denorm_min();
+  const double nan = std::nan("");
+  CHECK(sgk::kMinQuantBits == 2 && sgk::kMaxQuantBits == 8);
+  CHECK(sgk::kCudaMaxBlock == 1024);
+  // damping: finite and > 0
+  CHECK(sgk::valid_damp(0.01) && sgk::valid_damp(tiny) && sgk::valid_damp(1e6));
+  CHECK(sgk::valid_damp(std::numeric_limits<double>::max()));
+  CHECK(!sgk::valid_damp(0.0) && !sgk::valid_damp(-0.0) && !sgk::valid_damp(-tiny) && !sgk::valid_damp(-1.0));
+  CHECK(!sgk::valid_damp(inf) && !sgk::valid_damp(-inf) && !sgk::valid_damp(nan));
+  // sparsity: [0, 1)
+  CHECK(sgk::valid_sparsity(0.0) && sgk::valid_sparsity(-0.0) && sgk::valid_sparsity(tiny));
+  CHECK(sgk::valid_sparsity(0.5) && sgk::valid_sparsity(std::nextafter(1.0, 0.0)));
+  CHECK(!sgk::valid_sparsity(1.0) && !sgk::valid_sparsity(std::nextafter(1.0, 2.0)) && !sgk::valid_sparsity(1.5));
+  CHECK(!sgk::valid_sparsity(-tiny) && !sgk::valid_sparsity(-0.5));
+  CHECK(!sgk::valid_sparsity(nan) && !sgk::valid_sparsity(inf) && !sgk::valid_sparsity(-inf));
+  // N:M: 0 < N < M
+  CHECK(sgk::valid_nm(1, 2) && sgk::valid_nm(1, 4) && sgk::valid_nm(2, 4) && sgk::valid_nm(3, 4));
+  CHECK(sgk::valid_nm(4, 8) && sgk::valid_nm(2, 1000));
+  CHECK(!sgk::valid_nm(0, 4) && !sgk::valid_nm(4, 4) && !sgk::valid_nm(5, 4) && !sgk::valid_nm(-1, 4));
+  CHECK(!sgk::valid_nm(0, 0) && !sgk::valid_nm(1, 1) && !sgk::valid_nm(1, 0) && !sgk::valid_nm(-2, -1));
+  // maxq: 2^bits - 1 for bits in 2..8, nothing else (all of -2..300, and around 2^9 - 1)
+  const std::vector<int64_t> levels = {3, 7, 15, 31, 63, 127, 255};
+  bool same = true;
+  for (int64_t q = -2; q <= 300; ++q) {
+    const bool want = std::find(levels.begin(), levels.end(), q) != levels.end();
+    same = same && sgk::valid_maxq(q) == want;
+  }
+  CHECK(same);
+  CHECK(!sgk::valid_maxq(1) && !sgk::valid_maxq(511) && !sgk::valid_maxq(int64_t{1} << 40));
+}
+
 void test_params_rejected() {
   std::vector<float> W(4 * 8), U(8 * 8);
   auto base = [&] {
@@ -490,9 +532,27 @@ void test_params_rejected() {
   p = base();
   p.sparsity = 1.5;
   CHECK(rejects(p));
+  p.sparsity = 1.0;  // the rule is [0, 1)
+  CHECK(rejects(p));
+  p.sparsity = std::nan("");
+  CHECK(rejects(p));
+  p.sparsity = 0.0;
+  CHECK(!rejects(p));
   p = base();
   p.scale = U.data();  // no zero
   CHECK(rejects(p));
+  std::vector<float> grid(4 * 2, 1.0f);  // scale/zero of (4, 8 / 4)
+  p = base();
+  p.scale = grid.data();
+  p.zero = grid.data();
+  p.ldq = 2;
+  p.group_size = 4;
+  p.maxq = 15;
+  CHECK(!rejects(p));
+  for (int64_t maxq : {int64_t{0}, int64_t{1}, int64_t{14}, int64_t{16}, int64_t{511}}) {  // not 2^bits - 1, bits 2..8
+    p.maxq = maxq;
+    CHECK(rejects(p));
+  }
   p = base();
   p.factor = sgk::Factor::kCholesky;  // two blocks, no accumulator
   CHECK(rejects(p));
@@ -514,6 +574,7 @@ int main() {
   test_cholesky();
   test_select_block();
   test_threshold_lanes();
+  test_rules();
   test_params_rejected();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -1,23 +1,14 @@
-"""The ``torch`` backend: the pure-PyTorch reference, on any device."""
+"""The ``torch`` backend: the pure-PyTorch reference (:mod:`sparsegpt_kernels.reference`), on any device. It is the
+protocol's base class as it is (:class:`~sparsegpt_kernels.backends.base.Backend`)."""
 
 from __future__ import annotations
 
-import torch
-
-from .. import reference
-from ..spec import SweepSpec
-
-NAME = "torch"
-PRIORITY = 0
+from .base import Backend
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    return None
+class TorchBackend(Backend):
+    name = "torch"
+    priority = 0
 
 
-def inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor | None:
-    return reference.inverse_factor(H, damp)
-
-
-def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec) -> float:
-    return reference.sweep(W, U, spec)
+BACKEND = TorchBackend()

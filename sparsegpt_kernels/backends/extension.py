@@ -46,9 +46,10 @@ from unittest import mock
 
 import torch
 
-from ..cache import cache_dir
+from ..cache_dir import cache_dir
 from ..spec import SweepSpec
 from . import toolchain
+from .base import Backend
 
 logger = logging.getLogger("sparsegpt_kernels")
 
@@ -196,35 +197,36 @@ def _check_dtype(t: torch.Tensor, what: str, backend: str) -> None:
         raise TypeError(f"the {backend} backend computes in float32 or float64; {what} is {t.dtype}")
 
 
-def _factor(op: str, H: torch.Tensor, damp: float, backend: str) -> torch.Tensor | None:
+def factor(op: str, H: torch.Tensor, damp: float, backend: str) -> torch.Tensor | None:
+    """``op`` (``ext_inverse_factor`` or ``ext_cholesky_factor``) with the backend protocol's contract: the factor,
+    or ``None`` when the factorisation failed."""
     _check_dtype(H, "H", backend)
     F, info = getattr(ops(), op)(H, float(damp))
     return F if int(info) == 0 else None
 
 
-def _sweep(op: str, W: torch.Tensor, F: torch.Tensor, spec: SweepSpec, backend: str) -> float:
+def sweep(op: str, W: torch.Tensor, F: torch.Tensor, spec: SweepSpec, backend: str) -> float:
+    """``op`` (``ext_sweep`` on U or ``ext_sweep_cholesky`` on R) for a :class:`SweepSpec`, in place on ``W``;
+    returns the loss."""
     _check_dtype(W, "W", backend)
     return float(getattr(ops(), op)(W, F, *sweep_args(W, spec)))
 
 
-def inverse_factor(H: torch.Tensor, damp: float, backend: str) -> torch.Tensor | None:
-    """``ext_inverse_factor`` with the backend interface's contract (``None`` on failure)."""
-    return _factor("ext_inverse_factor", H, damp, backend)
+def rule(name: str) -> int:
+    """A limit of csrc/core/rules.h as the compiled extension has it (e.g. ``CUDA_MAX_BLOCK``)."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(missing_reason())
+    return int(getattr(mod, name))
 
 
-def sweep(W: torch.Tensor, U: torch.Tensor, spec: SweepSpec, backend: str) -> float:
-    """``ext_sweep`` on a :class:`SweepSpec`, in place on ``W``; returns the loss."""
-    return _sweep("ext_sweep", W, U, spec, backend)
+class ExtensionBackend(Backend):
+    """What the two backends of the compiled extension (cpp, cuda) share: the extension's N:M mask kernel."""
 
-
-def cholesky_factor(H: torch.Tensor, damp: float, backend: str) -> torch.Tensor | None:
-    """``ext_cholesky_factor`` with the backend interface's contract (``None`` on failure)."""
-    return _factor("ext_cholesky_factor", H, damp, backend)
-
-
-def sweep_cholesky(W: torch.Tensor, R: torch.Tensor, spec: SweepSpec, backend: str) -> float:
-    """``ext_sweep_cholesky`` on a :class:`SweepSpec`, in place on ``W``; returns the loss."""
-    return _sweep("ext_sweep_cholesky", W, R, spec, backend)
+    def nm_keep_mask(self, scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+        if scores.dtype in _DTYPES:
+            return ops().ext_nm_keep_mask(scores, int(n), int(m))
+        return super().nm_keep_mask(scores, n, m)
 
 
 def release_cpu_cache() -> int:

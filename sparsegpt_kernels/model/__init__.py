@@ -9,6 +9,7 @@ from .blocks import NoDecoderBlocksError, find_decoder_layers, find_prunable_lay
 from .data import DataUnavailableError, calibration_and_eval, calibration_windows, eval_windows, load_text, tokenize
 from .embedded import embedded_model_dir, load_model
 from .evaluate import perplexity
+from .grid import sparsity_grid
 from .pipeline import METHODS, LayerReport, PruneReport, prepare_calibration, prune_model
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "perplexity",
     "prepare_calibration",
     "prune_model",
+    "sparsity_grid",
     "tokenize",
     "wanda_prune_",
 ]

@@ -28,20 +28,18 @@ Allocations distribute an unstructured sparsity; N:M patterns fix the sparsity o
 
 from __future__ import annotations
 
-import math
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..api import prune_layer
-from ..settings import Setting
-from .blocks import call_block, capture_block_inputs, map_tensors
-from .hessians import HessianCollector
+from ..api import prune_layer_with
+from ..options import Setting
+from .block_loop import InMemoryWeights, run_blocks
+from .blocks import capture_block_inputs
+from .hessian_hooks import HessianCollector
 
-ALLOCATIONS = ("uniform", "owl", "error")
-OWL_M = 5.0
-OWL_LAMBDA = 0.08
 ERROR_OFFSETS = (-0.1, 0.0, 0.1)
 FISHER_SAMPLES = 8
 MAX_SPARSITY = 0.99
@@ -105,14 +103,15 @@ def error_targets(curves: dict, params: dict, S: float) -> dict:
 
 
 def _layer_cost_curve(W: torch.Tensor, H: torch.Tensor, S: float, opts) -> tuple[list[float], list[float]]:
-    """(sparsities, OBS loss) of pruning a copy of ``W`` with the real solver."""
+    """(sparsities, OBS loss) of pruning a copy of ``W`` with the real solver (``opts``' block size, damping and
+    backend; no quantization)."""
     xs, ys = [], []
     for off in ERROR_OFFSETS:
         s = _bounded(S + off)
         if xs and s <= xs[-1]:
             continue
-        res = prune_layer(W.detach().clone(), H, sparsity=s, block_size=opts.block_size, damp=opts.damp,
-                          backend=opts.backend)
+        res = prune_layer_with(W.detach().clone(), H, replace(opts, sparsity=s, pattern=None, quant_bits=None,
+                                                               quant_group_size=None, allocation="uniform"))
         xs.append(s)
         ys.append(res.loss)
     return xs, ys
@@ -163,12 +162,11 @@ def fisher_weights(model: nn.Module, plan, ids: torch.Tensor, keys: list) -> dic
 
 
 @torch.no_grad()
-def allocate(model: nn.Module, plan, ids: torch.Tensor, device: torch.device, *, allocation: str, opts,
-             owl_m: float = OWL_M, owl_lambda: float = OWL_LAMBDA, progress: bool = False) -> dict:
-    """Per-layer sparsities ``{(block, layer name): s}`` for the plan's allocated layers (see the module docstring)."""
-    from .prune_block import progress_bar
-
-    S = plan.default.sparsity
+def allocate(model: nn.Module, plan, ids: torch.Tensor, device: torch.device, *, progress: bool = False) -> dict:
+    """Per-layer sparsities ``{(block, layer name): s}`` for the plan's allocated layers (see the module docstring),
+    by ``plan.options.allocation``, measured on the dense model with the same block loop as the pruning."""
+    opts = plan.options
+    allocation, S = opts.allocation, opts.fraction
     keys = [(b, t.name) for b in plan.blocks for t, _ in plan.items[b] if (b, t.name) not in plan.overridden]
     if not keys:
         return {}
@@ -176,37 +174,31 @@ def allocate(model: nn.Module, plan, ids: torch.Tensor, device: torch.device, *,
     params = {k: layers_of[k].shape[0] * layers_of[k].shape[1] for k in keys}
     fisher = fisher_weights(model, plan, ids, keys) if allocation == "error" else {}
     inputs = capture_block_inputs(model, plan.layers, ids)
-    acts = inputs.hidden
     lod: dict[int, float] = {}
     curves: dict = {}
-    for b in progress_bar(range(plan.last + 1), desc=f"{allocation} statistics", total=plan.last + 1,
-                          enabled=progress):
-        block = plan.layers[b]
-        home = next(block.parameters()).device
-        block.to(device)
-        kw = map_tensors(inputs.kwargs[b], lambda t: t.to(device))
+
+    def measure(b, runner):
         mine = [layers_of[k] for k in keys if k[0] == b]
-        if mine:
-            with HessianCollector(mine, device) as col:
-                for a in acts:
-                    call_block(block, a.to(device), kw)
-                    col.end_pass()
-            if allocation == "owl":
-                scores = [(t.weight().abs().float() * col.acc[t.name].hessian.diagonal().clamp(min=0).sqrt()[None, :])
-                          .flatten() for t in mine]
-                flat = torch.cat(scores)
-                lod[b] = float((flat > owl_m * flat.mean()).float().mean())
-            else:
-                for t in mine:
-                    xs, ys = _layer_cost_curve(t.weight(), col.acc[t.name].hessian.to(device), S, opts)
-                    curves[(b, t.name)] = (xs, [fisher[(b, t.name)] * y for y in ys])
-            del col
-        if b < plan.last:
-            acts = [call_block(block, a.to(device), kw).to(a.device) for a in acts]
-        block.to(home)
+        if not mine:
+            return
+        with HessianCollector(mine, device) as col:
+            runner(col)
+        if allocation == "owl":
+            scores = [(t.weight().abs().float() * col.acc[t.name].hessian.diagonal().clamp(min=0).sqrt()[None, :])
+                      .flatten() for t in mine]
+            flat = torch.cat(scores)
+            lod[b] = float((flat > opts.owl_m * flat.mean()).float().mean())
+        else:
+            for t in mine:
+                xs, ys = _layer_cost_curve(t.weight(), col.acc[t.name].hessian.to(device), S, opts)
+                curves[(b, t.name)] = (xs, [fisher[(b, t.name)] * y for y in ys])
+
+    acts = inputs.hidden
+    run_blocks(plan.layers, inputs, acts, start=0, last=plan.last, device=device, store=acts[0].device,
+               source=InMemoryWeights(), visit=measure, progress=progress, desc=f"{allocation} statistics")
     if allocation == "owl":
         block_params = {b: sum(p for k, p in params.items() if k[0] == b) for b in lod}
-        per_block = owl_targets(lod, block_params, S, owl_lambda)
+        per_block = owl_targets(lod, block_params, S, opts.owl_lambda)
         return {k: per_block[k[0]] for k in keys}
     return error_targets(curves, params, S)
 
@@ -216,15 +208,3 @@ def apply(plan, targets: dict) -> None:
     for b in plan.blocks:
         plan.items[b] = [(t, Setting(targets[(b, t.name)]) if (b, t.name) in targets else s)
                          for t, s in plan.items[b]]
-
-
-def check_allocation(allocation: str, plan) -> None:
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-    if allocation == "uniform":
-        return
-    if plan.default.pattern is not None:
-        raise ValueError(f"allocation={allocation!r} spreads an unstructured sparsity over the layers; the N:M pattern "
-                         f"{plan.default.pattern!r} fixes every layer's sparsity (use allocation='uniform')")
-    if not math.isfinite(plan.default.sparsity):
-        raise ValueError("the sparsity must be finite")

@@ -13,7 +13,7 @@ import torch
 
 from .. import reference
 from ..masks import nm_keep_mask, unstructured_prune_mask
-from ..settings import parse_pattern
+from ..options import PruneOptions
 
 
 def _apply(W: torch.Tensor, keep: torch.Tensor, quant_bits: int | None, quant_group_size: int | None) -> float:
@@ -29,48 +29,50 @@ def _apply(W: torch.Tensor, keep: torch.Tensor, quant_bits: int | None, quant_gr
     return float((W == 0).sum()) / W.numel()
 
 
-def _keep_mask(scores: torch.Tensor, sparsity: float, pattern: str | None, per_row: bool) -> torch.Tensor:
-    if pattern is not None:
-        n, m = parse_pattern(pattern)
-        return nm_keep_mask(scores, n, m)
+def _keep_mask(scores: torch.Tensor, opts: PruneOptions, per_row: bool) -> torch.Tensor:
+    if opts.nm is not None:
+        return nm_keep_mask(scores, *opts.nm)
     if per_row:
-        k = reference.n_pruned(sparsity, scores.shape[1])
+        k = reference.n_pruned(opts.fraction, scores.shape[1])
         if k == 0:
             return torch.ones_like(scores, dtype=torch.bool)
         idx = torch.argsort(scores, dim=1, stable=True)[:, :k]
         keep = torch.ones_like(scores, dtype=torch.bool)
         keep.scatter_(1, idx, False)
         return keep
-    return ~unstructured_prune_mask(scores, reference.n_pruned(sparsity, scores.numel()))
+    return ~unstructured_prune_mask(scores, reference.n_pruned(opts.fraction, scores.numel()))
 
 
-def mask_fraction(shape: tuple[int, int], *, sparsity: float, pattern: str | None, per_row: bool) -> float:
-    """The fraction of a weight of ``shape`` that the baselines' masks prune (N:M exactly 1 - N/M; unstructured
-    ``reference.n_pruned`` of the whole matrix, or of every row for Wanda)."""
-    rows, cols = shape
-    if pattern is not None:
-        n, m = parse_pattern(pattern)
-        return 1.0 - n / m
-    if per_row:
-        return reference.n_pruned(sparsity, cols) / cols
-    return reference.n_pruned(sparsity, rows * cols) / (rows * cols)
+def _options(W: torch.Tensor, method: str, **kw) -> PruneOptions:
+    """The settings checked as prune_layer checks them (both ``sparsity`` and ``pattern`` given is an error)."""
+    if W.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(W.shape)}")
+    opts = PruneOptions(method=method, **kw)
+    opts.check_layer(W.shape[1])
+    return opts
 
 
 @torch.no_grad()
-def magnitude_prune_(W: torch.Tensor, *, sparsity: float = 0.5, pattern: str | None = None,
+def magnitude_prune_(W: torch.Tensor, *, sparsity: float | None = None, pattern: str | None = None,
                      quant_bits: int | None = None, quant_group_size: int | None = None) -> float:
-    """Prune the (out, in) weight ``W`` in place by |W| (layer-wide threshold); returns the achieved sparsity."""
-    keep = _keep_mask(W.float().abs(), sparsity, pattern, per_row=False)
+    """Prune the (out, in) weight ``W`` in place by |W| (layer-wide threshold; ``sparsity`` default 0.5, or an N:M
+    ``pattern``); returns the achieved sparsity."""
+    opts = _options(W, "magnitude", sparsity=sparsity, pattern=pattern, quant_bits=quant_bits,
+                    quant_group_size=quant_group_size)
+    keep = _keep_mask(W.float().abs(), opts, per_row=False)
     return _apply(W, keep, quant_bits, quant_group_size)
 
 
 @torch.no_grad()
-def wanda_prune_(W: torch.Tensor, hessian_diag: torch.Tensor, *, sparsity: float = 0.5, pattern: str | None = None,
-                 quant_bits: int | None = None, quant_group_size: int | None = None) -> float:
+def wanda_prune_(W: torch.Tensor, hessian_diag: torch.Tensor, *, sparsity: float | None = None,
+                 pattern: str | None = None, quant_bits: int | None = None,
+                 quant_group_size: int | None = None) -> float:
     """Prune the (out, in) weight ``W`` in place by |W_ij|·||X_j|| per output row; returns the achieved sparsity.
 
     ``hessian_diag``: diag(H) = (2/n) Σ x_j², proportional to the squared input norms Wanda uses.
     """
+    opts = _options(W, "wanda", sparsity=sparsity, pattern=pattern, quant_bits=quant_bits,
+                    quant_group_size=quant_group_size)
     norms = hessian_diag.to(device=W.device, dtype=torch.float32).clamp(min=0).sqrt()
-    keep = _keep_mask(W.float().abs() * norms[None, :], sparsity, pattern, per_row=True)
+    keep = _keep_mask(W.float().abs() * norms[None, :], opts, per_row=True)
     return _apply(W, keep, quant_bits, quant_group_size)

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..options import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
+
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the model accepts, from its config (``None`` if it does not say)."""
@@ -40,7 +42,8 @@ def prepare_calibration(model: nn.Module, calibration, *, nsamples: int | None =
             raise ValueError("calibration text needs a tokenizer (pass tokenizer=...)")
         from .data import calibration_windows, tokenize
 
-        ids = calibration_windows(tokenize(tokenizer, calibration), nsamples or 128, seqlen or 2048, seed=seed)
+        ids = calibration_windows(tokenize(tokenizer, calibration), nsamples or DEFAULT_NSAMPLES,
+                                  seqlen or DEFAULT_SEQLEN, seed=seed)
     else:
         if isinstance(calibration, Mapping):
             calibration = calibration.get("input_ids")

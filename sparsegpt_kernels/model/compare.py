@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..settings import parse_setting
+from ..options import METHODS, parse_setting
 from .evaluate import perplexity
-from .pipeline import METHODS, prune_model
+from .pipeline import prune_model
 
 
 @dataclass

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import cache_dir
+from ..cache_dir import cache_dir
+from ..options import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 
 OFFLINE_SOURCES = ("shakespeare", "kjv")
 DATASETS_SOURCES = ("wikitext2", "c4")
@@ -202,7 +203,7 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
     The offline sources are megabytes of text (4 s for the Shakespeare calibration part with SmolLM2's tokenizer on
     2 cores), so the ids are remembered in-process for a few (tokenizer, text) pairs and kept in the cache directory
-    (:func:`sparsegpt_kernels.cache.cache_dir`, ``tokens/``; ``SPARSEGPT_KERNELS_TOKEN_CACHE=0`` turns that off).
+    (:func:`sparsegpt_kernels.cache_dir.cache_dir`, ``tokens/``; ``SPARSEGPT_KERNELS_TOKEN_CACHE=0`` turns that off).
     """
     if not text or not text.strip():
         raise ValueError("the text is empty")
@@ -292,8 +293,9 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
     return _with_bos(ids[: n * body].reshape(n, body), bos)
 
 
-def calibration_and_eval(tokenizer, source: str, *, nsamples: int | None = 128, seqlen: int = 2048,
-                         eval_windows_max: int | None = None, eval_seqlen: int | None = None, seed: int = 0,
+def calibration_and_eval(tokenizer, source: str, *, nsamples: int | None = DEFAULT_NSAMPLES,
+                         seqlen: int = DEFAULT_SEQLEN, eval_windows_max: int | None = None,
+                         eval_seqlen: int | None = None, seed: int = 0,
                          bos: str = "auto") -> tuple[torch.Tensor | None, torch.Tensor]:
     """(calibration ids (nsamples, seqlen), evaluation windows (n, eval_seqlen)) from disjoint parts of ``source``;
     no calibration ids (``None``) when ``nsamples`` is ``None``. ``bos``: one of :data:`BOS_MODES`."""

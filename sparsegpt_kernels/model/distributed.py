@@ -21,11 +21,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
 from ..hessian import HessianAccumulator
+from .report import LayerReport
 
 
 class DistributedPruneError(RuntimeError):
@@ -134,3 +136,47 @@ class DistContext:
         out: list = [None] * self.world
         self._run("the report exchange", lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
+
+
+def layer_cost(t) -> float:
+    """Rough FLOPs of pruning one layer (a :class:`~.blocks.PrunableLayer`): the Cholesky (⅓c³) and the lazy updates
+    (r·c²)."""
+    rows, cols = t.shape
+    return cols**3 / 3 + rows * cols**2
+
+
+def prune_shared(ctx: DistContext, layers: list, acc: dict[str, HessianAccumulator],
+                 prune: Callable[[list, dict], None], reports: dict[str, LayerReport], timings) -> None:
+    """Steps 2-4 of the module docstring for ``layers`` of one block: units by shared accumulator (each layer alone
+    without Hessians), owners by cost, the Hessians reduced to their owners, ``prune(own layers, acc)`` here (it fills
+    ``reports``), the pruned weights broadcast and every report gathered into ``reports`` (as its owner saw it, with
+    the owner's rank and the unit's communication time)."""
+    comm0 = ctx.comm_seconds
+    by_name = {t.name: t for t in layers}
+    units: list[list[str]] = []
+    index: dict[int, int] = {}
+    for t in layers:
+        key = id(acc[t.name]) if t.name in acc else id(t)
+        if key not in index:
+            index[key] = len(units)
+            units.append([])
+        units[index[key]].append(t.name)
+    owners = ctx.assign([sum(layer_cost(by_name[n]) for n in unit) for unit in units])
+    comm: dict[str, float] = {}
+    for unit, owner in zip(units, owners):
+        if unit[0] in acc:
+            c0 = ctx.comm_seconds
+            ctx.reduce_hessian(acc[unit[0]], owner)
+            comm.update({n: (ctx.comm_seconds - c0) / len(unit) for n in unit})
+    own = [n for unit, owner in zip(units, owners) if owner == ctx.rank for n in unit]
+    prune([by_name[n] for n in own], acc)
+    for unit, owner in zip(units, owners):
+        for n in unit:
+            c0 = ctx.comm_seconds
+            ctx.broadcast(by_name[n].weight(), owner)
+            comm[n] = comm.get(n, 0.0) + ctx.comm_seconds - c0
+    shared = {n: {**asdict(reports[n]), "rank": ctx.rank, "comm_seconds": comm.get(n, 0.0)} for n in own}
+    for theirs in ctx.gather(shared):
+        for n, rep in theirs.items():
+            reports[n] = LayerReport(**{**rep, "shape": tuple(rep["shape"])})
+    timings.add("communication", ctx.comm_seconds - comm0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import CACHE_ENV, cache_dir  # noqa: F401  (CACHE_ENV: the variable users set)
+from ..cache_dir import CACHE_ENV, cache_dir  # noqa: F401  (CACHE_ENV: the variable users set)
 
 
 def _package_dir(module: str) -> str | None:

@@ -1,10 +1,12 @@
 """Model-level SparseGPT: :func:`prune_model` prunes a transformers causal LM in place, block by block.
 
-The steps, one module each: :mod:`.plan` checks every option and lists what each block prunes; :mod:`.calibration`
-prepares the token ids; :mod:`.blocks` captures what block 0 receives (hidden states and every keyword argument);
-:mod:`.checkpoint` resumes a killed run; per block, :mod:`.prune_block` collects the Hessians (:mod:`.hessians`) and
-prunes each layer; the pruned block then produces the next block's inputs. :mod:`.report` holds the results.
-docs/algorithm.md, "Model-level flow", describes it.
+The steps, one module each: :mod:`.plan` lists what each block prunes (the settings are a
+:class:`~sparsegpt_kernels.options.PruneOptions`, checked when it is made); :mod:`.calibration` prepares the token ids;
+:mod:`.allocation` spreads a global sparsity over the layers when asked; :mod:`.checkpoint` resumes a killed run;
+:mod:`.blocks` captures what block 0 receives (hidden states and every keyword argument); :mod:`.block_loop` walks the
+blocks, and per block :mod:`.prune_block` collects the Hessians (:mod:`.hessian_hooks`) and prunes each layer; the
+pruned block then produces the next block's inputs. :mod:`.report` holds the results. docs/algorithm.md,
+"Model-level flow", describes it.
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from ..backends.extension import release_cpu_cache
-from ..checks import count_nonzero
-from .allocation import OWL_LAMBDA, OWL_M, allocate, check_allocation
+from ..options import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, METHODS, OWL_LAMBDA, OWL_M, PruneOptions
+from .allocation import allocate
 from .allocation import apply as apply_allocation
-from .blocks import call_block, capture_block_inputs, map_tensors
+from .block_loop import InMemoryWeights, run_blocks
+from .blocks import capture_block_inputs
 from .calibration import prepare_calibration
 from .checkpoint import Checkpoint, fingerprint
 from .distributed import DistContext
-from .hessians import HessianCollector
-from .plan import METHODS, PrunePlan, build_plan
-from .prune_block import LayerOptions, progress_bar, prune_block
+from .plan import PrunePlan, build_plan
+from .prune_block import prune_block
 from .report import LayerReport, PruneReport
 from .timing import Timings
 
@@ -38,7 +41,7 @@ def prune_model(
     model: nn.Module,
     calibration=None,
     *,
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     pattern: str | None = None,
     quant_bits: int | None = None,
     quant_group_size: int | None = None,
@@ -55,13 +58,12 @@ def prune_model(
     device: torch.device | str | None = None,
     offload: bool | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    block_size: int = 128,
-    damp: float = 0.01,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    damp: float = DEFAULT_DAMP,
     backend: str = "auto",
     progress: bool = False,
     on_block_end: Callable[[int, list[LayerReport]], None] | None = None,
     process_group=None,
-    weight_source=None,
     allocation: str = "uniform",
     owl_m: float = OWL_M,
     owl_lambda: float = OWL_LAMBDA,
@@ -72,7 +74,8 @@ def prune_model(
         model: a causal LM (``...ForCausalLM``); it may stay on the CPU: one block at a time moves to ``device``.
         calibration: (nsamples, seqlen) token ids (a tensor, a list of 1-D tensors or a dict with ``input_ids``) or
             text with ``tokenizer``; not needed for ``method="magnitude"``.
-        sparsity: unstructured sparsity in [0, 1); ignored when ``pattern`` ("N:M", N kept of every M) is given.
+        sparsity: unstructured sparsity in [0, 1) (default 0.5); not together with ``pattern`` ("N:M", N kept of
+            every M).
         quant_bits, quant_group_size: joint quantization (see :func:`prune_layer`).
         method: "sparsegpt", "wanda" or "magnitude".
         blocks: indices of the decoder blocks to prune (default: all).
@@ -93,8 +96,6 @@ def prune_model(
             calibration samples, each set of layers sharing a Hessian is pruned by one of them, and every process ends
             with the same pruned model and report. Default: the default group when one is initialised. Every
             process must call ``prune_model`` with the same arguments and calibration data (checked).
-        weight_source: where the blocks' weights come from and go to when they do not all live in ``model``
-            (:class:`sparsegpt_kernels.model.streaming.StreamedWeights`, made by :func:`prune_checkpoint`).
         allocation: how ``sparsity`` is spread over the layers: "uniform" (every layer the same), "owl" (blocks with
             more outlier weights pruned less; ``owl_m``, ``owl_lambda``) or "error" (per-layer sparsities that minimise
             the summed relative OBS loss measured with the solver); see :mod:`sparsegpt_kernels.model.allocation`.
@@ -103,146 +104,173 @@ def prune_model(
     Returns:
         :class:`PruneReport`. Bad input (no decoder blocks, empty calibration, too long sequences, a pattern that
         does not divide a layer's width, ...) raises before any weight changes.
+
+    Models bigger than memory: :func:`sparsegpt_kernels.model.streaming.prune_checkpoint` runs the same with the
+    weights streamed from and to safetensors files.
     """
-    t_start = time.perf_counter()
-    # 1. The plan: every option checked against the model, and the calibration ids against it, before any change.
-    plan = build_plan(model, method=method, sparsity=sparsity, pattern=pattern, quant_bits=quant_bits,
-                      quant_group_size=quant_group_size, blocks=blocks, include=include, exclude=exclude,
-                      layer_sparsity=layer_sparsity, block_size=block_size)
-    opts = LayerOptions(method=method, quant_bits=quant_bits, quant_group_size=quant_group_size,
-                        block_size=block_size, damp=damp, backend=backend)
-    dist_ctx = DistContext.current(process_group)
-    if device is not None:
-        dev = torch.device(device)
-    else:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    check_allocation(allocation, plan)
-    settings = _settings_record(plan, opts, true_sequential, seed)
-    if allocation != "uniform":
-        settings.update(allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
-    report = PruneReport(method=method, settings=settings, processes=1 if dist_ctx is None else dist_ctx.world)
-    timings = Timings(dev)
-    needs_data = method != "magnitude"
-    ids = None
-    if needs_data or allocation != "uniform":
+    kwargs = {k: v for k, v in locals().items() if k not in ("model", "calibration")}
+    return run_prune(model, calibration, InMemoryWeights(), **kwargs)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a :func:`prune_model` run goes, besides what it does to each layer (that is the
+    :class:`~sparsegpt_kernels.options.PruneOptions`); see :func:`prune_model` for each field."""
+
+    blocks: Iterable[int] | None = None
+    include: Iterable[str] | str | None = None
+    exclude: Iterable[str] | str | None = None
+    layer_sparsity: Mapping[str, float | str] | None = None
+    true_sequential: bool = False
+    nsamples: int | None = None
+    seqlen: int | None = None
+    seed: int = 0
+    tokenizer: object = None
+    device: torch.device | str | None = None
+    offload: bool | None = None
+    checkpoint_dir: str | os.PathLike | None = None
+    progress: bool = False
+    on_block_end: Callable[[int, list[LayerReport]], None] | None = None
+    process_group: object = None
+
+
+_OPTION_FIELDS = {f.name for f in fields(PruneOptions) if f.init}
+
+
+@torch.no_grad()
+def run_prune(model: nn.Module, calibration, source, **kwargs) -> PruneReport:
+    """:func:`prune_model` with the weights coming from and going to ``source`` (:mod:`.block_loop`); every keyword of
+    :func:`prune_model` is accepted."""
+    opts = PruneOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_FIELDS})
+    run = RunOptions(**kwargs)
+    return _Pruning(model, calibration, opts, run, source).run()
+
+
+class _Pruning:
+    """One :func:`prune_model` run, in its steps: plan → calibrate (→ allocate) → resume → the block loop."""
+
+    def __init__(self, model: nn.Module, calibration, opts: PruneOptions, run: RunOptions, source):
+        self.t_start = time.perf_counter()
+        self.model, self.opts, self.run_opts, self.source = model, opts, run, source
+        # 1. The plan: every option checked against the model, and the calibration ids against it, before any change.
+        self.plan = build_plan(model, opts, blocks=run.blocks, include=run.include, exclude=run.exclude,
+                               layer_sparsity=run.layer_sparsity)
+        self.dist = DistContext.current(run.process_group)
+        if run.device is not None:
+            self.dev = torch.device(run.device)
+        elif torch.cuda.is_available():
+            self.dev = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.dev = torch.device("cpu")
+        if opts.allocation != "uniform" and (self.dist is not None or not source.in_memory):
+            raise ValueError(f"allocation={opts.allocation!r} runs in one process on a model held in memory")
+        self.settings = {**opts.record(), **self.plan.record(), "true_sequential": bool(run.true_sequential),
+                         "seed": run.seed}
+        if opts.allocation != "uniform":
+            self.settings.update(allocation=opts.allocation, owl_m=opts.owl_m, owl_lambda=opts.owl_lambda)
+        self.report = PruneReport(method=opts.method, settings=self.settings,
+                                  processes=1 if self.dist is None else self.dist.world)
+        self.timings = Timings(self.dev)
+        self.needs_data = opts.method != "magnitude"
+        self.ids = self._calibrate(calibration)
+
+    def _calibrate(self, calibration) -> torch.Tensor | None:
+        """2. The calibration ids (none for magnitude pruning without an allocation), then the allocation."""
+        opts, run = self.opts, self.run_opts
+        if not (self.needs_data or opts.allocation != "uniform"):
+            return None
         if calibration is None:
-            raise ValueError(f"method {method!r} (allocation {allocation!r}) needs calibration data")
-        with timings.phase("calibration"):
-            ids = prepare_calibration(model, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                      tokenizer=tokenizer)
-        settings.update(nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]))
+            raise ValueError(f"method {opts.method!r} (allocation {opts.allocation!r}) needs calibration data")
+        with self.timings.phase("calibration"):
+            ids = prepare_calibration(self.model, calibration, nsamples=run.nsamples, seqlen=run.seqlen,
+                                      seed=run.seed, tokenizer=run.tokenizer)
+        self.settings.update(nsamples=int(ids.shape[0]), seqlen=int(ids.shape[1]))
+        if opts.allocation != "uniform":
+            with self.timings.phase("allocation"):
+                targets = allocate(self.model, self.plan, ids, self.dev, progress=run.progress)
+            apply_allocation(self.plan, targets)
+            self.settings["allocated"] = {f"{self.plan.prefix}.{b}.{n}": s for (b, n), s in sorted(targets.items())}
+        return ids
 
-    if allocation != "uniform":
-        if dist_ctx is not None or weight_source is not None:
-            raise ValueError(f"allocation={allocation!r} runs in one process on a model held in memory")
-        with timings.phase("allocation"):
-            targets = allocate(model, plan, ids, dev, allocation=allocation, opts=opts, owl_m=owl_m,
-                               owl_lambda=owl_lambda, progress=progress)
-        apply_allocation(plan, targets)
-        settings["allocated"] = {f"{plan.prefix}.{b}.{n}": s for (b, n), s in sorted(targets.items())}
-    run_id = fingerprint(settings, model, len(plan.layers), ids)
-    local_ids = ids
-    if dist_ctx is not None:
-        dist_ctx.check_same("arguments or calibration data", run_id)
-        if ids is not None:
-            local_ids = ids[dist_ctx.shard(ids.shape[0])]
-
-    # 2. Resume: the blocks a checkpoint already holds are loaded back.
-    ckpt = state = None
-    if checkpoint_dir is not None:
-        ckpt = Checkpoint(checkpoint_dir, run_id, dist_ctx, keep_weights=weight_source is None)
-        state = ckpt.load()
-
-    was_training = model.training
-    model.eval()
-    cfg = getattr(model, "config", None)
-    old_use_cache = getattr(cfg, "use_cache", None)
-    if cfg is not None and old_use_cache is not None:
-        cfg.use_cache = False
-    try:
-        start, prior_seconds = 0, 0.0
-        if state is not None:
-            start, prior_seconds = int(state["next_block"]), float(state["seconds"])
-            report.resumed_from_block = start
-            report.layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in state["reports"]]
-            for b in range(start):
-                if b in plan.items and weight_source is None:  # streamed blocks are in the output already
-                    plan.layers[b].load_state_dict(ckpt.block_weights(b))
-
-        # 3. The activations entering the first block to do (captured, or from the checkpoint).
-        inputs, acts, store = None, [], dev
-        if needs_data and start <= plan.last:
-            if weight_source is not None:
-                weight_source.ensure(0)  # the capture runs block 0 once
-            with timings.phase("forward"):
-                inputs, acts, store = _first_activations(model, plan, local_ids, state, ckpt, dev, offload)
-            if weight_source is not None and start > 0:
-                weight_source.drop(0)
-
-        # 4. Block by block: prune its layers, then run the pruned block to make the next block's inputs.
-        for b in progress_bar(range(start, plan.last + 1), desc="blocks", total=plan.last + 1 - start,
-                              enabled=progress):
-            if weight_source is not None:
-                weight_source.ensure(b)
-            block = plan.layers[b]
-            home = _block_device(block)
-            block.to(dev)
-            kw = map_tensors(inputs.kwargs[b], lambda t: t.to(dev)) if inputs is not None else {}
-            run = BlockRunner(block, kw, acts, dev, store)
-            block_reports = []
-            if b in plan.items:
-                block_reports = prune_block(f"{plan.prefix}.{b}", plan.items[b], opts, run, dev,
-                                            true_sequential=true_sequential, progress=progress, dist_ctx=dist_ctx,
-                                            timings=timings)
-                report.layers.extend(block_reports)
-            if needs_data and b < plan.last:
-                with timings.phase("forward"):
-                    acts = run.outputs()
-            block.to(home)
-            if weight_source is not None:
-                weight_source.release(b)
-            if ckpt is not None:
-                ckpt.save(b, block, acts if (needs_data and b < plan.last) else None, report.layers,
-                          prior_seconds + time.perf_counter() - t_start)
-            if on_block_end is not None:
-                on_block_end(b, block_reports)
-        report.blocks_pruned = plan.blocks
-        if weight_source is None:
-            report.model_params, report.model_zeros = _count_zeros(model)
-        report.seconds = prior_seconds + time.perf_counter() - t_start
-        report.timings = timings.split(time.perf_counter() - t_start)  # this process, this run (not resumed parts)
-        return report
-    finally:
+    def run(self) -> PruneReport:
+        plan, run, report = self.plan, self.run_opts, self.report
+        run_id = fingerprint(self.settings, self.model, len(plan.layers), self.ids)
+        local_ids = self.ids
+        if self.dist is not None:
+            self.dist.check_same("arguments or calibration data", run_id)
+            if self.ids is not None:
+                local_ids = self.ids[self.dist.shard(self.ids.shape[0])]
+        # 3. Resume: the blocks a checkpoint already holds are loaded back.
+        ckpt = state = None
+        if run.checkpoint_dir is not None:
+            ckpt = Checkpoint(run.checkpoint_dir, run_id, self.dist, keep_weights=self.source.in_memory)
+            state = ckpt.load()
+        model = self.model
+        was_training = model.training
+        model.eval()
+        cfg = getattr(model, "config", None)
+        old_use_cache = getattr(cfg, "use_cache", None)
         if cfg is not None and old_use_cache is not None:
-            cfg.use_cache = old_use_cache
-        model.train(was_training)
-        release_cpu_cache()  # the cpp backend's idle buffers, kept from layer to layer
+            cfg.use_cache = False
+        try:
+            start, prior_seconds = self._resume(state, ckpt)
+            # 4. The activations entering the first block to do (captured, or from the checkpoint), then the loop.
+            inputs, acts, store = None, [], self.dev
+            if self.needs_data and start <= plan.last:
+                self.source.ensure(0)  # the capture runs block 0 once
+                with self.timings.phase("forward"):
+                    inputs, acts, store = _first_activations(model, plan, local_ids, state, ckpt, self.dev,
+                                                             run.offload)
+                if start > 0:
+                    self.source.drop(0)
+            self._block_loop(inputs, acts, store, start, ckpt, prior_seconds)
+            report.blocks_pruned = plan.blocks
+            totals = self.source.totals(model)
+            if totals is not None:
+                report.model_params, report.model_zeros = totals
+            report.seconds = prior_seconds + time.perf_counter() - self.t_start
+            report.timings = self.timings.split(time.perf_counter() - self.t_start)  # this run, this process
+            return report
+        finally:
+            if cfg is not None and old_use_cache is not None:
+                cfg.use_cache = old_use_cache
+            model.train(was_training)
+            release_cpu_cache()  # the cpp backend's idle buffers, kept from layer to layer
 
+    def _resume(self, state, ckpt) -> tuple[int, float]:
+        """(first block to do, seconds spent before the resume); the finished blocks' weights restored."""
+        if state is None:
+            return 0, 0.0
+        start = int(state["next_block"])
+        self.report.resumed_from_block = start
+        self.report.layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in state["reports"]]
+        for b in range(start):
+            if b in self.plan.items:
+                self.source.restore(b, self.plan.layers[b], lambda b=b: ckpt.block_weights(b))
+        return start, float(state["seconds"])
 
-def _settings_record(plan: PrunePlan, opts: LayerOptions, true_sequential: bool, seed: int) -> dict:
-    """The settings of a run as the report and the checkpoint fingerprint record them."""
-    return {
-        "method": opts.method, "sparsity": plan.default.sparsity, "pattern": plan.default.pattern,
-        "quant_bits": opts.quant_bits, "quant_group_size": opts.quant_group_size, "blocks": plan.blocks,
-        "include": plan.include, "exclude": plan.exclude,
-        "layer_sparsity": {p: {"sparsity": s.sparsity, "pattern": s.pattern} for p, s in plan.overrides},
-        "true_sequential": bool(true_sequential), "block_size": opts.block_size, "damp": opts.damp, "seed": seed,
-    }
+    def _block_loop(self, inputs, acts, store, start: int, ckpt, prior_seconds: float) -> None:
+        """5. Block by block: prune its layers, then run the pruned block to make the next block's inputs."""
+        plan, run, report = self.plan, self.run_opts, self.report
+        reports: dict[int, list[LayerReport]] = {}
 
+        def visit(b, runner):
+            reports[b] = []
+            if b in plan.items:
+                reports[b] = prune_block(f"{plan.prefix}.{b}", plan.items[b], self.opts, runner, self.dev,
+                                         true_sequential=run.true_sequential, progress=run.progress,
+                                         dist_ctx=self.dist, timings=self.timings)
+                report.layers.extend(reports[b])
 
-def _count_zeros(model: nn.Module) -> tuple[int, int]:
-    """(parameters, zeros) over the whole model, every parameter once (tied embeddings are one tensor)."""
-    params = zeros = 0
-    for p in model.parameters():  # deduplicated by identity
-        params += p.numel()
-        zeros += p.numel() - count_nonzero(p)
-    return params, zeros
+        def after(b, block, next_acts):
+            if ckpt is not None:
+                ckpt.save(b, block, next_acts, report.layers, prior_seconds + time.perf_counter() - self.t_start)
+            if run.on_block_end is not None:
+                run.on_block_end(b, reports.pop(b))
 
-
-def _block_device(block: nn.Module) -> torch.device:
-    for p in block.parameters():
-        return p.device
-    return torch.device("cpu")
+        run_blocks(plan.layers, inputs, acts, start=start, last=plan.last, device=self.dev, store=store,
+                   source=self.source, visit=visit, after=after, outputs=self.needs_data, timings=self.timings,
+                   progress=run.progress)
 
 
 def _fits_on_device(device: torch.device, nbytes: int) -> bool:
@@ -263,21 +291,3 @@ def _first_activations(model, plan: PrunePlan, ids, state, ckpt, dev, offload):
     nbytes = 2 * sum(a.numel() * a.element_size() for a in acts)
     store = torch.device("cpu") if (offload or (offload is None and not _fits_on_device(dev, nbytes))) else dev
     return inputs, [a.to(store) for a in acts], store
-
-
-class BlockRunner:
-    """Runs one block over the calibration activations: with a Hessian collector's hooks (``runner(collector)``),
-    or to produce the next block's inputs (:meth:`outputs`)."""
-
-    def __init__(self, block: nn.Module, kwargs: dict, acts: list[torch.Tensor], device: torch.device,
-                 store: torch.device):
-        self.block, self.kwargs, self.acts, self.device, self.store = block, kwargs, acts, device, store
-
-    def __call__(self, collector: HessianCollector | None = None) -> None:
-        for a in self.acts:
-            call_block(self.block, a.to(self.device), self.kwargs)
-            if collector is not None:
-                collector.end_pass()
-
-    def outputs(self) -> list[torch.Tensor]:
-        return [call_block(self.block, a.to(self.device), self.kwargs).to(self.store) for a in self.acts]

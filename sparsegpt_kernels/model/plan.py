@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..settings import Setting, parse_pattern, parse_setting
+from ..options import METHODS, PruneOptions, Setting, parse_setting
 from .blocks import PrunableLayer, find_decoder_layers, find_prunable_layers
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
+__all__ = ["METHODS", "PrunePlan", "build_plan", "matches"]
 
 
 def _matches_one(pattern: str, full: str, rel: str) -> bool:
@@ -37,17 +37,25 @@ def _as_list(x) -> list[str] | None:
 
 @dataclass
 class PrunePlan:
-    """The decoder blocks (``prefix``, ``layers``) and, per block index, the (layer, setting) pairs to prune."""
+    """The decoder blocks (``prefix``, ``layers``) and, per block index, the (layer, setting) pairs to prune with
+    ``options`` (each layer at its own setting: :meth:`PruneOptions.at`)."""
 
-    method: str
+    options: PruneOptions
     prefix: str
     layers: nn.ModuleList
     items: dict[int, list[tuple[PrunableLayer, Setting]]]
-    default: Setting
     overrides: list[tuple[str, Setting]] = field(default_factory=list)
     include: list[str] | None = None
     exclude: list[str] | None = None
     overridden: set[tuple[int, str]] = field(default_factory=set)  # (block, layer) set by layer_sparsity
+
+    @property
+    def method(self) -> str:
+        return self.options.method
+
+    @property
+    def default(self) -> Setting:
+        return self.options.setting
 
     @property
     def blocks(self) -> list[int]:
@@ -57,19 +65,25 @@ class PrunePlan:
     def last(self) -> int:
         return max(self.items)
 
+    def targets(self, b: int) -> list[PrunableLayer]:
+        return [t for t, _ in self.items[b]]
 
-def build_plan(model: nn.Module, *, method: str, sparsity, pattern, quant_bits, quant_group_size, blocks,
-               include, exclude, layer_sparsity: Mapping[str, float | str] | None, block_size) -> PrunePlan:
-    """Check every option against the model and list what each block will prune (see :func:`prune_model`)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    default = parse_setting(pattern if pattern is not None else sparsity, "default")
+    def record(self) -> dict:
+        """The selection as the report and the resume fingerprint record it."""
+        return {"blocks": self.blocks, "include": self.include, "exclude": self.exclude,
+                "layer_sparsity": {p: {"sparsity": s.sparsity, "pattern": s.pattern} for p, s in self.overrides}}
+
+
+def build_plan(model: nn.Module, opts: PruneOptions, *, blocks=None, include=None, exclude=None,
+               layer_sparsity: Mapping[str, float | str] | None = None) -> PrunePlan:
+    """Check the selection against the model and list what each block will prune (see :func:`prune_model`); every
+    layer's setting is checked against its width here, before anything is modified."""
     overrides = [(p, parse_setting(v, f"layer_sparsity[{p!r}]")) for p, v in (layer_sparsity or {}).items()]
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if quant_bits is not None and (isinstance(quant_bits, bool) or not isinstance(quant_bits, int)
-                                   or not 2 <= quant_bits <= 8):
-        raise ValueError(f"quant_bits must be an int in 2..8, got {quant_bits!r}")
+    for p, s in overrides:
+        try:
+            opts.at(s)
+        except ValueError as e:
+            raise ValueError(f"layer_sparsity[{p!r}]: {e}") from None
     include, exclude = _as_list(include), _as_list(exclude)
 
     prefix, layers = find_decoder_layers(model)
@@ -97,19 +111,10 @@ def build_plan(model: nn.Module, *, method: str, sparsity, pattern, quant_bits, 
                 continue
             s = next((s for p, s in overrides if matches([p], full, t.name)), None)
             if s is None:
-                s = default
+                s = opts.setting
             else:
                 overridden.add((b, t.name))
-            if s.pattern is not None:
-                m = parse_pattern(s.pattern)[1]
-                if t.in_features % m:
-                    raise ValueError(f"pattern {s.pattern!r} does not fit layer {full}: in_features={t.in_features} "
-                                     f"is not a multiple of M={m}")
-                if method == "sparsegpt" and block_size % m:
-                    raise ValueError(f"pattern {s.pattern!r}: block_size={block_size} is not a multiple of M={m}")
-            if quant_bits is not None and quant_group_size is not None and t.in_features % quant_group_size:
-                raise ValueError(f"quant_group_size={quant_group_size} does not divide in_features={t.in_features} "
-                                 f"of layer {full}")
+            opts.at(s).check_layer(t.in_features, f"layer {full}")
             block_items.append((t, s))
         if block_items:
             items[b] = block_items
@@ -121,4 +126,4 @@ def build_plan(model: nn.Module, *, method: str, sparsity, pattern, quant_bits, 
                 raise ValueError(f"{option} pattern {p!r} matches no layer of the selected blocks{hint}")
     if not items:
         raise ValueError("no layer matches the include/exclude/blocks selection: nothing to prune")
-    return PrunePlan(method, prefix, layers, items, default, overrides, include, exclude, overridden)
+    return PrunePlan(opts, prefix, layers, items, overrides, include, exclude, overridden)

@@ -125,7 +125,11 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class StreamedWeights:
-    """The weight source of a streamed :func:`prune_model` run: blocks come from ``source`` and go to ``out_dir``."""
+    """The weight source of a streamed :func:`prune_model` run (the protocol is :class:`.block_loop.InMemoryWeights`'):
+    blocks come from ``source`` and go to ``out_dir``."""
+
+    #: the model is never whole in memory (no allocation; the checkpoint keeps no weights: they are in the output)
+    in_memory = False
 
     def __init__(self, model: nn.Module, prefix: str, layers: nn.ModuleList, source: SafetensorsSource,
                  out_dir: str, dtype: torch.dtype, writer: bool = True):
@@ -135,6 +139,7 @@ class StreamedWeights:
         self.block_names = [[n for n in self.map if n.startswith(f"{prefix}.{b}.")] for b in range(len(layers))]
         in_blocks = {n for names in self.block_names for n in names}
         self.rest = [n for n in self.map if n not in in_blocks]
+        self.finished = False
         os.makedirs(out_dir, exist_ok=True)
 
     def _file(self, b: int | None) -> str:
@@ -186,8 +191,14 @@ class StreamedWeights:
                   metadata={"format": "pt", "params": str(params), "zeros": str(zeros)})
         os.replace(tmp, path)
 
-    def totals(self) -> tuple[int, int]:
-        """(parameters, zeros) of the written checkpoint, from the files' metadata."""
+    def restore(self, b: int, block: nn.Module, saved) -> None:
+        """A resumed run: block ``b`` is in the output already."""
+
+    def totals(self, model: nn.Module | None = None) -> tuple[int, int] | None:
+        """(parameters, zeros) of the written checkpoint, from the files' metadata; ``None`` until :meth:`finish`
+        (blocks after the last pruned one are copied then) and in processes that do not write."""
+        if not (self.writer and self.finished):
+            return None
         from safetensors import safe_open
 
         params = zeros = 0
@@ -204,7 +215,11 @@ class StreamedWeights:
         _trim_heap()
 
     def finish(self) -> None:
-        """The index, the config and the other files of the source directory."""
+        """The blocks nothing happened to (after the last pruned one), the index, the config and the other files of
+        the source directory."""
+        for b in range(len(self.layers)):
+            self.copy_block(b)
+        self.finished = True
         if not self.writer:
             return
         weight_map = {n: self._file(None) for n in self.rest}
@@ -234,7 +249,7 @@ def prune_checkpoint(model_dir: str | os.PathLike, output_dir: str | os.PathLike
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .embedded import check_causal_lm
-    from .pipeline import prune_model
+    from .pipeline import run_prune
 
     if "checkpoint_dir" in prune_kwargs:
         raise ValueError("prune_checkpoint keeps its progress in the output directory; do not pass checkpoint_dir")
@@ -258,10 +273,8 @@ def prune_checkpoint(model_dir: str | os.PathLike, output_dir: str | os.PathLike
     writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     weights = StreamedWeights(model, prefix, layers, source, output_dir, dtype, writer=writer)
     weights.load_rest()
-    report = prune_model(model, calibration, tokenizer=tokenizer, weight_source=weights,
-                         checkpoint_dir=os.path.join(output_dir, PROGRESS_DIR), **prune_kwargs)
-    for b in range(len(layers)):
-        weights.copy_block(b)  # blocks after the last pruned one
+    report = run_prune(model, calibration, weights, tokenizer=tokenizer,
+                       checkpoint_dir=os.path.join(output_dir, PROGRESS_DIR), **prune_kwargs)
     weights.finish()
     if writer:
         report.model_params, report.model_zeros = weights.totals()

@@ -1,6 +1,5 @@
 """Triton kernels of sparsegpt_kernels, one module per kernel family.
 
-``hinv``    the Hessian-inverse Cholesky factor (blocked Cholesky of the index-reversed matrix + triangular inverse);
 ``sweep``   the blocked column sweep (mask selection, OBS updates, joint quantization, lazy GEMM);
 ``nm_mask`` the standalone "N kept of every M" keep-mask selection.
 

@@ -51,8 +51,8 @@ from .nm_mask import nm_group_rank
 # With several warps, Triton spreads a row's BP columns over the warps (warpsPerCTA = [1, num_warps]), so each of the
 # per-column row reductions crosses warps through shared memory: the sm_90 code of BR = 16 / 4 warps has 9 barriers in
 # every column step (23 in all for 2:4). One-warp programs reduce with shuffles only (no barrier in the kernel) and
-# need no more registers (BR = 2: 83-159 at BP = 128, 152-238 at BP = 256, nothing spilled); the H200 run of
-# 2026-11-30 did not have them, and the autotuner picks between both kinds on the card.
+# need no more registers (BR = 2: 83-159 at BP = 128, 152-238 at BP = 256, nothing spilled); the autotuner picks
+# between both kinds on the card (benchmarks/RESULTS.md has what was measured).
 SWEEP_CONFIGS = [
     triton.Config({"BR": 2}, num_warps=1),
     triton.Config({"BR": 4}, num_warps=1),
@@ -394,8 +394,8 @@ def _(W, U, i1, nb, sparsity, n, m, qscale, qzero, maxq, qgroup):
 def _sweep_eager(W, U, sparsity, n, m, block_size, qscale, qzero, maxq, qgroup) -> torch.Tensor:
     cols = W.shape[1]
     losses = []
-    # Outside torch.compile the blocks call the op's implementation directly: the dispatcher costs about 40 us per
-    # call on a CPU core (a custom op that does nothing, 2026-11-30), and a layer has cols / block_size blocks.
+    # Outside torch.compile the blocks call the op's implementation directly: the custom-op dispatcher costs tens of
+    # microseconds per call on a CPU core (benchmarks/RESULTS.md), and a layer has cols / block_size blocks.
     block = torch.ops.sparsegpt_kernels.sweep_block if torch.compiler.is_compiling() else _sweep_block
     for i1 in range(0, cols, block_size):
         nb = min(block_size, cols - i1)

