@@ -59,6 +59,6 @@ export TRITON_INTERPRET=1 SPARSEGPT_KERNELS_REQUIRE_EXT=1 SPARSEGPT_KERNELS_STRI
   tests/test_reference.py tests/test_prune_layer.py tests/test_hessian.py tests/test_precision.py \
   tests/test_helpers.py tests/test_cpp_backend.py tests/test_compile.py tests/test_rules.py tests/test_nm_mask.py \
   tests/test_sweep.py tests/test_autotune.py tests/test_triton_backend.py tests/test_cuda_backend.py \
-  tests/test_model_families.py tests/test_distributed.py tests/test_streaming.py \
+  tests/test_model_families.py tests/test_distributed.py tests/test_streaming.py tests/test_sparse.py \
   -k "not embedded_model and not torchrun_cli and not cli_stream" "$@"  # those need the offline model packages
 echo "test_gpu_versions: OK"

@@ -17,6 +17,7 @@ from .export import (
 from .hessian import HessianAccumulator
 from .masks import nm_keep_mask, unstructured_prune_mask
 from .options import PruneOptions, parse_pattern
+from .sparse import SparseFormatError, SparseLinear, load_sparse, save_sparse, to_sparse
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,8 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "SemiStructuredSupport",
+    "SparseFormatError",
+    "SparseLinear",
     "FactorizationError",
     "HessianAccumulator",
     "LayerReport",
@@ -57,15 +60,18 @@ __all__ = [
     "available_backends",
     "empty_cache",
     "load_model",
+    "load_sparse",
     "magnitude_prune_",
     "nm_keep_mask",
     "parse_pattern",
     "perplexity",
     "prune_layer",
     "prune_model",
+    "save_sparse",
     "semi_structured_support",
     "to_dense",
     "to_semi_structured",
+    "to_sparse",
     "unstructured_prune_mask",
     "validate_nm",
     "wanda_prune_",

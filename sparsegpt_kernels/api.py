@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from .checks import check_finite, check_hessian_values
 from .hessian import HessianAccumulator
 from .options import DAMP_GROWTH, DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, MAX_DAMP_RETRIES, PruneOptions
 from .precision import ieee_float32_matmul
-from .spec import SweepSpec
+from .spec import QuantGrid, SweepSpec
 
 logger = logging.getLogger("sparsegpt_kernels")
 
@@ -46,6 +46,9 @@ class PruneResult:
         dead_columns: input columns whose Hessian diagonal was 0 (their weights are set to 0).
         mask_sparsity: fraction of the weights the mask pruned (``sparsity`` also counts kept weights that joint
             quantization rounded to 0, and zeros that were there before).
+        quant_grid: with joint quantization, the grid the kept weights were rounded onto (per-row, per-group scale and
+            zero point, float32 on the CPU): what a compressed checkpoint stores with the integer codes
+            (:mod:`sparsegpt_kernels.sparse`).
     """
 
     loss: float
@@ -58,6 +61,7 @@ class PruneResult:
     quant_bits: int | None = None
     dead_columns: int = 0
     mask_sparsity: float | None = None
+    quant_grid: QuantGrid | None = field(default=None, repr=False, compare=False)
 
 
 def is_conv1d(module) -> bool:
@@ -237,4 +241,6 @@ def prune_layer_with(layer, hessian, opts: PruneOptions, *, started: float | Non
         quant_bits=opts.quant_bits,
         dead_columns=n_dead,
         mask_sparsity=reference.mask_fraction(rows, cols, sparsity=opts.fraction, nm=opts.nm, per=spec.block_size),
+        quant_grid=None if grid is None else QuantGrid(grid.scale.to("cpu", torch.float32),
+                                                       grid.zero.to("cpu", torch.float32), grid.maxq, grid.group_size),
     )

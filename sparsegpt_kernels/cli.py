@@ -163,6 +163,9 @@ def _check_paths(args) -> None:
             raise UsageError("--stream keeps its progress in --output; leave out --checkpoint-dir")
         if not os.path.isdir(os.path.expanduser(args.model)):
             raise UsageError(f"--stream reads a local checkpoint directory; {args.model!r} is not one")
+        if args.save_format != "dense":
+            raise UsageError("--stream writes a dense checkpoint block by block; --save-format sparse needs the "
+                             "whole model in memory (convert the streamed output with save_sparse afterwards)")
         args.no_eval = True
     for path, what in ((args.output, "--output"), (args.report, "--report")):
         if path and os.path.exists(path) and (what == "--report") == os.path.isdir(path):
@@ -174,6 +177,13 @@ def _check_paths(args) -> None:
 
 def _check_args(args) -> None:
     """Every option and path that can be checked without loading the model, before anything is loaded."""
+    if args.command == "generate":
+        from .model.embedded import check_model_source
+
+        check_model_source(args.model)
+        if args.max_new_tokens < 1 or args.batch < 1:
+            raise UsageError(f"--max-new-tokens and --batch must be >= 1, got {args.max_new_tokens}, {args.batch}")
+        return
     _check_common(args)
     if args.command == "eval":
         return
@@ -353,15 +363,30 @@ def cmd_prune(args) -> int:
         out["perplexity"] = {"dense": before, "pruned": after, "windows": int(texts.ev.shape[0]),
                              "seqlen": texts.eval_seqlen, "data": args.data, "bos": texts.bos}
     if args.output:
-        model.save_pretrained(args.output)
-        if tok is not None:
-            tok.save_pretrained(args.output)
-        print(f"saved the pruned model to {args.output}")
+        _save(model, tok, args)
     if args.report:
         _write_json(args.report, out)
         print(f"wrote the report to {args.report}")
     print(f"total time: {time.perf_counter() - t_all:.1f} s")
     return 0
+
+
+def _save(model, tok, args) -> None:
+    """--output in --save-format: a plain transformers checkpoint, or a compressed one (docs/sparse_format.md)."""
+    if args.save_format == "sparse":
+        from .sparse import save_sparse
+        from .sparse.checkpoint import checkpoint_sizes
+
+        save_sparse(model, args.output, tokenizer=tok)
+        sz = checkpoint_sizes(args.output)
+        ratio = sz["compressed"] / max(1, sz["dense_equivalent"])
+        print(f"saved the pruned model to {args.output} (sparse: the pruned layers take {ratio:.3f}x their dense "
+              f"bytes, {sz['total'] / 1e6:.1f} MB in all; load it with sparsegpt_kernels.load_sparse)")
+        return
+    model.save_pretrained(args.output)
+    if tok is not None:
+        tok.save_pretrained(args.output)
+    print(f"saved the pruned model to {args.output}")
 
 
 def _prune_streamed(args, t_all: float) -> int:
@@ -400,6 +425,55 @@ def cmd_eval(args) -> int:
     print(f"perplexity: {ppl:.3f} ({texts.ev.shape[0]} x {texts.eval_seqlen} held-out tokens of {args.data}, "
           f"BOS: {texts.bos}; {time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def cmd_generate(args) -> int:
+    """Greedy generation from --prompt with the timing of the decode steps: what a user sees of a sparse model."""
+    import torch
+
+    from .sparse.linear import SparseLinear
+
+    model, tok = _load(args)
+    if tok is None:
+        raise UsageError(f"{args.model!r} has no tokenizer to encode --prompt with")
+    device = torch.device(args.device or "cpu")
+    model.to(device)
+    sparse = sum(isinstance(m, SparseLinear) for m in model.modules())
+    enc = tok([args.prompt] * args.batch, return_tensors="pt").to(device)
+    prompt_len = enc["input_ids"].shape[1]
+    if prompt_len + args.max_new_tokens > (max_positions_of(model) or 1 << 30):
+        raise UsageError(f"--prompt ({prompt_len} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
+                         "model's limit")
+    times = []
+
+    class StepTimer:  # a transformers stopping criterion that only records when each step ended
+        def __call__(self, input_ids, scores, **kwargs):
+            times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    from transformers import StoppingCriteriaList
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                             do_sample=False, stopping_criteria=StoppingCriteriaList([StepTimer()]),
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        total = time.perf_counter() - t0
+    new = out.shape[1] - prompt_len
+    print(tok.decode(out[0, prompt_len:], skip_special_tokens=True))
+    first = times[0] - t0 if times else total
+    decode = (times[-1] - times[0]) / max(1, len(times) - 1) if len(times) > 1 else float("nan")
+    kind = f"{sparse} SparseLinear layers" if sparse else "dense"
+    print(f"{args.model} ({kind}), batch {args.batch}: prompt {prompt_len} tokens in {first:.3f} s, then "
+          f"{new - 1} decode steps at {args.batch / decode:.1f} tokens/s ({1e3 * decode:.1f} ms a step); "
+          f"{total:.2f} s in all")
+    return 0
+
+
+def max_positions_of(model):
+    from .model.calibration import max_positions
+
+    return max_positions(model)
 
 
 def cmd_compare(args) -> int:
@@ -470,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, help="N:M, N kept of every M input columns (e.g. 2:4)")
     p.add_argument("--method", default="sparsegpt", choices=METHODS)
     p.add_argument("--output", default=None, help="directory for the pruned model (save_pretrained, safetensors)")
+    p.add_argument("--save-format", default="dense", choices=["dense", "sparse"],
+                   help="--output as a plain transformers checkpoint (dense, the default: every tool reads it) or "
+                        "compressed (sparse: smaller, and faster to decode on a CPU; docs/sparse_format.md)")
     p.add_argument("--report", default=None, help="write the per-layer report as JSON here")
     p.add_argument("--checkpoint-dir", default=None, help="resume from / save progress to this directory")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity before and after")
@@ -488,6 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out perplexity of a model")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy generation with tokens/s (a dense or a sparse checkpoint)")
+    p.add_argument("--model", default="embedded", help="'embedded', a model directory (dense or sparse) or a hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="default: cpu")
+    p.add_argument("--prompt", default="Shall I compare thee to a summer's day?")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1, help="the prompt repeated this many times")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compare", help="dense vs magnitude vs wanda vs sparsegpt, as a table")
     _add_common(p)

@@ -472,11 +472,16 @@ def _swap_in(mod: nn.Module, sparse: torch.Tensor) -> None:
 
 
 def to_dense(model: nn.Module) -> int:
-    """Undo :func:`to_semi_structured`: replace every semi-structured weight by its dense tensor. Returns the count."""
+    """Give ``model`` plain dense linear layers again: undo :func:`to_semi_structured` (every semi-structured weight
+    back to its dense tensor) and :func:`sparsegpt_kernels.to_sparse` (every
+    :class:`~sparsegpt_kernels.SparseLinear` back to an ``nn.Linear`` with the same bits). Returns how many layers
+    changed. The result saves with ``save_pretrained`` as a checkpoint any tool reads."""
+    from .sparse.checkpoint import sparse_to_dense
+
+    count = sparse_to_dense(model)
     cls = getattr(torch.sparse, "SparseSemiStructuredTensor", None)
     if cls is None:
-        return 0
-    count = 0
+        return count
     for mod in model.modules():
         w = getattr(mod, "weight", None)
         if isinstance(mod, nn.Linear) and isinstance(w, cls):

@@ -56,6 +56,26 @@ def test_prune_save_reload_and_eval(tmp_path, capsys):
 
 
 @needs_offline
+def test_prune_saves_sparse_and_eval_and_generate_read_it(tmp_path, capsys):
+    """--save-format sparse writes the compressed checkpoint; eval and generate load it as SparseLinear layers."""
+    from sparsegpt_kernels.sparse import SparseLinear, load_sparse
+
+    out = tmp_path / "sparse"
+    assert main(["prune", "--blocks", "0", "--pattern", "2:4", "--output", str(out), "--save-format", "sparse",
+                 "--no-eval", *SMALL]) == 0
+    text = capsys.readouterr().out
+    assert "(sparse: the pruned layers take 0.531x their dense bytes" in text  # float32: (4 / 2 + 1 / 8) / 4 bytes
+    model = load_sparse(out)
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == 7 and {m.pattern for m in layers} == {"2:4"}
+    assert main(["eval", "--model", str(out), "--seqlen", "64", "--eval-windows", "1", "--quiet"]) == 0
+    assert "perplexity:" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "--max-new-tokens", "3", "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "(7 SparseLinear layers), batch 1" in line and "2 decode steps at" in line and "tokens/s" in line
+
+
+@needs_offline
 def test_compare_table(capsys):
     rc = main(["compare", "--methods", "dense,magnitude,wanda,sparsegpt", "--settings", "2:4", "--blocks", "0",
                *SMALL])
@@ -105,6 +125,7 @@ BAD_INVOCATIONS = [
     (["grid", "--sparsities", "50%,2:4"], "expected a sparsity like 0.5 or '50%', got the pattern '2:4'"),
     (["sweep", "--allocations", "uniform,best"], "unknown allocation 'best'"),
     (["grid", "--methods", "dense,sparsegpt"], "the grid always measures dense"),
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens and --batch must be >= 1"),
     (["prune", "--blocks", "x"], "expected block indices like '0-3,7'"),
     (["prune", "--pattern", "2:4", "--block-size", "6"], "not a multiple of M=4"),
     (["prune", "--data", "/no/such/file.txt"], "unknown text source"),
@@ -232,3 +253,11 @@ def test_grid_takes_percentages_and_its_defaults_from_the_options(command, tmp_p
     assert seen["sparsities"] == [0.5, 0.7]
     assert seen["methods"] == list(options.METHODS) and seen["allocations"] == list(options.ALLOCATIONS)
     assert (tmp_path / "grid.md").read_text().startswith("# Sparsity grid")
+
+
+def test_stream_refuses_the_sparse_format(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    rc = main(["prune", "--stream", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "o"),
+               "--save-format", "sparse"])
+    assert rc == 2 and "--stream writes a dense checkpoint block by block" in capsys.readouterr().err

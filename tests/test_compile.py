@@ -45,12 +45,6 @@ def test_triton_sweep_under_compile(mode):
     assert float(loss_c) == pytest.approx(float(loss_e), rel=1e-6) and float(loss_e) > 0
 
 
-def ext_ops():
-    if _ext.load() is None:
-        pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
-    return _ext.ops()
-
-
 @pytest.fixture
 def ext_ops():
     if _ext.load() is None:

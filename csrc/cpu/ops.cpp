@@ -18,8 +18,10 @@
 #include <string>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "../core/sparse_linear.h"
 #include "../core/sweep_core.h"
 #include "../aten/aten_ops.h"
 
@@ -406,6 +408,145 @@ std::vector<int64_t> nonzeros_finite_cpu(const at::Tensor& t) {
   return {nonzeros.load(), finite.load() ? 1 : 0};
 }
 
+// The compressed weight as the core reads it (csrc/core/sparse_linear.h).
+template <typename V>
+sgk::SparseRows<V> sparse_rows_view(const at::Tensor& mask, const V* values, const int64_t* offsets, int64_t cols) {
+  sgk::SparseRows<V> w;
+  w.rows = mask.size(0);
+  w.cols = cols;
+  w.mask = mask.const_data_ptr<uint8_t>();
+  w.ldm = mask.size(1);
+  w.values = values;
+  w.offsets = offsets;
+  return w;
+}
+
+// fn(begin, end) over ranges of rows in parallel, each range's rows checked before fn reads them: row r's span of
+// offsets must be its mask's popcount, so that no read goes beyond the values. Returns a row that failed, or -1.
+template <typename V, typename Fn>
+int64_t for_checked_rows(const sgk::SparseRows<V>& w, sgk::Simd simd, int64_t grain, Fn&& fn) {
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, w.rows, grain, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      if (w.offsets[r + 1] - w.offsets[r] != sgk::count_bits(simd, w.mask + r * w.ldm, w.ldm)) {
+        bad_row.store(r);
+        return;
+      }
+    }
+    fn(b, e);
+  });
+  return bad_row.load();
+}
+
+// y = x Wᵀ + b from a compressed weight (csrc/core/sparse_linear.h; docs/sparse_format.md): x (..., cols) float32 or
+// bfloat16, mask (rows, ceil(cols / 8)) uint8, values float32 or bfloat16 with at least offsets[rows] + kPadValues
+// entries, offsets (rows + 1) int64 with offsets[r + 1] - offsets[r] the number of bits set in mask row r (checked as
+// the rows are read), bias (rows) or none. Computes in float32; y has x's dtype and shape (..., rows).
+void check_sparse_linear_args(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                              const at::Tensor& offsets, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "ext_sparse_linear: x must have at least one dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "ext_sparse_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte, "ext_sparse_linear: mask must be 2-D uint8, got ",
+              mask.scalar_type(), " ", mask.sizes());
+  const int64_t rows = mask.size(0), cols = x.size(-1);
+  TORCH_CHECK(mask.size(1) == (cols + 7) / 8, "ext_sparse_linear: mask has ", mask.size(1), " bytes per row, x has ",
+              cols, " columns (needs ", (cols + 7) / 8, ")");
+  TORCH_CHECK(values.dim() == 1 && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "ext_sparse_linear: values must be 1-D float32 or bfloat16, got ", values.scalar_type(), " ",
+              values.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == rows + 1 && offsets.scalar_type() == at::kLong,
+              "ext_sparse_linear: offsets must be int64 of shape (", rows + 1, "), got ", offsets.scalar_type(), " ",
+              offsets.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == rows && bias->is_floating_point(),
+                "ext_sparse_linear: bias must be a floating-point vector of ", rows, " entries, got ", bias->sizes());
+  }
+}
+
+at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                             const at::Tensor& offsets, const std::optional<at::Tensor>& bias) {
+  check_sparse_linear_args(x, mask, values, offsets, bias);
+  for (const at::Tensor* t : {&x, &mask, &values, &offsets}) {
+    TORCH_CHECK(t->device().is_cpu(), "ext_sparse_linear (CPU): every tensor must be on the CPU");
+  }
+  const int64_t rows = mask.size(0), cols = x.size(-1);
+  const at::Tensor xf = x.to(at::kFloat).contiguous().view({-1, cols});
+  const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
+  const int64_t T = xf.size(0);
+  const int64_t* o = off.const_data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[rows] + sgk::kPadValues <= v.numel(), "ext_sparse_linear: values hold ", v.numel(),
+              " entries, the offsets need ", o[rows], " + ", sgk::kPadValues, " (padding)");
+  std::optional<at::Tensor> bf;
+  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+  at::Tensor yf = at::empty({T, rows}, xf.options());
+  const sgk::Simd simd = sgk::simd_used(simd_allowed());
+  const float* xp = xf.const_data_ptr<float>();
+  const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
+  float* yp = yf.data_ptr<float>();
+  auto run = [&](auto* vals) {
+    const auto w = sparse_rows_view(m, vals, o, cols);
+    return for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+      sgk::sparse_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
+    });
+  };
+  const int64_t bad_row = v.scalar_type() == at::kFloat
+                              ? run(v.const_data_ptr<float>())
+                              : run(reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::BFloat16>()));
+  TORCH_CHECK(bad_row < 0, "ext_sparse_linear: offsets[", bad_row, " + 1] - offsets[", bad_row,
+              "] is not the number of bits set in mask row ", bad_row);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = rows;
+  return yf.to(x.scalar_type()).view(shape);
+}
+
+// The dense (rows, cols) weight of a compressed one, in the values' dtype (float32 or bfloat16), bit for bit: what
+// SparseLinear multiplies with for prefill. The offsets are checked against the mask as in ext_sparse_linear.
+at::Tensor sparse_to_dense_cpu(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& offsets,
+                               int64_t cols) {
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.size(1) == (cols + 7) / 8,
+              "ext_sparse_to_dense: mask must be uint8 (rows, ", (cols + 7) / 8, "), got ", mask.scalar_type(), " ",
+              mask.sizes());
+  TORCH_CHECK(values.dim() == 1 && (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "ext_sparse_to_dense: values must be 1-D float32 or bfloat16");
+  const int64_t rows = mask.size(0);
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == rows + 1 && offsets.scalar_type() == at::kLong,
+              "ext_sparse_to_dense: offsets must be int64 of shape (", rows + 1, ")");
+  for (const at::Tensor* t : {&mask, &values, &offsets}) {
+    TORCH_CHECK(t->device().is_cpu(), "ext_sparse_to_dense (CPU): every tensor must be on the CPU");
+  }
+  const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
+  const int64_t* o = off.const_data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[rows] <= v.numel(), "ext_sparse_to_dense: values hold ", v.numel(),
+              " entries, the offsets need ", o[rows]);
+  at::Tensor out = at::empty({rows, cols}, v.options());
+  const sgk::Simd simd = sgk::simd_used(simd_allowed());
+  auto run = [&](auto* vals, auto* dst) {
+    const auto w = sparse_rows_view(m, vals, o, cols);
+    return for_checked_rows(w, simd, 64, [&](int64_t b, int64_t e) { sgk::sparse_rows_to_dense(w, dst, b, e); });
+  };
+  const int64_t bad_row = v.scalar_type() == at::kFloat
+                              ? run(v.const_data_ptr<float>(), out.data_ptr<float>())
+                              : run(reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::BFloat16>()),
+                                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  TORCH_CHECK(bad_row < 0, "ext_sparse_to_dense: offsets[", bad_row, " + 1] - offsets[", bad_row,
+              "] is not the number of bits set in mask row ", bad_row);
+  return out;
+}
+
+at::Tensor sparse_to_dense_meta(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& offsets,
+                                int64_t cols) {
+  return at::empty({mask.size(0), cols}, values.options());
+}
+
+at::Tensor sparse_linear_meta(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                              const at::Tensor& offsets, const std::optional<at::Tensor>& bias) {
+  check_sparse_linear_args(x, mask, values, offsets, bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = mask.size(0);
+  return at::empty(shape, x.options());
+}
+
 // ---- shape-only implementations ----
 std::tuple<at::Tensor, at::Tensor> inverse_factor_meta(const at::Tensor& H, double damp) {
   sgk_aten::check_factor_args(H, damp, "ext_inverse_factor");
@@ -463,6 +604,9 @@ TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
   // the big CPU buffers kept idle for reuse (csrc/core/big_buffer.h, BigCache): free them / how many bytes they hold
   m.def("ext_release_cpu_cache() -> int", &release_cpu_cache);
   m.def("ext_cpu_cache_idle_bytes() -> int", &cpu_cache_idle_bytes);
+  // y = x W^T + b from a compressed weight (sparsegpt_kernels.SparseLinear; docs/sparse_format.md)
+  m.def("ext_sparse_linear(Tensor x, Tensor mask, Tensor values, Tensor offsets, Tensor? bias) -> Tensor");
+  m.def("ext_sparse_to_dense(Tensor mask, Tensor values, Tensor offsets, int cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
@@ -473,6 +617,8 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
   m.impl("ext_sweep_cholesky", &sweep_cholesky_cpu);
   m.impl("ext_hessian_stats", &hessian_stats_cpu);
   m.impl("ext_nonzeros_finite", &nonzeros_finite_cpu);
+  m.impl("ext_sparse_linear", &sparse_linear_cpu);
+  m.impl("ext_sparse_to_dense", &sparse_to_dense_cpu);
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {
@@ -481,4 +627,6 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {
   m.impl("ext_sweep", &sweep_meta);
   m.impl("ext_cholesky_factor", &cholesky_factor_meta);
   m.impl("ext_sweep_cholesky", &sweep_cholesky_meta);
+  m.impl("ext_sparse_linear", &sparse_linear_meta);
+  m.impl("ext_sparse_to_dense", &sparse_to_dense_meta);
 }

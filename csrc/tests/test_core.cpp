@@ -1,5 +1,5 @@
-// Unit tests of the torch-free CPU core (csrc/core/sweep_core.h) and of the shared rules (csrc/core/rules.h), run by
-// ctest.
+// Unit tests of the torch-free CPU core (csrc/core/sweep_core.h, csrc/core/sparse_linear.h) and of the shared rules
+// (csrc/core/rules.h), run by ctest.
 // The blocked sweep driven by U is checked bit for bit against a direct transcription of the reference algorithm
 // (sparsegpt_kernels/reference.py) using the same arithmetic order; the sweep driven by the Cholesky factor is
 // checked against the U-driven one with U = R^-1 computed in extended precision.
@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <random>
@@ -14,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "core/sparse_linear.h"
 #include "core/sweep_core.h"
 
 namespace {
@@ -566,6 +568,72 @@ void test_params_rejected() {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------------------
+// The sparse linear kernel: every SIMD copy against the one-weight-at-a-time loop, on masks with empty and full rows,
+// widths that are not multiples of 8 or 16, 1..6 tokens, float32 and bfloat16 values.
+template <typename V>
+void check_sparse_rows(int64_t rows, int64_t cols, double keep, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  std::bernoulli_distribution kept(keep);
+  const int64_t ldm = (cols + 7) / 8;
+  std::vector<uint8_t> mask(static_cast<size_t>(rows * ldm), 0);
+  std::vector<V> values;
+  std::vector<int64_t> offsets(static_cast<size_t>(rows + 1), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const bool k = r == 0 ? false : r == 1 ? true : kept(gen);  // row 0 empty, row 1 full
+      if (!k) continue;
+      mask[static_cast<size_t>(r * ldm + j / 8)] |= static_cast<uint8_t>(1u << (j % 8));
+      const float f = uni(gen);
+      if constexpr (sizeof(V) == 4) {
+        values.push_back(f);
+      } else {
+        uint32_t u;
+        std::memcpy(&u, &f, sizeof u);
+        values.push_back(static_cast<uint16_t>(u >> 16));
+      }
+    }
+    offsets[static_cast<size_t>(r + 1)] = static_cast<int64_t>(values.size());
+  }
+  values.resize(values.size() + sgk::kPadValues, V(0));
+  sgk::SparseRows<V> w;
+  w.rows = rows;
+  w.cols = cols;
+  w.mask = mask.data();
+  w.ldm = ldm;
+  w.values = values.data();
+  w.offsets = offsets.data();
+  for (int64_t T = 1; T <= 6; ++T) {
+    std::vector<float> x(static_cast<size_t>(T * cols)), bias(static_cast<size_t>(rows));
+    for (auto& v : x) v = uni(gen);
+    for (auto& v : bias) v = uni(gen);
+    std::vector<float> ref(static_cast<size_t>(T * rows)), got(ref.size());
+    sgk::sparse_rows_scalar(w, x.data(), T, cols, bias.data(), ref.data(), rows, 0, rows);
+    for (sgk::Simd simd : {sgk::Simd::kBaseline, sgk::Simd::kAvx2, sgk::Simd::kAvx512}) {
+      sgk::sparse_rows(sgk::simd_used(simd), w, x.data(), T, cols, bias.data(), got.data(), rows, 0, rows);
+      bool close = true;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        close = close && std::fabs(got[i] - ref[i]) <= 1e-5f * static_cast<float>(cols) + 1e-6f;
+      }
+      CHECK(close);
+      if (simd == sgk::Simd::kBaseline) CHECK(got == ref);  // the same order of sums: the same bits
+      CHECK(got[0] == bias[0]);                             // the empty row is its bias
+    }
+  }
+}
+
+void test_sparse_linear() {
+  for (int64_t cols : {1, 7, 8, 9, 16, 17, 31, 64, 65, 130}) {
+    check_sparse_rows<float>(5, cols, 0.5, static_cast<unsigned>(cols));
+    check_sparse_rows<uint16_t>(5, cols, 0.3, static_cast<unsigned>(cols + 100));
+  }
+  check_sparse_rows<float>(3, 40, 0.0, 7);  // every row but the full one empty
+  uint8_t bytes[3] = {0xFF, 0x01, 0x80};
+  CHECK(sgk::count_bits(sgk::Simd::kBaseline, bytes, 3) == 10);
+  CHECK(sgk::count_bits(sgk::simd_used(sgk::Simd::kAvx512), bytes, 3) == 10);
+}
+
 int main() {
   test_quantize();
   test_nm_group();
@@ -576,6 +644,7 @@ int main() {
   test_threshold_lanes();
   test_rules();
   test_params_rejected();
+  test_sparse_linear();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

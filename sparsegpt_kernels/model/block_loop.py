@@ -38,8 +38,11 @@ class InMemoryWeights:
         """Block ``b``'s weights are not needed now (read for the input capture of a resumed run)."""
 
     def restore(self, b: int, block: nn.Module, saved: Callable[[], dict]) -> None:
-        """A resumed run: block ``b`` as the checkpoint saved it (``saved()`` loads its state dict)."""
-        block.load_state_dict(saved())
+        """A resumed run: block ``b`` as the checkpoint saved it (``saved()`` loads its state dict and the marks of
+        how its layers were pruned)."""
+        from .checkpoint import restore_marks
+
+        block.load_state_dict(restore_marks(block, saved()))
 
     def totals(self, model: nn.Module) -> tuple[int, int] | None:
         """(parameters, zeros) over the whole model, every parameter once (tied embeddings are one tensor)."""

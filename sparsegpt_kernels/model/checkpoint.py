@@ -14,6 +14,38 @@ from torch import nn
 from .report import LayerReport
 
 CHECKPOINT_VERSION = 1
+#: prefix of the entries of a block file that hold how its layers were pruned (the pattern, the quantization grid)
+MARK_PREFIX = "__sparsegpt_kernels_pruned__."
+
+
+def marks_of(block: nn.Module) -> dict:
+    """The pruning marks of ``block``'s modules (:func:`.prune_block.mark_pruned`) as block-file entries."""
+    from .prune_block import PRUNED_ATTR
+
+    out = {}
+    for name, mod in block.named_modules():
+        mark = getattr(mod, PRUNED_ATTR, None)
+        if mark is not None:
+            q = mark["quant"]
+            out[MARK_PREFIX + name] = {"pattern": mark["pattern"], "quant": None if q is None else
+                                       {"scale": q.scale, "zero": q.zero, "maxq": q.maxq, "group_size": q.group_size}}
+    return out
+
+
+def restore_marks(block: nn.Module, saved: dict) -> dict:
+    """``saved`` without its mark entries, which are set back on ``block``'s modules."""
+    from ..spec import QuantGrid
+    from .prune_block import PRUNED_ATTR
+
+    weights = {}
+    for k, v in saved.items():
+        if not k.startswith(MARK_PREFIX):
+            weights[k] = v
+            continue
+        q = v["quant"]
+        grid = None if q is None else QuantGrid(q["scale"], q["zero"], int(q["maxq"]), int(q["group_size"]))
+        setattr(block.get_submodule(k[len(MARK_PREFIX):]), PRUNED_ATTR, {"pattern": v["pattern"], "quant": grid})
+    return weights
 
 
 def fingerprint(settings: dict, model: nn.Module, nblocks: int, ids: torch.Tensor | None) -> str:
@@ -70,7 +102,7 @@ class Checkpoint:
         return state
 
     def block_weights(self, i: int) -> dict:
-        return torch.load(self._path(f"block_{i:05d}.pt"), map_location="cpu", weights_only=True)
+        return torch.load(self._path(f"block_{i:05d}.pt"), map_location="cpu", weights_only=True)  # marks included
 
     def activations(self, name: str) -> torch.Tensor:
         """This process's activations of the checkpoint's ``acts`` entry."""
@@ -86,8 +118,9 @@ class Checkpoint:
         old = self.load()
         if self.rank == 0:
             if self.keep_weights:
-                self._atomic_save({k: v.detach().cpu().clone() for k, v in block.state_dict().items()},
-                                  f"block_{i:05d}.pt")
+                saved = {k: v.detach().cpu().clone() for k, v in block.state_dict().items()}
+                saved.update(marks_of(block))
+                self._atomic_save(saved, f"block_{i:05d}.pt")
             state = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "next_block": i + 1,
                      "acts": acts_name, "seconds": seconds, "world": self.world,
                      "reports": [asdict(r) for r in reports]}

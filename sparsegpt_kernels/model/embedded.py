@@ -196,15 +196,22 @@ def load_model(name_or_path: str = "embedded", *, dtype: torch.dtype = torch.flo
     id.
 
     The embedded model and local directories are read without touching the network; a hub id is resolved by
-    transformers as usual (downloaded if allowed, else taken from its cache).
+    transformers as usual (downloaded if allowed, else taken from its cache). A compressed sparse checkpoint
+    (:func:`sparsegpt_kernels.save_sparse`) is loaded with :func:`sparsegpt_kernels.load_sparse`, its pruned layers as
+    :class:`~sparsegpt_kernels.SparseLinear` modules.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..sparse.checkpoint import is_sparse_checkpoint, load_sparse
 
     check_model_source(name_or_path)
     path = embedded_model_dir(name_or_path) if name_or_path in EMBEDDED_NAMES else os.path.expanduser(name_or_path)
     local = {"local_files_only": True} if os.path.isdir(path) else {}
     config = AutoConfig.from_pretrained(path, **local)
     check_causal_lm(config, name_or_path)
+    if os.path.isdir(path) and is_sparse_checkpoint(path):
+        model = load_sparse(path, dtype=dtype)
+        return model, (AutoTokenizer.from_pretrained(path, **local) if tokenizer else None)
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **local)
     missing = list(info.get("missing_keys") or [])
     if missing:

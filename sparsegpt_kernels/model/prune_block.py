@@ -102,6 +102,7 @@ def prune_one(full: str, t: PrunableLayer, s: Setting, opts: PruneOptions,
     t0 = time.perf_counter()
     if method == "sparsegpt":
         r = prune_layer_with(W, acc.hessian.to(W.device), lo)
+        mark_pruned(t, lo.pattern, r.quant_grid)
         return LayerReport(loss=r.loss, sparsity=r.sparsity, damp=r.damp, seconds=r.seconds, backend=r.backend,
                            mask_sparsity=r.mask_sparsity, **common)
     quant = dict(quant_bits=lo.quant_bits, quant_group_size=lo.quant_group_size)
@@ -110,7 +111,19 @@ def prune_one(full: str, t: PrunableLayer, s: Setting, opts: PruneOptions,
         sp = baselines.wanda_prune_(W, acc.hessian.diagonal(), **which)
     else:
         sp = baselines.magnitude_prune_(W, **which)
+    mark_pruned(t, lo.pattern, None)
     mask = reference.mask_fraction(*W.shape, sparsity=lo.fraction, nm=lo.nm,
                                    per="row" if method == "wanda" else "matrix")
     return LayerReport(loss=None, sparsity=sp, damp=0.0, seconds=time.perf_counter() - t0, backend=method,
                        mask_sparsity=mask, **common)
+
+
+#: the attribute of a pruned linear module that says how it was pruned (:func:`sparsegpt_kernels.to_sparse` reads it)
+PRUNED_ATTR = "sparsegpt_kernels_pruned"
+
+
+def mark_pruned(t: PrunableLayer, pattern: str | None, grid) -> None:
+    """Record on a pruned linear module its N:M pattern and, with joint quantization, the grid its weights are on (a
+    compressed checkpoint stores the integer codes from it); experts of fused modules are not marked."""
+    if t.expert is None:
+        setattr(t.module, PRUNED_ATTR, {"pattern": pattern, "quant": grid})

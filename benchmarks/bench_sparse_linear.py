@@ -1,0 +1,114 @@
+"""The compressed sparse linear kernel (ext_sparse_linear, csrc/core/sparse_linear.h) against torch's dense F.linear,
+per layer, on the CPU, with the memory floor of both.
+
+For every (shape, setting, token count) it times, in the same process and with the same threads:
+- dense: torch's F.linear with the dense weight in float32 and in bfloat16 (the better of the two is "dense");
+- sparse: the kernel on the compressed weight (bfloat16 values and a bitmask; bfloat16 activations), called directly;
+- the floor: the bytes each must read (sparse: values + mask + offsets + x; dense: the bfloat16 weight + x) at the
+  read bandwidth measured in the same run (the sum of a tensor far larger than the caches, the best of 5).
+The weights are random with random masks of the setting's sparsity (an exact N:M pattern for "2:4"). Writes CSV
+(benchmarks/results/sparse_linear_cpu.csv) and prints a table; SparseLinear runs the kernel up to
+sparsegpt_kernels.sparse.linear.DECODE_MAX_TOKENS tokens, and the rows above it show why.
+
+    python benchmarks/bench_sparse_linear.py            # the embedded model's and LLaMA-7B's shapes
+    python benchmarks/bench_sparse_linear.py --quick    # tiny smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import OUT_DIR, RESULTS_DIR, meta, print_table, time_fn, write_csv  # noqa: E402
+
+from sparsegpt_kernels.backends import extension  # noqa: E402
+from sparsegpt_kernels.sparse import CompressedWeight, SparseLinear  # noqa: E402
+
+SHAPES = {"smollm2 q/o": (576, 576), "smollm2 up/gate": (1536, 576), "smollm2 down": (576, 1536),
+          "llama-7b q/o": (4096, 4096), "llama-7b up/gate": (11008, 4096), "llama-7b down": (4096, 11008)}
+SETTINGS = ("50%", "60%", "70%", "80%", "2:4")
+
+
+def read_gbps(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes read per second by the sum of a tensor of ``nbytes`` (the best of ``repeats``), in GB/s."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    _, best, _ = time_fn(lambda: a.sum(), torch.device("cpu"), repeats=repeats)
+    return nbytes / best / 1e9
+
+
+def random_weight(rows: int, cols: int, setting: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    if setting == "2:4":
+        scores = torch.rand(rows, cols // 4, 4, generator=g)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, scores.topk(2, dim=2).indices, True)
+        return (W * keep.reshape(rows, cols)).to(torch.bfloat16)
+    s = float(setting.rstrip("%")) / 100
+    return (W * (torch.rand(rows, cols, generator=g) >= s)).to(torch.bfloat16)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 128])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--csv", default=None)
+    args = p.parse_args(argv)
+    if extension.load() is None:
+        print(f"the compiled extension is not available: {extension.missing_reason()}")
+        return 1
+    ops = torch.ops.sparsegpt_kernels
+    cpu = torch.device("cpu")
+    shapes = {"tiny": (40, 72)} if args.quick else {k: SHAPES[k] for k in args.shapes}
+    tokens = [1, 5] if args.quick else args.tokens
+    settings = ["50%", "2:4"] if args.quick else args.settings
+    repeats = 2 if args.quick else args.repeats
+    bw = read_gbps(1 << 22 if args.quick else 1 << 28)
+    info = meta(cpu)
+    simd = ops.ext_cpu_simd()
+    print(f"# {info['device']}, {simd}, read bandwidth {bw:.1f} GB/s, torch {info['torch']}")
+    rows = []
+    for name, (r, c) in shapes.items():
+        for setting in settings:
+            W = random_weight(r, c, setting)
+            lin = SparseLinear(CompressedWeight.compress(W, pattern="2:4" if setting == "2:4" else None))
+            W32 = W.float()
+            sparse_bytes = lin.nbytes() + 8 * (r + 1)
+            for T in tokens:
+                x = torch.randn(T, c, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
+                x32 = x.float()
+                d32 = time_fn(partial(F.linear, x32, W32), cpu, repeats=repeats)[0]
+                d16 = time_fn(partial(F.linear, x, W), cpu, repeats=repeats)[0]
+                sp = time_fn(partial(ops.ext_sparse_linear, x, lin.weight_mask, lin.weight_values, lin.weight_offsets,
+                                     None), cpu, repeats=repeats)[0]
+                dense = min(d32, d16)
+                floor_sparse = (sparse_bytes + 2 * T * c) / (bw * 1e9)
+                floor_dense = (2 * r * c + 2 * T * c) / (bw * 1e9)
+                rows.append({
+                    "shape": name, "rows": r, "cols": c, "setting": setting, "tokens": T,
+                    "dense_fp32_ms": f"{1e3 * d32:.3f}", "dense_bf16_ms": f"{1e3 * d16:.3f}",
+                    "sparse_ms": f"{1e3 * sp:.3f}", "speedup": f"{dense / sp:.2f}",
+                    "sparse_floor_ms": f"{1e3 * floor_sparse:.3f}", "sparse_vs_floor": f"{sp / floor_sparse:.2f}",
+                    "dense_floor_ms": f"{1e3 * floor_dense:.3f}", "bytes_vs_dense": f"{lin.nbytes() / (2 * r * c):.4f}",
+                    "simd": simd, "read_gbps": f"{bw:.1f}", **info,
+                })
+                print(f"{name:>16} {setting:>4} T={T:<4} dense {1e3 * dense:8.3f} ms  sparse {1e3 * sp:8.3f} ms  "
+                      f"x{dense / sp:5.2f}  floor x{sp / floor_sparse:5.2f}", flush=True)
+    out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, "sparse_linear_cpu.csv")
+    write_csv(out, rows)
+    print_table(rows, ["shape", "setting", "tokens", "dense_fp32_ms", "dense_bf16_ms", "sparse_ms", "speedup",
+                       "sparse_vs_floor", "bytes_vs_dense"])
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

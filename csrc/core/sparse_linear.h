@@ -1,0 +1,313 @@
+// y = x Wᵀ (+ b) straight from a compressed weight (docs/sparse_format.md): a bitmask of the kept weights and their
+// values in row-major order. Torch-free; the ATen operator ext_sparse_linear (csrc/cpu/ops.cpp) calls it.
+//
+// Layout read here: mask (rows, ldm) uint8, bit j % 8 of byte j / 8 of row r set when W[r, j] is kept; values
+// (float32, or bfloat16 as its 16 raw bits), row r's first value at offsets[r]. x: (T, cols) float32, leading
+// dimension ldx. y: (T, rows) float32, leading dimension ldy.
+//
+// Each row is one dot product per token, summed in the order of its kept columns in chunks of the vector width: the
+// chunk's kept values are expanded into their columns (AVX-512: vexpandps; AVX2: the values beyond the chunk's count
+// zeroed, then a permutation from a 256-entry table indexed by the mask byte) and multiplied with the dense x. Rows are
+// independent, so callers split them between threads. The SIMD copies read up to one vector of values beyond a
+// row's last one (never beyond the buffer when it holds kPadValues more values than the mask keeps) and load only
+// whole chunks of x (the columns of a partial last chunk are done one by one).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "sweep_core.h"  // Simd, cpu_simd, simd_used
+
+namespace sgk {
+
+// Values a buffer must hold beyond the mask's count for the SIMD copies' whole-vector reads.
+constexpr int64_t kPadValues = 16;
+
+template <typename V>
+struct SparseRows {
+  int64_t rows = 0, cols = 0;
+  const uint8_t* mask = nullptr;
+  int64_t ldm = 0;  // bytes per mask row: (cols + 7) / 8
+  const V* values = nullptr;
+  const int64_t* offsets = nullptr;  // (rows + 1): row r's values are [offsets[r], offsets[r + 1])
+};
+
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Bits set in the `n` bytes at p, 8 bytes a step.
+inline int64_t count_bits_portable(const uint8_t* p, int64_t n) {
+  int64_t c = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t u;
+    std::memcpy(&u, p + i, sizeof u);
+    c += __builtin_popcountll(u);
+  }
+  for (; i < n; ++i) c += __builtin_popcount(p[i]);
+  return c;
+}
+
+inline float value_of(float v) { return v; }
+inline float value_of(uint16_t v) { return bf16_to_float(v); }
+
+// Rows [r0, r1) for T tokens, one kept weight at a time: the specification of the SIMD copies (and their path for the
+// columns of a partial last chunk).
+template <typename V>
+void sparse_rows_scalar(const SparseRows<V>& w, const float* x, int64_t T, int64_t ldx, const float* bias, float* y,
+                        int64_t ldy, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * ldx;
+      const uint8_t* m = w.mask + r * w.ldm;
+      const V* v = w.values + w.offsets[r];
+      float acc = 0.0f;
+      for (int64_t j = 0; j < w.cols; ++j) {
+        if ((m[j >> 3] >> (j & 7)) & 1) acc += value_of(*v++) * xt[j];
+      }
+      y[t * ldy + r] = bias != nullptr ? acc + bias[r] : acc;
+    }
+  }
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define SGK_HAVE_SPARSE_SIMD 1
+}  // namespace sgk
+#include <immintrin.h>
+namespace sgk {
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_epi32() as the unused merge source of their unmasked forms,
+// which -Wall reports as uninitialised at every inlined call: silenced here, for these functions only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// For a mask byte m: lane i of index[m] is the position among the kept values of the value of lane i (the number
+// of kept lanes below it), and 7 for a lane that is not kept; tail[k] keeps the first k lanes (all bits set) and
+// zeroes the others. With the loaded values masked by tail[popcount(m)], lane 7 is 0 whenever a lane is not kept
+// (then at most 7 are), so one permutation both places the kept values and zeroes the rest.
+struct ExpandTable {
+  alignas(32) int32_t index[256][8];
+  alignas(32) int32_t tail[9][8];
+  ExpandTable() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) index[m][i] = (m >> i) & 1 ? k++ : 7;
+    }
+    for (int k = 0; k <= 8; ++k) {
+      for (int i = 0; i < 8; ++i) tail[k][i] = i < k ? -1 : 0;
+    }
+  }
+};
+
+inline const ExpandTable& expand_table() {
+  static const ExpandTable table;
+  return table;
+}
+
+// The 8 columns of one chunk of a row with mask byte `bits` and `count` = popcount(bits) kept values starting at v
+// (AVX2): the values expanded into their lanes, the others 0.
+template <typename V>
+__attribute__((target("avx2,fma,popcnt"))) inline __m256 expand8(const V* v, int bits, int count,
+                                                                  const ExpandTable& tab) {
+  __m256i vals;
+  if constexpr (sizeof(V) == 4) {
+    vals = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  } else {
+    vals = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))), 16);
+  }
+  vals = _mm256_and_si256(vals, _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.tail[count])));
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.index[bits]));
+  return _mm256_permutevar8x32_ps(_mm256_castsi256_ps(vals), idx);
+}
+
+// Up to 4 tokens of one row, 8 columns a chunk (AVX2 + FMA). U chunks a step, each with its own accumulators: the
+// chunks' value pointers are the only chain between them (one popcount and one add), and U independent FMA chains
+// hide the FMA latency.
+template <typename V, int TB>
+__attribute__((target("avx2,fma,popcnt"))) inline void sparse_row_avx2(const SparseRows<V>& w, const float* x,
+                                                                        int64_t ldx, int64_t r, float* out) {
+  constexpr int U = TB == 1 ? 4 : 2;
+  const ExpandTable& tab = expand_table();
+  __m256 acc[U][TB];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < TB; ++t) acc[u][t] = _mm256_setzero_ps();
+  const uint8_t* m = w.mask + r * w.ldm;
+  const V* v = w.values + w.offsets[r];
+  const int64_t full = w.cols / 8;
+  int64_t c = 0;
+  for (; c + U <= full; c += U) {
+    const V* vu[U];
+    int bits[U], count[U];
+    for (int u = 0; u < U; ++u) {
+      bits[u] = m[c + u];
+      count[u] = _mm_popcnt_u32(static_cast<unsigned>(bits[u]));
+      vu[u] = v;
+      v += count[u];
+    }
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = expand8(vu[u], bits[u], count[u], tab);
+      const float* xc = x + (c + u) * 8;
+      for (int t = 0; t < TB; ++t) acc[u][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xc + t * ldx), acc[u][t]);
+    }
+  }
+  for (; c < full; ++c) {
+    const int bits = m[c];
+    const int count = _mm_popcnt_u32(static_cast<unsigned>(bits));
+    const __m256 wv = expand8(v, bits, count, tab);
+    v += count;
+    for (int t = 0; t < TB; ++t) acc[0][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + c * 8), acc[0][t]);
+  }
+  for (int t = 0; t < TB; ++t) {
+    __m256 a = acc[0][t];
+    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][t]);
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    out[t] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  }
+  for (int64_t j = full * 8; j < w.cols; ++j) {  // a partial last chunk
+    if ((m[j >> 3] >> (j & 7)) & 1) {
+      const float wj = value_of(*v++);
+      for (int t = 0; t < TB; ++t) out[t] += wj * x[t * ldx + j];
+    }
+  }
+}
+
+// The 16 columns of one chunk of a row with mask bits `bits`, whose kept values start at v (AVX-512).
+template <typename V>
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline __m512 expand16(const V* v, __mmask16 bits) {
+  if constexpr (sizeof(V) == 4) {
+    return _mm512_maskz_expandloadu_ps(bits, reinterpret_cast<const float*>(v));
+  } else {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+    return _mm512_maskz_expand_ps(bits, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+  }
+}
+
+// Up to 4 tokens of one row, 16 columns a chunk (AVX-512F/BW/VL), U chunks a step as in sparse_row_avx2.
+template <typename V, int TB>
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline void sparse_row_avx512(const SparseRows<V>& w,
+                                                                                           const float* x,
+                                                                                           int64_t ldx, int64_t r,
+                                                                                           float* out) {
+  constexpr int U = TB == 1 ? 4 : 2;
+  __m512 acc[U][TB];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < TB; ++t) acc[u][t] = _mm512_setzero_ps();
+  const uint8_t* m = w.mask + r * w.ldm;
+  const V* v = w.values + w.offsets[r];
+  const int64_t full = w.cols / 16;
+  int64_t c = 0;
+  for (; c + U <= full; c += U) {
+    const V* vu[U];
+    uint16_t bits[U];
+    for (int u = 0; u < U; ++u) {
+      std::memcpy(&bits[u], m + 2 * (c + u), sizeof(uint16_t));  // columns 16(c+u) .. +15, lowest bit first
+      vu[u] = v;
+      v += _mm_popcnt_u32(bits[u]);
+    }
+    for (int u = 0; u < U; ++u) {
+      const __m512 wv = expand16(vu[u], static_cast<__mmask16>(bits[u]));
+      const float* xc = x + (c + u) * 16;
+      for (int t = 0; t < TB; ++t) acc[u][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + t * ldx), acc[u][t]);
+    }
+  }
+  for (; c < full; ++c) {
+    uint16_t bits;
+    std::memcpy(&bits, m + 2 * c, sizeof bits);
+    const __m512 wv = expand16(v, static_cast<__mmask16>(bits));
+    v += _mm_popcnt_u32(bits);
+    for (int t = 0; t < TB; ++t) acc[0][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * ldx + c * 16), acc[0][t]);
+  }
+  for (int t = 0; t < TB; ++t) {
+    __m512 a = acc[0][t];
+    for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][t]);
+    out[t] = _mm512_reduce_add_ps(a);
+  }
+  for (int64_t j = full * 16; j < w.cols; ++j) {  // a partial last chunk
+    if ((m[j >> 3] >> (j & 7)) & 1) {
+      const float wj = value_of(*v++);
+      for (int t = 0; t < TB; ++t) out[t] += wj * x[t * ldx + j];
+    }
+  }
+}
+
+__attribute__((target("popcnt"))) inline int64_t count_bits_popcnt(const uint8_t* p, int64_t n) {
+  return count_bits_portable(p, n);
+}
+
+template <typename V, int TB>
+inline void sparse_row_simd(Simd simd, const SparseRows<V>& w, const float* x, int64_t ldx, int64_t r, float* out) {
+  if (simd == Simd::kAvx512) {
+    sparse_row_avx512<V, TB>(w, x, ldx, r, out);
+  } else {
+    sparse_row_avx2<V, TB>(w, x, ldx, r, out);
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+// Rows [r0, r1) of the dense weight (row-major, leading dimension cols, every entry written): the kept values in
+// their columns, zeros elsewhere. Values are copied as they are (V's bits), so the result is exactly the weight.
+template <typename V>
+void sparse_rows_to_dense(const SparseRows<V>& w, V* out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    V* o = out + r * w.cols;
+    std::memset(o, 0, sizeof(V) * static_cast<size_t>(w.cols));
+    const uint8_t* m = w.mask + r * w.ldm;
+    const V* v = w.values + w.offsets[r];
+    for (int64_t b = 0; b < w.ldm; ++b) {
+      unsigned bits = m[b];
+      while (bits) {
+        const int i = __builtin_ctz(bits);
+        o[b * 8 + i] = *v++;
+        bits &= bits - 1;
+      }
+    }
+  }
+}
+
+// Bits set in the `n` mask bytes at p (with the popcnt instruction where the SIMD copies run).
+inline int64_t count_bits(Simd simd, const uint8_t* p, int64_t n) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  if (simd != Simd::kBaseline) return count_bits_popcnt(p, n);
+#endif
+  (void)simd;
+  return count_bits_portable(p, n);
+}
+
+// Rows [r0, r1) for T tokens with the widest copy `simd` allows (baseline: sparse_rows_scalar); tokens go in groups
+// of up to 4 (each group one pass over the row's values).
+template <typename V>
+void sparse_rows(Simd simd, const SparseRows<V>& w, const float* x, int64_t T, int64_t ldx, const float* bias,
+                 float* y, int64_t ldy, int64_t r0, int64_t r1) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  if (simd != Simd::kBaseline) {
+    float out[4];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t t0 = 0; t0 < T; t0 += 4) {
+        const float* xt = x + t0 * ldx;
+        const int64_t tb = T - t0 < 4 ? T - t0 : 4;
+        switch (tb) {
+          case 1: sparse_row_simd<V, 1>(simd, w, xt, ldx, r, out); break;
+          case 2: sparse_row_simd<V, 2>(simd, w, xt, ldx, r, out); break;
+          case 3: sparse_row_simd<V, 3>(simd, w, xt, ldx, r, out); break;
+          default: sparse_row_simd<V, 4>(simd, w, xt, ldx, r, out); break;
+        }
+        for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * ldy + r] = bias != nullptr ? out[t] + bias[r] : out[t];
+      }
+    }
+    return;
+  }
+#endif
+  (void)simd;
+  sparse_rows_scalar(w, x, T, ldx, bias, y, ldy, r0, r1);
+}
+
+}  // namespace sgk

@@ -1,0 +1,185 @@
+""":class:`SparseLinear`: a linear layer that keeps its pruned weight compressed (:mod:`.format`) and computes
+y = x Wᵀ + b from it.
+
+The layer holds the compressed tensors as buffers (they move with ``.to(device)``, and ``.to(dtype)`` casts the stored
+values like any weight; the quantization scales are kept as their float32 bits, so no cast can round them). Two ways
+to compute:
+
+* decode (at most ``decode_max_tokens`` input vectors, float32 or bfloat16 on the CPU, values not quantized): the
+  compiled kernel ``torch.ops.sparsegpt_kernels.ext_sparse_linear`` reads the mask and the values and never forms the
+  dense weight (csrc/core/sparse_linear.h);
+* prefill (more input vectors), where a dense matrix product is faster: the weight is decompressed for the call by
+  the compiled ``ext_sparse_to_dense`` and dropped after it, so the layer stays small in memory;
+* where no compiled kernel takes the layer (4-bit or 8-bit codes, float16 values, a GPU, no compiled extension): the
+  layer makes a dense copy of its weight once, says so in one log line, and runs from it; the checkpoint stays small,
+  the memory does not.
+
+Every path computes what an ``nn.Linear`` with the same zeros computes: the dense paths exactly (the same product),
+the kernel up to float32 rounding (it sums in another order). :meth:`SparseLinear.dense_weight` in pure PyTorch is
+the specification of the weight.
+
+:data:`LAST_PATH` counts which way each call went (for tests and benchmarks): "kernel", "prefill" or "copy".
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .format import CompressedWeight, row_counts
+
+#: input vectors up to which the compressed kernel runs: on the 2-core test machine it beat torch's dense product at 4
+#: tokens at every shape measured, and lost at 16 on the small ones (benchmarks/RESULTS.md, bench_sparse_linear.py)
+DECODE_MAX_TOKENS = 8
+#: calls per path since the process started: "kernel", "prefill" or "copy"
+LAST_PATH: collections.Counter = collections.Counter()
+logger = logging.getLogger("sparsegpt_kernels")
+_said: set[str] = set()
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+#: values kept beyond the last one in memory, for the kernel's whole-vector reads (sgk::kPadValues in
+#: csrc/core/sparse_linear.h; tests/test_sparse.py compares the two)
+PAD_VALUES = 16
+
+
+class SparseLinear(nn.Module):
+    """y = x Wᵀ + b with W kept compressed. Build one with :meth:`from_linear` (or
+    :func:`sparsegpt_kernels.to_sparse` for a whole model); :meth:`to_linear` gives the plain layer back."""
+
+    def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.pattern = weight.pattern
+        self.bits = weight.bits
+        self.group_size = weight.group_size
+        self.register_buffer("weight_mask", weight.mask.contiguous())
+        # an empty tensor of the weight's dtype: cast with the module, it tells the dtype of the dense weight
+        self.register_buffer("weight_dtype_tag", torch.empty(0, dtype=weight.dtype))
+        if weight.quantized:
+            self.register_buffer("weight_codes", weight.codes.contiguous())
+            self.register_buffer("weight_scale_bits", weight.scale.contiguous().view(torch.int32))
+            self.register_buffer("weight_zero", weight.zero.contiguous())
+        else:
+            # padded for the kernel's whole-vector reads (the checkpoint holds exactly the values)
+            pad = torch.zeros(PAD_VALUES, dtype=weight.values.dtype)
+            self.register_buffer("weight_values", torch.cat((weight.values.reshape(-1), pad)))
+        counts = row_counts(weight.mask)
+        offsets = torch.zeros(self.out_features + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        self.register_buffer("weight_offsets", offsets, persistent=False)
+        self.nnz = int(offsets[-1])
+        self.decode_max_tokens = DECODE_MAX_TOKENS
+        self._dense_copy: torch.Tensor | None = None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    # ------------------------------------------------------------------------------------------------ conversion
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, pattern: str | None = None, quant=None) -> SparseLinear:
+        """The compressed form of a (pruned) ``nn.Linear`` or transformers ``Conv1D``; ``pattern`` ("N:M") is
+        recorded and checked, ``quant`` (the pruning's :class:`~sparsegpt_kernels.spec.QuantGrid`) stores grid codes
+        instead of values."""
+        from ..api import is_conv1d
+
+        if isinstance(linear, nn.Linear):
+            W = linear.weight
+        elif is_conv1d(linear):
+            W = linear.weight.T
+        else:
+            raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        out = cls(CompressedWeight.compress(W, pattern=pattern, quant=quant), getattr(linear, "bias", None))
+        return out.to(W.device)
+
+    def compressed(self) -> CompressedWeight:
+        """The layer's weight as a :class:`~.format.CompressedWeight` (views of the buffers, on the CPU)."""
+        dtype = self.weight_dtype_tag.dtype
+        mask = self.weight_mask.cpu()
+        if self.bits:
+            return CompressedWeight((self.out_features, self.in_features), dtype, mask, codes=self.weight_codes.cpu(),
+                                    bits=self.bits, scale=self.weight_scale_bits.cpu().view(torch.float32),
+                                    zero=self.weight_zero.cpu(), group_size=self.group_size, pattern=self.pattern)
+        return CompressedWeight((self.out_features, self.in_features), dtype, mask,
+                                values=self.weight_values[: self.nnz].cpu().to(dtype), pattern=self.pattern)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) weight, decompressed, in the layer's dtype and on its device."""
+        return self.compressed().decompress().to(self.weight_mask.device)
+
+    def to_linear(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with the decompressed weight (bit for bit what was compressed)."""
+        W = self.dense_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = nn.Parameter(W, requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return lin
+
+    # ------------------------------------------------------------------------------------------------ compute
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.weight_dtype_tag.dtype
+
+    def _compiled(self, x: torch.Tensor) -> str | None:
+        """Why the compiled kernels cannot take this layer with input ``x`` (``None`` when they can)."""
+        if self.bits:
+            return f"{self.bits}-bit codes"
+        if x.device.type != "cpu" or self.weight_values.device.type != "cpu":
+            return f"tensors on {x.device.type}"
+        if x.dtype not in _KERNEL_DTYPES or self.weight_values.dtype not in _KERNEL_DTYPES:
+            return f"{str(self.weight_values.dtype).replace('torch.', '')} values or {x.dtype} input"
+        if not _kernel_available():
+            return "no compiled extension"
+        return None
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` runs the compressed kernel on ``x`` (see the module docstring)."""
+        return x.numel() <= self.decode_max_tokens * self.in_features and self._compiled(x) is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        why_not = self._compiled(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if why_not is None:
+            if x.numel() <= self.decode_max_tokens * self.in_features:
+                LAST_PATH["kernel"] += 1
+                return torch.ops.sparsegpt_kernels.ext_sparse_linear(x, self.weight_mask, self.weight_values,
+                                                                     self.weight_offsets, self.bias)
+            LAST_PATH["prefill"] += 1
+            W = torch.ops.sparsegpt_kernels.ext_sparse_to_dense(self.weight_mask, self.weight_values,
+                                                                self.weight_offsets, self.in_features)
+            return F.linear(x, W.to(self.weight_dtype).to(x.dtype), bias)
+        LAST_PATH["copy"] += 1
+        copy = self._dense_copy
+        if copy is None or copy.device != x.device or copy.dtype != self.weight_dtype:
+            if why_not not in _said:
+                _said.add(why_not)
+                logger.warning("sparsegpt_kernels: SparseLinear has no compressed kernel for %s: these layers run "
+                               "from a dense copy of their weight (the checkpoint stays small, the memory does not)",
+                               why_not)
+            copy = self._dense_copy = self.dense_weight().to(x.device)
+        return F.linear(x, copy.to(x.dtype), bias)
+
+    def nbytes(self) -> int:
+        """Bytes of the compressed weight (the buffers, without the bias)."""
+        out = 0
+        for n, b in self.named_buffers():
+            if n == "weight_values":
+                out += self.nnz * b.element_size()
+            elif n not in ("weight_dtype_tag", "weight_offsets"):
+                out += b.numel() * b.element_size()
+        return out
+
+    def extra_repr(self) -> str:
+        kind = f"{self.bits}-bit codes" if self.bits else "values"
+        pat = f", pattern={self.pattern}" if self.pattern else ""
+        dense = self.in_features * self.out_features * torch.empty(0, dtype=self.weight_dtype).element_size()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"dtype={str(self.weight_dtype).replace('torch.', '')}{pat}, {kind}, "
+                f"{self.nbytes() / dense:.3f}x the dense bytes")
+
+
+def _kernel_available() -> bool:
+    from ..backends import extension
+
+    return extension.load() is not None
