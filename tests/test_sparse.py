@@ -526,3 +526,21 @@ def test_pad_values_agree_with_the_kernel_header():
 
 def test_prefill_threshold_is_a_sane_token_count():
     assert 1 <= sl.DECODE_MAX_TOKENS <= 128 and math.log2(sl.DECODE_MAX_TOKENS).is_integer()
+
+
+def test_the_quantization_grid_survives_a_resume(tmp_path):
+    """A run killed after block 0 and resumed: block 0 comes back from the checkpoint with the marks of how its layers
+    were pruned, so its weights are still stored as 4-bit codes."""
+    kw = dict(sparsity=0.5, quant_bits=4, quant_group_size=32, device="cpu", checkpoint_dir=tmp_path / "ckpt")
+
+    def stop(b, reports):
+        if b == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sk.prune_model(tiny_llama(), _ids(), on_block_end=stop, **kw)
+    model = tiny_llama()
+    report = sk.prune_model(model, _ids(), **kw)
+    assert report.resumed_from_block == 1
+    table = sk.save_sparse(model, tmp_path / "sparse")
+    assert {m.get("bits") for m in table.values()} == {4} and len(table) == 14
