@@ -431,6 +431,7 @@ def cmd_generate(args) -> int:
     """Greedy generation from --prompt with the timing of the decode steps: what a user sees of a sparse model."""
     import torch
 
+    from .model.calibration import max_positions
     from .sparse.linear import SparseLinear
 
     model, tok = _load(args)
@@ -441,7 +442,7 @@ def cmd_generate(args) -> int:
     sparse = sum(isinstance(m, SparseLinear) for m in model.modules())
     enc = tok([args.prompt] * args.batch, return_tensors="pt").to(device)
     prompt_len = enc["input_ids"].shape[1]
-    if prompt_len + args.max_new_tokens > (max_positions_of(model) or 1 << 30):
+    if prompt_len + args.max_new_tokens > (max_positions(model) or 1 << 30):
         raise UsageError(f"--prompt ({prompt_len} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
                          "model's limit")
     times = []
@@ -468,12 +469,6 @@ def cmd_generate(args) -> int:
           f"{new - 1} decode steps at {args.batch / decode:.1f} tokens/s ({1e3 * decode:.1f} ms a step); "
           f"{total:.2f} s in all")
     return 0
-
-
-def max_positions_of(model):
-    from .model.calibration import max_positions
-
-    return max_positions(model)
 
 
 def cmd_compare(args) -> int:

@@ -150,6 +150,14 @@ def _has_prunable(module: nn.Module) -> bool:
     return any(is_linear(m) or is_fused_experts(m) for m in module.modules())
 
 
+def tied_copies(model: nn.Module) -> set[str]:
+    """Parameter names that are tied copies of another (a tied LM head): written once, tied again on loading."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return set()
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    return set(keys.keys() if isinstance(keys, dict) else keys)
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, ModuleList) of the model's decoder blocks.
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..checks import count_nonzero
+from .blocks import tied_copies
 from .report import PruneReport
 
 INDEX = "model.safetensors.index.json"
@@ -67,19 +68,11 @@ class SafetensorsSource:
         return out
 
 
-def _tied_copies(model: nn.Module) -> set[str]:
-    """Parameter names that are tied copies of another (written once, re-tied by ``from_pretrained``)."""
-    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return set()
-    keys = getattr(model, "_tied_weights_keys", None) or []
-    return set(keys.keys() if isinstance(keys, dict) else keys)
-
-
 def _name_map(model: nn.Module, source: SafetensorsSource) -> dict[str, str]:
     """Model tensor name -> checkpoint tensor name; checkpoints that omit or add the base model's prefix (older OPT,
     GPT-2 files) are handled, anything else is refused with the first name that cannot be found."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    tied = _tied_copies(model)
+    tied = tied_copies(model)
     buffers = {n for n, _ in model.named_buffers()}
     mapping = {}
     for name in model.state_dict():

@@ -19,8 +19,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .format import CompressedWeight, SparseFormatError
-from .linear import SparseLinear
+from .format import CompressedWeight, SparseFormatError, dtype_of
+from .linear import SparseLinear, linear_weight
 
 FORMAT_NAME = "sparsegpt-kernels-sparse"
 FORMAT_VERSION = 1
@@ -38,17 +38,6 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 # ----------------------------------------------------------------------------------------------------------------
 # In memory
 # ----------------------------------------------------------------------------------------------------------------
-def _linear_weight(mod: nn.Module) -> torch.Tensor | None:
-    """The (out, in) weight of an ``nn.Linear`` or a transformers ``Conv1D``; ``None`` for other modules."""
-    from ..api import is_conv1d
-
-    if isinstance(mod, nn.Linear):
-        return mod.weight
-    if is_conv1d(mod):
-        return mod.weight.T
-    return None
-
-
 def _shared_parameters(model: nn.Module) -> set[int]:
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -67,7 +56,7 @@ def _chosen(model: nn.Module, layers, min_sparsity: float) -> list[tuple[str, nn
     shared = _shared_parameters(model)
     out = []
     for name, mod in model.named_modules():
-        W = _linear_weight(mod)
+        W = linear_weight(mod)
         if W is None or id(mod.weight) in shared or W.dim() != 2:
             continue
         if patterns is not None:
@@ -111,13 +100,6 @@ def sparse_to_dense(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------------------------
-def _tied_copies(model: nn.Module) -> set[str]:
-    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        return set()
-    keys = getattr(model, "_tied_weights_keys", None) or []
-    return set(keys.keys() if isinstance(keys, dict) else keys)
-
-
 def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, layers=None,
                 min_sparsity: float = MIN_SPARSITY, max_shard_size: str | int = DEFAULT_SHARD_SIZE) -> dict:
     """Write ``model`` (a transformers model) to the directory ``path`` with its pruned linear layers compressed.
@@ -130,6 +112,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, la
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    from ..model.blocks import tied_copies
+
     path = os.fspath(path)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -139,7 +123,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, la
     tensors = {}
     for name, cw in compressed.items():
         tensors.update(cw.tensors(name))
-    skip = _tied_copies(model)
+    skip = tied_copies(model)
     for k, v in model.state_dict().items():
         owner, _, leaf = k.rpartition(".")
         if (owner not in compressed or leaf == "bias") and k not in skip:
@@ -210,20 +194,29 @@ def read_header(path: str) -> dict:
     return header
 
 
-def _weight_files(path: str) -> dict[str, str]:
-    """Tensor name -> file, from the index or the single file."""
+def _weight_files(path: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """(tensor name -> file, file -> its checked header), from the index or the single file; every tensor the index
+    lists must be in its file."""
     index = os.path.join(path, INDEX)
-    single = os.path.join(path, WEIGHTS)
     if os.path.isfile(index):
         try:
             with open(index) as f:
-                weight_map = dict(json.load(f)["weight_map"])
+                files = dict(json.load(f)["weight_map"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise SparseFormatError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
-        return weight_map
-    if os.path.isfile(single):
-        return {name: WEIGHTS for name in read_header(single) if name != "__metadata__"}
-    raise SparseFormatError(f"{path!r} has no {WEIGHTS} or {INDEX}: not a sparse checkpoint (save_sparse writes one)")
+    elif os.path.isfile(os.path.join(path, WEIGHTS)):
+        files = None
+    else:
+        raise SparseFormatError(f"{path!r} has no {WEIGHTS} or {INDEX}: not a sparse checkpoint (save_sparse writes "
+                                "one)")
+    names = sorted(set(files.values())) if files is not None else [WEIGHTS]
+    headers = {f: read_header(os.path.join(path, f)) for f in names}
+    if files is None:
+        files = {name: WEIGHTS for name in headers[WEIGHTS] if name != "__metadata__"}
+    for name, f in files.items():
+        if name not in headers[f]:
+            raise SparseFormatError(f"{os.path.join(path, f)}: the index lists {name!r}, the file has no such tensor")
+    return files, headers
 
 
 def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
@@ -268,13 +261,11 @@ def load_sparse(path: str | os.PathLike, *, device: torch.device | str = "cpu", 
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..model.blocks import tied_copies
+
     path = os.fspath(path)
     entry = read_layer_table(path)
-    files = _weight_files(path)
-    headers = {f: read_header(os.path.join(path, f)) for f in sorted(set(files.values()))}
-    for name, f in files.items():
-        if name not in headers[f]:
-            raise SparseFormatError(f"{os.path.join(path, f)}: the index lists {name!r}, the file has no such tensor")
+    files, _ = _weight_files(path)
     table = entry["layers"]
     compressed_names = {n for prefix, meta in table.items() for n in CompressedWeight.tensor_names(prefix, meta)}
 
@@ -307,7 +298,7 @@ def load_sparse(path: str | os.PathLike, *, device: torch.device | str = "cpu", 
         except AttributeError:
             raise SparseFormatError(f"layer {prefix!r} of the layer table is not a module of "
                                     f"{type(model).__name__}") from None
-        W = _linear_weight(old)
+        W = linear_weight(old)
         if W is None or tuple(W.shape) != cw.shape:
             got = "not a linear layer" if W is None else f"shape {tuple(W.shape)}"
             raise SparseFormatError(f"layer {prefix!r}: the model's module is {got}, the checkpoint has {cw.shape}")
@@ -320,18 +311,18 @@ def load_sparse(path: str | os.PathLike, *, device: torch.device | str = "cpu", 
         if dtype is not None:
             cw.dtype = dtype
         _set_module(model, prefix, SparseLinear(cw, bias))
-    expected = {k for k in model.state_dict() if not _inside(k, layers)}
-    tied = _tied_copies(model)
+    state = model.state_dict()  # the skeleton's tensors, on the meta device: names and shapes
+    expected = {k for k in state if k.rpartition(".")[0] not in layers}
     unexpected = sorted(set(rest) - expected)
     if unexpected:
         raise SparseFormatError(f"the checkpoint has tensors the model does not: {unexpected[:5]}")
-    missing = sorted(k for k in expected - set(rest) - tied if k not in dict(model.named_buffers()))
+    buffers = {n for n, _ in model.named_buffers()}
+    missing = sorted(expected - set(rest) - tied_copies(model) - buffers)
     if missing:
         raise SparseFormatError(f"the checkpoint lacks tensors of the model: {missing[:5]}")
     for k, v in rest.items():
-        shape = tuple(model.get_parameter(k).shape) if _is_param(model, k) else None
-        if shape is not None and tuple(v.shape) != shape:
-            raise SparseFormatError(f"tensor {k!r}: shape {tuple(v.shape)}, the model's is {shape}")
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise SparseFormatError(f"tensor {k!r}: shape {tuple(v.shape)}, the model's is {tuple(state[k].shape)}")
     if dtype is not None:
         rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in rest.items()}
     model.load_state_dict(rest, strict=False, assign=True)
@@ -344,41 +335,21 @@ def load_sparse(path: str | os.PathLike, *, device: torch.device | str = "cpu", 
     return model.to(device)
 
 
-def _inside(key: str, layers: dict) -> bool:
-    owner = key.rpartition(".")[0]
-    return owner in layers
-
-
-def _is_param(model: nn.Module, key: str) -> bool:
-    try:
-        model.get_parameter(key)
-        return True
-    except AttributeError:
-        return False
-
-
 def checkpoint_sizes(path: str | os.PathLike) -> dict:
     """Bytes of a sparse checkpoint's weights: ``compressed`` (the compressed layers' tensors), ``dense_equivalent``
     (the same layers as dense tensors of their dtype) and ``total`` (every weight file)."""
     path = os.fspath(path)
     entry = read_layer_table(path)
-    files = _weight_files(path)
-    headers = {f: read_header(os.path.join(path, f)) for f in set(files.values())}
+    files, headers = _weight_files(path)
     compressed = dense = 0
     for prefix, meta in entry["layers"].items():
         for n in CompressedWeight.tensor_names(prefix, meta):
             begin, end = headers[files[n]][n]["data_offsets"]
             compressed += end - begin
         r, c = meta["shape"]
-        dense += r * c * torch.empty(0, dtype=_dtype(meta["dtype"])).element_size()
+        dense += r * c * torch.empty(0, dtype=dtype_of(meta["dtype"], "layer table")).element_size()
     total = sum(os.path.getsize(os.path.join(path, f)) for f in set(files.values()))
     return {"compressed": compressed, "dense_equivalent": dense, "total": total}
-
-
-def _dtype(name: str) -> torch.dtype:
-    from .format import dtype_of
-
-    return dtype_of(name, "layer table")
 
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "checkpoint_sizes", "is_sparse_checkpoint", "load_sparse", "save_sparse",

@@ -81,13 +81,8 @@ class SparseLinear(nn.Module):
         """The compressed form of a (pruned) ``nn.Linear`` or transformers ``Conv1D``; ``pattern`` ("N:M") is
         recorded and checked, ``quant`` (the pruning's :class:`~sparsegpt_kernels.spec.QuantGrid`) stores grid codes
         instead of values."""
-        from ..api import is_conv1d
-
-        if isinstance(linear, nn.Linear):
-            W = linear.weight
-        elif is_conv1d(linear):
-            W = linear.weight.T
-        else:
+        W = linear_weight(linear)
+        if W is None:
             raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         out = cls(CompressedWeight.compress(W, pattern=pattern, quant=quant), getattr(linear, "bias", None))
         return out.to(W.device)
@@ -139,7 +134,6 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         why_not = self._compiled(x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         if why_not is None:
             if x.numel() <= self.decode_max_tokens * self.in_features:
                 LAST_PATH["kernel"] += 1
@@ -148,7 +142,7 @@ class SparseLinear(nn.Module):
             LAST_PATH["prefill"] += 1
             W = torch.ops.sparsegpt_kernels.ext_sparse_to_dense(self.weight_mask, self.weight_values,
                                                                 self.weight_offsets, self.in_features)
-            return F.linear(x, W.to(self.weight_dtype).to(x.dtype), bias)
+            return F.linear(x, W.to(x.dtype), self._bias_as(x))
         LAST_PATH["copy"] += 1
         copy = self._dense_copy
         if copy is None or copy.device != x.device or copy.dtype != self.weight_dtype:
@@ -158,7 +152,10 @@ class SparseLinear(nn.Module):
                                "from a dense copy of their weight (the checkpoint stays small, the memory does not)",
                                why_not)
             copy = self._dense_copy = self.dense_weight().to(x.device)
-        return F.linear(x, copy.to(x.dtype), bias)
+        return F.linear(x, copy.to(x.dtype), self._bias_as(x))
+
+    def _bias_as(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(x.dtype)
 
     def nbytes(self) -> int:
         """Bytes of the compressed weight (the buffers, without the bias)."""
@@ -177,6 +174,18 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"dtype={str(self.weight_dtype).replace('torch.', '')}{pat}, {kind}, "
                 f"{self.nbytes() / dense:.3f}x the dense bytes")
+
+
+def linear_weight(mod: nn.Module) -> torch.Tensor | None:
+    """The (out, in) weight of an ``nn.Linear`` or a transformers ``Conv1D`` (stored (in, out)); ``None`` for other
+    modules."""
+    from ..api import is_conv1d
+
+    if isinstance(mod, nn.Linear):
+        return mod.weight
+    if is_conv1d(mod):
+        return mod.weight.T
+    return None
 
 
 def _kernel_available() -> bool:
