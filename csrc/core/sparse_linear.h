@@ -6,11 +6,13 @@
 // dimension ldx. y: (T, rows) float32, leading dimension ldy.
 //
 // Each row is one dot product per token, summed in the order of its kept columns in chunks of the vector width: the
-// chunk's kept values are expanded into their columns (AVX-512: vexpandps; AVX2: the values beyond the chunk's count
-// zeroed, then a permutation from a 256-entry table indexed by the mask byte) and multiplied with the dense x. Rows are
-// independent, so callers split them between threads. The SIMD copies read up to one vector of values beyond a
-// row's last one (never beyond the buffer when it holds kPadValues more values than the mask keeps) and load only
-// whole chunks of x (the columns of a partial last chunk are done one by one).
+// chunk's kept values are expanded into their columns and multiplied with the dense x. The expansion, by value type:
+// bfloat16 (AVX2, and AVX-512 machines too, where it measured faster than vexpandps): one byte shuffle from a
+// 256-entry table indexed by the mask byte turns the chunk's 8 raw values into 8 float32 lanes, the unkept ones 0;
+// float32: AVX-512 vexpandps, AVX2 the values beyond the chunk's count zeroed, then a permutation from a table.
+// Rows are independent, so callers split them between threads. The SIMD copies read up to one vector of values
+// beyond a row's last one (never beyond the buffer when it holds kPadValues more values than the mask keeps) and load
+// only whole chunks of x (the columns of a partial last chunk are done one by one).
 #pragma once
 
 #include <cstdint>
@@ -89,14 +91,26 @@ namespace sgk {
 // For a mask byte m: lane i of index[m] is the position among the kept values of the value of lane i (the number
 // of kept lanes below it), and 7 for a lane that is not kept; tail[k] keeps the first k lanes (all bits set) and
 // zeroes the others. With the loaded values masked by tail[popcount(m)], lane 7 is 0 whenever a lane is not kept
-// (then at most 7 are), so one permutation both places the kept values and zeroes the rest.
+// (then at most 7 are), so one permutation both places the kept values and zeroes the rest (float32 values).
+// shuffle[m] does the same for 8 bfloat16 values in one byte shuffle: with the 16 bytes of the chunk's values in
+// both 128-bit halves of a register, bytes 4i+2 and 4i+3 of a kept lane i take value k's two bytes (2k, 2k+1), so
+// lane i becomes the float32 whose high half is that bfloat16; every other byte has its top bit set, which the
+// shuffle turns into 0.
 struct ExpandTable {
   alignas(32) int32_t index[256][8];
   alignas(32) int32_t tail[9][8];
+  alignas(32) uint8_t shuffle[256][32];
   ExpandTable() {
     for (int m = 0; m < 256; ++m) {
       int k = 0;
-      for (int i = 0; i < 8; ++i) index[m][i] = (m >> i) & 1 ? k++ : 7;
+      for (int i = 0; i < 8; ++i) {
+        const bool kept = (m >> i) & 1;
+        index[m][i] = kept ? k : 7;
+        shuffle[m][4 * i] = shuffle[m][4 * i + 1] = 0x80;
+        shuffle[m][4 * i + 2] = kept ? static_cast<uint8_t>(2 * k) : 0x80;
+        shuffle[m][4 * i + 3] = kept ? static_cast<uint8_t>(2 * k + 1) : 0x80;
+        k += kept;
+      }
     }
     for (int k = 0; k <= 8; ++k) {
       for (int i = 0; i < 8; ++i) tail[k][i] = i < k ? -1 : 0;
@@ -114,15 +128,17 @@ inline const ExpandTable& expand_table() {
 template <typename V>
 __attribute__((target("avx2,fma,popcnt"))) inline __m256 expand8(const V* v, int bits, int count,
                                                                   const ExpandTable& tab) {
-  __m256i vals;
   if constexpr (sizeof(V) == 4) {
-    vals = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+    __m256i vals = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+    vals = _mm256_and_si256(vals, _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.tail[count])));
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.index[bits]));
+    return _mm256_permutevar8x32_ps(_mm256_castsi256_ps(vals), idx);
   } else {
-    vals = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))), 16);
+    (void)count;
+    const __m256i vals = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+    const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.shuffle[bits]));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(vals, ctl));
   }
-  vals = _mm256_and_si256(vals, _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.tail[count])));
-  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.index[bits]));
-  return _mm256_permutevar8x32_ps(_mm256_castsi256_ps(vals), idx);
 }
 
 // Up to 4 tokens of one row, 8 columns a chunk (AVX2 + FMA). U chunks a step, each with its own accumulators: the
@@ -177,18 +193,13 @@ __attribute__((target("avx2,fma,popcnt"))) inline void sparse_row_avx2(const Spa
   }
 }
 
-// The 16 columns of one chunk of a row with mask bits `bits`, whose kept values start at v (AVX-512).
-template <typename V>
-__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline __m512 expand16(const V* v, __mmask16 bits) {
-  if constexpr (sizeof(V) == 4) {
-    return _mm512_maskz_expandloadu_ps(bits, reinterpret_cast<const float*>(v));
-  } else {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-    return _mm512_maskz_expand_ps(bits, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
-  }
+// The 16 columns of one chunk of a row with mask bits `bits`, whose float32 values start at v (AVX-512).
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline __m512 expand16(const float* v, __mmask16 bits) {
+  return _mm512_maskz_expandloadu_ps(bits, v);
 }
 
-// Up to 4 tokens of one row, 16 columns a chunk (AVX-512F/BW/VL), U chunks a step as in sparse_row_avx2.
+// Up to 4 tokens of one row of float32 values, 16 columns a chunk (AVX-512F/BW/VL), U chunks a step as in
+// sparse_row_avx2.
 template <typename V, int TB>
 __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline void sparse_row_avx512(const SparseRows<V>& w,
                                                                                            const float* x,
@@ -242,11 +253,13 @@ __attribute__((target("popcnt"))) inline int64_t count_bits_popcnt(const uint8_t
 
 template <typename V, int TB>
 inline void sparse_row_simd(Simd simd, const SparseRows<V>& w, const float* x, int64_t ldx, int64_t r, float* out) {
-  if (simd == Simd::kAvx512) {
-    sparse_row_avx512<V, TB>(w, x, ldx, r, out);
-  } else {
-    sparse_row_avx2<V, TB>(w, x, ldx, r, out);
+  // bfloat16 values take the byte-shuffle expansion of the AVX2 copy on AVX-512 machines too: it measured faster
+  // than widening them for vexpandps (benchmarks/RESULTS.md)
+  if constexpr (sizeof(V) == 4) {
+    if (simd == Simd::kAvx512) return sparse_row_avx512<V, TB>(w, x, ldx, r, out);
   }
+  (void)simd;
+  sparse_row_avx2<V, TB>(w, x, ldx, r, out);
 }
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop

@@ -421,19 +421,23 @@ sgk::SparseRows<V> sparse_rows_view(const at::Tensor& mask, const V* values, con
   return w;
 }
 
-// fn(begin, end) over ranges of rows in parallel, each range's rows checked before fn reads them: row r's span of
-// offsets must be its mask's popcount, so that no read goes beyond the values. Returns a row that failed, or -1.
+// fn(begin, end) over ranges of rows in parallel, each run of up to `grain` rows checked just before fn reads it (its
+// mask is then still in the cache): row r's span of offsets must be its mask's popcount, so that no read goes beyond
+// the values. Returns a row that failed, or -1; fn has then not seen that row or any after it in its range.
 template <typename V, typename Fn>
 int64_t for_checked_rows(const sgk::SparseRows<V>& w, sgk::Simd simd, int64_t grain, Fn&& fn) {
   std::atomic<int64_t> bad_row{-1};
   at::parallel_for(0, w.rows, grain, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      if (w.offsets[r + 1] - w.offsets[r] != sgk::count_bits(simd, w.mask + r * w.ldm, w.ldm)) {
-        bad_row.store(r);
-        return;
+    for (int64_t r0 = b; r0 < e; r0 += grain) {
+      const int64_t r1 = std::min(e, r0 + grain);
+      for (int64_t r = r0; r < r1; ++r) {
+        if (w.offsets[r + 1] - w.offsets[r] != sgk::count_bits(simd, w.mask + r * w.ldm, w.ldm)) {
+          bad_row.store(r);
+          return;
+        }
       }
+      fn(r0, r1);
     }
-    fn(b, e);
   });
   return bad_row.load();
 }

@@ -32,8 +32,10 @@ from torch import nn
 
 from .format import CompressedWeight, row_counts
 
-#: input vectors up to which the compressed kernel runs: on the 2-core test machine it beat torch's dense product at 4
-#: tokens at every shape measured, and lost at 16 on the small ones (benchmarks/RESULTS.md, bench_sparse_linear.py)
+#: input vectors up to which the compressed kernel runs: on a 2-core AVX2 machine it beat torch's dense product at 4
+#: tokens at every shape measured, and lost at 16 on the small ones; on a CPU with AVX512-BF16, whose dense bfloat16
+#: product uses it, the kernel wins at 1 token only, but below 8 tokens it is still faster than decompressing the
+#: weight for a dense product (benchmarks/RESULTS.md, bench_sparse_linear.py)
 DECODE_MAX_TOKENS = 8
 #: calls per path since the process started: "kernel", "prefill" or "copy"
 LAST_PATH: collections.Counter = collections.Counter()
