@@ -92,6 +92,8 @@ namespace sgk {
 // of kept lanes below it), and 7 for a lane that is not kept; tail[k] keeps the first k lanes (all bits set) and
 // zeroes the others. With the loaded values masked by tail[popcount(m)], lane 7 is 0 whenever a lane is not kept
 // (then at most 7 are), so one permutation both places the kept values and zeroes the rest (float32 values).
+// words[m] places 8 bfloat16 values as 16-bit words (word i of a kept lane i is value k, the others 0), for the
+// bfloat16 dot products of sparse_rows_bf16.
 // shuffle[m] does the same for 8 bfloat16 values in one byte shuffle: with the 16 bytes of the chunk's values in
 // both 128-bit halves of a register, bytes 4i+2 and 4i+3 of a kept lane i take value k's two bytes (2k, 2k+1), so
 // lane i becomes the float32 whose high half is that bfloat16; every other byte has its top bit set, which the
@@ -100,6 +102,7 @@ struct ExpandTable {
   alignas(32) int32_t index[256][8];
   alignas(32) int32_t tail[9][8];
   alignas(32) uint8_t shuffle[256][32];
+  alignas(16) uint8_t words[256][16];
   ExpandTable() {
     for (int m = 0; m < 256; ++m) {
       int k = 0;
@@ -109,6 +112,8 @@ struct ExpandTable {
         shuffle[m][4 * i] = shuffle[m][4 * i + 1] = 0x80;
         shuffle[m][4 * i + 2] = kept ? static_cast<uint8_t>(2 * k) : 0x80;
         shuffle[m][4 * i + 3] = kept ? static_cast<uint8_t>(2 * k + 1) : 0x80;
+        words[m][2 * i] = kept ? static_cast<uint8_t>(2 * k) : 0x80;
+        words[m][2 * i + 1] = kept ? static_cast<uint8_t>(2 * k + 1) : 0x80;
         k += kept;
       }
     }
@@ -247,6 +252,61 @@ __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline void sparse_r
   }
 }
 
+// 16 columns of bfloat16 values as 16-bit words in their columns, 0 elsewhere (two chunks of 8, mask bytes b0 and b1,
+// values from v0 and v1): the two chunks' raw values in the two halves of a register and one byte shuffle.
+__attribute__((target("avx2"))) inline __m256i expand16_words(const uint16_t* v0, const uint16_t* v1, int b0, int b1,
+                                                              const ExpandTable& tab) {
+  const __m256i vals = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v0))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(v1)), 1);
+  const __m256i ctl = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(tab.words[b0]))),
+      _mm_load_si128(reinterpret_cast<const __m128i*>(tab.words[b1])), 1);
+  return _mm256_shuffle_epi8(vals, ctl);
+}
+
+// Up to 8 tokens of one row of bfloat16 values against bfloat16 x (AVX512-BF16), 32 columns a step: the step's values
+// expanded into 32 words and one vdpbf16ps per token (16 lanes, each the sum of two adjacent columns' products:
+// exact products, float32 sums; the instruction treats subnormal inputs as 0).
+template <int TB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,popcnt"))) inline void sparse_row_bf16(
+    const SparseRows<uint16_t>& w, const uint16_t* x, int64_t ldx, int64_t r, float* out) {
+  const ExpandTable& tab = expand_table();
+  __m512 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  const uint8_t* m = w.mask + r * w.ldm;
+  const uint16_t* v = w.values + w.offsets[r];
+  const int64_t full = w.cols / 32;
+  for (int64_t c = 0; c < full; ++c) {
+    const uint8_t* mb = m + 4 * c;
+    const uint16_t* v1 = v + _mm_popcnt_u32(mb[0]);
+    const uint16_t* v2 = v1 + _mm_popcnt_u32(mb[1]);
+    const uint16_t* v3 = v2 + _mm_popcnt_u32(mb[2]);
+    const __m256i lo = expand16_words(v, v1, mb[0], mb[1], tab);
+    const __m256i hi = expand16_words(v2, v3, mb[2], mb[3], tab);
+    v = v3 + _mm_popcnt_u32(mb[3]);
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    for (int t = 0; t < TB; ++t) {
+      const __m512i xv = _mm512_loadu_si512(x + t * ldx + 32 * c);
+      acc[t] = _mm512_dpbf16_ps(acc[t], wv, reinterpret_cast<__m512bh>(xv));
+    }
+  }
+  for (int t = 0; t < TB; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+  for (int64_t j = full * 32; j < w.cols; ++j) {  // a partial last step
+    if ((m[j >> 3] >> (j & 7)) & 1) {
+      const float wj = value_of(*v++);
+      for (int t = 0; t < TB; ++t) out[t] += wj * bf16_to_float(x[t * ldx + j]);
+    }
+  }
+}
+
+// Whether this CPU has the bfloat16 dot products of sparse_rows_bf16.
+inline bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
 __attribute__((target("popcnt"))) inline int64_t count_bits_popcnt(const uint8_t* p, int64_t n) {
   return count_bits_portable(p, n);
 }
@@ -264,6 +324,10 @@ inline void sparse_row_simd(Simd simd, const SparseRows<V>& w, const float* x, i
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+#endif
+
+#ifndef SGK_HAVE_SPARSE_SIMD
+inline bool cpu_has_bf16_dot() { return false; }
 #endif
 
 // Rows [r0, r1) of the dense weight (row-major, leading dimension cols, every entry written): the kept values in
@@ -295,6 +359,21 @@ inline int64_t count_bits(Simd simd, const uint8_t* p, int64_t n) {
   return count_bits_portable(p, n);
 }
 
+// Rows [r0, r1) for T tokens in groups of up to G: row(xt, tb, r, out) writes row r's dot products with the tb
+// tokens at xt into out, and y gets them plus the bias.
+template <int G, typename X, typename Row>
+inline void by_token_groups(const X* x, int64_t T, int64_t ldx, const float* bias, float* y, int64_t ldy, int64_t r0,
+                            int64_t r1, Row&& row) {
+  float out[G];
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t t0 = 0; t0 < T; t0 += G) {
+      const int64_t tb = T - t0 < G ? T - t0 : G;
+      row(x + t0 * ldx, tb, r, out);
+      for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * ldy + r] = bias != nullptr ? out[t] + bias[r] : out[t];
+    }
+  }
+}
+
 // Rows [r0, r1) for T tokens with the widest copy `simd` allows (baseline: sparse_rows_scalar); tokens go in groups
 // of up to 4 (each group one pass over the row's values).
 template <typename V>
@@ -302,25 +381,41 @@ void sparse_rows(Simd simd, const SparseRows<V>& w, const float* x, int64_t T, i
                  float* y, int64_t ldy, int64_t r0, int64_t r1) {
 #ifdef SGK_HAVE_SPARSE_SIMD
   if (simd != Simd::kBaseline) {
-    float out[4];
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t t0 = 0; t0 < T; t0 += 4) {
-        const float* xt = x + t0 * ldx;
-        const int64_t tb = T - t0 < 4 ? T - t0 : 4;
-        switch (tb) {
-          case 1: sparse_row_simd<V, 1>(simd, w, xt, ldx, r, out); break;
-          case 2: sparse_row_simd<V, 2>(simd, w, xt, ldx, r, out); break;
-          case 3: sparse_row_simd<V, 3>(simd, w, xt, ldx, r, out); break;
-          default: sparse_row_simd<V, 4>(simd, w, xt, ldx, r, out); break;
-        }
-        for (int64_t t = 0; t < tb; ++t) y[(t0 + t) * ldy + r] = bias != nullptr ? out[t] + bias[r] : out[t];
+    by_token_groups<4>(x, T, ldx, bias, y, ldy, r0, r1, [&](const float* xt, int64_t tb, int64_t r, float* out) {
+      switch (tb) {
+        case 1: return sparse_row_simd<V, 1>(simd, w, xt, ldx, r, out);
+        case 2: return sparse_row_simd<V, 2>(simd, w, xt, ldx, r, out);
+        case 3: return sparse_row_simd<V, 3>(simd, w, xt, ldx, r, out);
+        default: return sparse_row_simd<V, 4>(simd, w, xt, ldx, r, out);
       }
-    }
+    });
     return;
   }
 #endif
   (void)simd;
   sparse_rows_scalar(w, x, T, ldx, bias, y, ldy, r0, r1);
+}
+
+// Rows [r0, r1) for T tokens of bfloat16 x (leading dimension ldx) with bfloat16 values, on the bfloat16 dot
+// products (callers check cpu_has_bf16_dot()); tokens go in groups of up to 8.
+inline void sparse_rows_bf16(const SparseRows<uint16_t>& w, const uint16_t* x, int64_t T, int64_t ldx,
+                             const float* bias, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  by_token_groups<8>(x, T, ldx, bias, y, ldy, r0, r1, [&](const uint16_t* xt, int64_t tb, int64_t r, float* out) {
+    switch (tb) {
+      case 1: return sparse_row_bf16<1>(w, xt, ldx, r, out);
+      case 2: return sparse_row_bf16<2>(w, xt, ldx, r, out);
+      case 3: return sparse_row_bf16<3>(w, xt, ldx, r, out);
+      case 4: return sparse_row_bf16<4>(w, xt, ldx, r, out);
+      case 5: return sparse_row_bf16<5>(w, xt, ldx, r, out);
+      case 6: return sparse_row_bf16<6>(w, xt, ldx, r, out);
+      case 7: return sparse_row_bf16<7>(w, xt, ldx, r, out);
+      default: return sparse_row_bf16<8>(w, xt, ldx, r, out);
+    }
+  });
+#else
+  (void)w, (void)x, (void)T, (void)ldx, (void)bias, (void)y, (void)ldy, (void)r0, (void)r1;
+#endif
 }
 
 }  // namespace sgk

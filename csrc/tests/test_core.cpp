@@ -620,11 +620,30 @@ void check_sparse_rows(int64_t rows, int64_t cols, double keep, unsigned seed) {
       if (simd == sgk::Simd::kBaseline) CHECK(got == ref);  // the same order of sums: the same bits
       CHECK(got[0] == bias[0]);                             // the empty row is its bias
     }
+    if constexpr (sizeof(V) == 2) {
+      // the bfloat16 dot products (where the CPU has them): x rounded to bfloat16, against the loop on the same x
+      if (!sgk::cpu_has_bf16_dot()) continue;
+      std::vector<uint16_t> xb(x.size());
+      for (size_t i = 0; i < x.size(); ++i) {
+        uint32_t u;
+        std::memcpy(&u, &x[i], sizeof u);
+        xb[i] = static_cast<uint16_t>(u >> 16);
+        x[i] = sgk::bf16_to_float(xb[i]);
+      }
+      sgk::sparse_rows_scalar(w, x.data(), T, cols, bias.data(), ref.data(), rows, 0, rows);
+      sgk::sparse_rows_bf16(w, xb.data(), T, cols, bias.data(), got.data(), rows, 0, rows);
+      bool close = true;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        close = close && std::fabs(got[i] - ref[i]) <= 1e-5f * static_cast<float>(cols) + 1e-6f;
+      }
+      CHECK(close);
+      CHECK(got[0] == bias[0]);
+    }
   }
 }
 
 void test_sparse_linear() {
-  for (int64_t cols : {1, 7, 8, 9, 16, 17, 31, 64, 65, 130}) {
+  for (int64_t cols : {1, 7, 8, 9, 16, 17, 31, 32, 33, 64, 65, 96, 130}) {
     check_sparse_rows<float>(5, cols, 0.5, static_cast<unsigned>(cols));
     check_sparse_rows<uint16_t>(5, cols, 0.3, static_cast<unsigned>(cols + 100));
   }
