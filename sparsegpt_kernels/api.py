@@ -13,10 +13,20 @@ import torch
 from torch import nn
 
 from . import reference
+from . import refine as refinement
 from .backends import Backend, select_backend
 from .checks import check_finite, check_hessian_values
 from .hessian import HessianAccumulator
-from .options import DAMP_GROWTH, DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, MAX_DAMP_RETRIES, PruneOptions
+from .options import (
+    DAMP_GROWTH,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DAMP,
+    DEFAULT_REFINE_CG_ITERS,
+    DEFAULT_REFINE_ITERS,
+    DEFAULT_REFINE_TOL,
+    MAX_DAMP_RETRIES,
+    PruneOptions,
+)
 from .precision import ieee_float32_matmul
 from .spec import QuantGrid, SweepSpec
 
@@ -49,6 +59,11 @@ class PruneResult:
         quant_grid: with joint quantization, the grid the kept weights were rounded onto (per-row, per-group scale and
             zero point, float32 on the CPU): what a compressed checkpoint stores with the integer codes
             (:mod:`sparsegpt_kernels.sparse`).
+        refine: with ``refine="admm"``, the refinement's stats (:func:`sparsegpt_kernels.refine.refine`:
+            ``loss_before``, ``loss_after``, ``admm_iters``, ``cg_iters``, ``mask_changed``, ``kept``, ``seconds``);
+            ``None`` without it. ``loss`` stays the sweep's.
+        refined_loss: with ``refine="admm"``, ½·Σ_rows (W − Ŵ) H (W − Ŵ)ᵀ on the damped Hessian of the weight written
+            (never above ``loss``, up to rounding: the refined weights are kept only where they lower it).
     """
 
     loss: float
@@ -62,6 +77,8 @@ class PruneResult:
     dead_columns: int = 0
     mask_sparsity: float | None = None
     quant_grid: QuantGrid | None = field(default=None, repr=False, compare=False)
+    refine: dict | None = None
+    refined_loss: float | None = None
 
 
 def is_conv1d(module) -> bool:
@@ -173,6 +190,11 @@ def prune_layer(
     quant_bits: int | None = None,
     quant_group_size: int | None = None,
     backend: str = "auto",
+    refine: str = "none",
+    refine_iters: int = DEFAULT_REFINE_ITERS,
+    refine_cg_iters: int = DEFAULT_REFINE_CG_ITERS,
+    refine_tol: float = DEFAULT_REFINE_TOL,
+    refine_mask: str = "move",
 ) -> PruneResult:
     """Prune one linear layer in place with SparseGPT.
 
@@ -188,6 +210,11 @@ def prune_layer(
         quant_bits: joint quantization to this many bits (2..8), asymmetric per output channel.
         quant_group_size: quantization group size along the input dimension (must divide in_features).
         backend: "auto", "torch", "triton", "cpp" or "cuda".
+        refine: "admm": after the sweep, refine the weights on the same pattern (:mod:`sparsegpt_kernels.refine`:
+            ``refine_iters`` ADMM iterations in which the mask may move, unless ``refine_mask="fixed"`` or with joint
+            quantization, then ``refine_cg_iters`` conjugate-gradient iterations on the final support, both stopping
+            at the relative tolerance ``refine_tol``; with quantization, rounded back onto the same grid). The
+            refined weights are kept only where they lower the loss. "none" (default): SparseGPT alone.
 
     Returns:
         :class:`PruneResult`. On any exception the weight is left exactly as it was.
@@ -198,7 +225,8 @@ def prune_layer(
     """
     t0 = time.perf_counter()
     opts = PruneOptions(sparsity=sparsity, pattern=pattern, block_size=block_size, damp=damp, quant_bits=quant_bits,
-                        quant_group_size=quant_group_size, backend=backend)
+                        quant_group_size=quant_group_size, backend=backend, refine=refine, refine_iters=refine_iters,
+                        refine_cg_iters=refine_cg_iters, refine_tol=refine_tol, refine_mask=refine_mask)
     return prune_layer_with(layer, hessian, opts, started=t0)
 
 
@@ -228,7 +256,11 @@ def prune_layer_with(layer, hessian, opts: PruneOptions, *, started: float | Non
         # cols and block_size are multiples of M for N:M, so the clamp keeps the block a multiple of M
         spec = SweepSpec(sparsity=opts.fraction, n=n, m=m, block_size=min(opts.block_size, cols), quant=grid)
         F, used = _factor_with_retries(be, Hc, opts.damp)
+        W0 = W.clone() if opts.refine != "none" else None
         loss = be.sweep(W, F, spec)  # step 4a
+        stats = None
+        if W0 is not None:
+            W, stats = _refine(be, W0, W, Hc, F, used, spec, opts, dead if n_dead else None)
         achieved = _write_back(p, W, loss, be)
     return PruneResult(
         loss=float(loss),
@@ -243,4 +275,20 @@ def prune_layer_with(layer, hessian, opts: PruneOptions, *, started: float | Non
         mask_sparsity=reference.mask_fraction(rows, cols, sparsity=opts.fraction, nm=opts.nm, per=spec.block_size),
         quant_grid=None if grid is None else QuantGrid(grid.scale.to("cpu", torch.float32),
                                                        grid.zero.to("cpu", torch.float32), grid.maxq, grid.group_size),
+        refine=stats,
+        refined_loss=None if stats is None else stats["loss_after"],
     )
+
+
+def _refine(be: Backend, W0: torch.Tensor, W: torch.Tensor, H: torch.Tensor, F: torch.Tensor, damp: float,
+            spec: SweepSpec, opts: PruneOptions, dead: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """Step 4a': the refinement of the sweep's result ``W`` (:func:`sparsegpt_kernels.refine.refine`) on the damped
+    Hessian the sweep used, with the backend's mask kernels; with quantization it needs U, which is F or, for a
+    backend whose factor is R (H = R Rᵀ), R⁻¹."""
+    U = None
+    if spec.quant is not None:
+        U = F if be.FACTOR == "inverse" else torch.linalg.solve_triangular(
+            F, torch.eye(F.shape[0], dtype=F.dtype, device=F.device), upper=True)
+    return refinement.refine(W0, W, reference.damped_hessian(H, damp), spec, iters=opts.refine_iters,
+                             cg_iters=opts.refine_cg_iters, tol=opts.refine_tol, move=opts.refine_mask == "move",
+                             U=U, dead=dead, select=be)

@@ -31,12 +31,17 @@ from .options import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_DAMP,
     DEFAULT_NSAMPLES,
+    DEFAULT_REFINE_CG_ITERS,
+    DEFAULT_REFINE_ITERS,
+    DEFAULT_REFINE_TOL,
     DEFAULT_SEQLEN,
     MAX_QUANT_BITS,
     METHODS,
     MIN_QUANT_BITS,
     OWL_LAMBDA,
     OWL_M,
+    REFINE_MASKS,
+    REFINES,
     PruneOptions,
     parse_setting,
 )
@@ -106,6 +111,28 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="allocation owl: per-block sparsities span [S - lambda, S + lambda]")
 
 
+def _add_refine_options(p: argparse.ArgumentParser) -> None:
+    """prune's weight refinement after SparseGPT (:mod:`sparsegpt_kernels.refine`)."""
+    p.add_argument("--refine", default=REFINES[0], choices=REFINES,
+                   help="admm: refine each layer's weights after SparseGPT on the same pattern (ADMM, then conjugate "
+                        "gradients on the support; kept only where the layer's loss drops); method sparsegpt only")
+    p.add_argument("--refine-iters", type=int, default=DEFAULT_REFINE_ITERS, help="ADMM iterations of --refine")
+    p.add_argument("--refine-cg-iters", type=int, default=DEFAULT_REFINE_CG_ITERS,
+                   help="conjugate-gradient iterations of --refine")
+    p.add_argument("--refine-tol", type=float, default=DEFAULT_REFINE_TOL, help="relative tolerance of --refine")
+    p.add_argument("--refine-mask", default=REFINE_MASKS[0], choices=REFINE_MASKS,
+                   help="--refine: move (the ADMM may change the mask, with the same counts) or fixed (SparseGPT's; "
+                        "always with --quant-bits)")
+
+
+def _refine_kwargs(args) -> dict:
+    """The refinement flags as PruneOptions fields (none for a command without them)."""
+    if getattr(args, "refine", None) is None:
+        return {}
+    return dict(refine=args.refine, refine_iters=args.refine_iters, refine_cg_iters=args.refine_cg_iters,
+                refine_tol=args.refine_tol, refine_mask=args.refine_mask)
+
+
 class UsageError(ValueError):
     """A bad option or path, reported in one line with exit status 2."""
 
@@ -115,7 +142,7 @@ def _options(args, **setting) -> PruneOptions:
     allocation, quant_bits, overriding the flags)."""
     kw = dict(block_size=args.block_size, damp=args.damp, quant_bits=args.quant_bits,
               quant_group_size=args.quant_group_size, backend=args.backend, owl_m=args.owl_m,
-              owl_lambda=args.owl_lambda)
+              owl_lambda=args.owl_lambda, **_refine_kwargs(args))
     kw.update(setting)
     try:
         return PruneOptions(**kw)
@@ -126,7 +153,9 @@ def _options(args, **setting) -> PruneOptions:
 #: PruneOptions' fields as the command line spells them, and where its messages name a field (``name=``, ``name (``,
 #: ``name must``, ``name needs``, ``needs name``; not "the pattern '2:4'" or "a layer's sparsity")
 _FLAG_OF = {f: "--" + f.replace("_", "-") for f in ("quant_group_size", "quant_bits", "block_size", "damp", "sparsity",
-                                                    "pattern", "owl_m", "owl_lambda", "allocation", "backend")}
+                                                    "pattern", "owl_m", "owl_lambda", "allocation", "backend",
+                                                    "refine", "refine_iters", "refine_cg_iters", "refine_tol",
+                                                    "refine_mask")}
 _FIELD_NAME = re.compile(r"(?<![\w'])(?<!'s )(" + "|".join(_FLAG_OF) + r")\b(?=\s*(?:=|\(|must\b|needs\b)|$)"
                          r"|(?<=needs )(" + "|".join(_FLAG_OF) + r")\b")
 
@@ -217,6 +246,9 @@ def _check_args(args) -> None:
             if a not in ALLOCATIONS:
                 raise UsageError(f"unknown allocation {a!r}: expected one of {', '.join(ALLOCATIONS)}")
             _options(args, sparsity=args.sparsities[0], allocation=a)
+        for r in _csv(args.refines):
+            if r not in REFINES:
+                raise UsageError(f"--refines: unknown refinement {r!r}: expected one of {', '.join(REFINES)}")
 
 
 def _load(args):
@@ -329,6 +361,7 @@ def _prune_kwargs(args) -> dict:
               owl_m=args.owl_m, owl_lambda=args.owl_lambda)
     if getattr(args, "allocation", None) is not None:
         kw["allocation"] = args.allocation
+    kw.update(_refine_kwargs(args))
     return kw
 
 
@@ -503,7 +536,8 @@ def cmd_grid(args) -> int:
     _log(texts.describe())
     kw = _prune_kwargs(args)
     rows = sparsity_grid(model, texts.calib, texts.ev, args.output, sparsities=args.sparsities,
-                         methods=_csv(args.methods), allocations=_csv(args.allocations), device=args.device,
+                         methods=_csv(args.methods), allocations=_csv(args.allocations),
+                         refines=_csv(args.refines), device=args.device,
                          progress=not args.quiet, log=_log, **kw)
     title = f"{args.model}: {texts.describe()}"
     table = format_table(rows)
@@ -552,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                    help="how --sparsity is spread over the layers: uniform, owl (outlier-weighted per block) or error "
                         "(per layer, from the solver's measured losses); the global sparsity stays --sparsity")
+    _add_refine_options(p)
     p.add_argument("--dist-timeout", type=float, default=600,
                    help="under torchrun: seconds a collective may wait before the processes give up (a process that "
                         "died makes the others stop with an error)")
@@ -588,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.5,0.6,0.7,0.8", help="comma-separated fractions or percentages")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    p.add_argument("--refines", default="none", help="comma-separated refinements of SparseGPT's weights "
+                                                     f"({', '.join(REFINES)}); e.g. none,admm")
     p.add_argument("--output", default="grid", help="directory of grid.csv (finished cells are not redone), grid.md "
                                                     "and grid.png")
     p.set_defaults(func=cmd_grid)

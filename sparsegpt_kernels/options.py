@@ -39,6 +39,15 @@ ALLOCATIONS = ("uniform", "owl", "error")
 #: span [S - OWL_LAMBDA, S + OWL_LAMBDA].
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
+#: Weight refinement after SparseGPT's sweep (:mod:`sparsegpt_kernels.refine`): "none", or "admm" (ADMM with a
+#: moving mask, then conjugate gradients on the final support). Its defaults (ADMM and CG iterations, the relative
+#: tolerance of both) give most of the gain in 29 GEMMs per layer (docs/algorithm.md, section 13); the mask "move"s
+#: in the ADMM phase or stays SparseGPT's ("fixed", always with joint quantization).
+REFINES = ("none", "admm")
+REFINE_MASKS = ("move", "fixed")
+DEFAULT_REFINE_ITERS = 8
+DEFAULT_REFINE_CG_ITERS = 8
+DEFAULT_REFINE_TOL = 1e-3
 #: Backends of the per-layer solve (see :mod:`sparsegpt_kernels.backends`); "auto" picks the best available.
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 
@@ -148,6 +157,10 @@ class PruneOptions:
         allocation: one of :data:`ALLOCATIONS` (whole models only; N:M patterns need "uniform").
         owl_m, owl_lambda: the OWL allocation's constants.
         backend: "auto" or one of :data:`BACKENDS`.
+        refine: one of :data:`REFINES` ("admm" needs method "sparsegpt").
+        refine_iters, refine_cg_iters: the refinement's ADMM and conjugate-gradient iterations, ints >= 0.
+        refine_tol: their relative tolerance, a finite number > 0.
+        refine_mask: one of :data:`REFINE_MASKS`.
     """
 
     sparsity: float | None = None
@@ -161,6 +174,11 @@ class PruneOptions:
     owl_m: float = OWL_M
     owl_lambda: float = OWL_LAMBDA
     backend: str = "auto"
+    refine: str = "none"
+    refine_iters: int = DEFAULT_REFINE_ITERS
+    refine_cg_iters: int = DEFAULT_REFINE_CG_ITERS
+    refine_tol: float = DEFAULT_REFINE_TOL
+    refine_mask: str = "move"
     _nm: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -203,6 +221,23 @@ class PruneOptions:
             raise TypeError(f"backend must be a string, got {type(self.backend).__name__}")
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+        self._check_refine()
+
+    def _check_refine(self) -> None:
+        if self.refine not in REFINES:
+            raise ValueError(f"refine must be one of {', '.join(REFINES)}, got {self.refine!r}")
+        if self.refine != "none" and self.method != "sparsegpt":
+            raise ValueError(f"refine={self.refine!r} refines SparseGPT's weights; it needs method 'sparsegpt', "
+                             f"got {self.method!r}")
+        for name in ("refine_iters", "refine_cg_iters"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not _is_number(self.refine_tol) or not math.isfinite(self.refine_tol) or self.refine_tol <= 0:
+            raise ValueError(f"refine_tol must be a finite number > 0, got {self.refine_tol!r}")
+        object.__setattr__(self, "refine_tol", float(self.refine_tol))
+        if self.refine_mask not in REFINE_MASKS:
+            raise ValueError(f"refine_mask must be one of {', '.join(REFINE_MASKS)}, got {self.refine_mask!r}")
 
     # ------------------------------------------------------------------------------------------------ derived values
     @property
@@ -238,7 +273,12 @@ class PruneOptions:
             raise ValueError(f"quant_group_size={g} does not divide in_features={in_features} of {name}")
 
     def record(self) -> dict:
-        """The settings as the report and the resume fingerprint record them."""
-        return {"method": self.method, "sparsity": self.fraction, "pattern": self.pattern,
-                "quant_bits": self.quant_bits, "quant_group_size": self.quant_group_size,
-                "block_size": self.block_size, "damp": self.damp}
+        """The settings as the report and the resume fingerprint record them (the refinement's only when it runs, so
+        that runs without it keep their fingerprints)."""
+        out = {"method": self.method, "sparsity": self.fraction, "pattern": self.pattern,
+               "quant_bits": self.quant_bits, "quant_group_size": self.quant_group_size,
+               "block_size": self.block_size, "damp": self.damp}
+        if self.refine != "none":
+            out.update(refine=self.refine, refine_iters=self.refine_iters, refine_cg_iters=self.refine_cg_iters,
+                       refine_tol=self.refine_tol, refine_mask=self.refine_mask)
+        return out

@@ -107,3 +107,31 @@ def test_grid_resumes_and_plots(tmp_path, monkeypatch):
     assert (tmp_path / "grid.png").stat().st_size > 1000
     table = grid_mod.format_table(more)
     assert "| sparsegpt | owl |" in table and "80%" in table and "dense:" in table
+
+
+def test_grid_refine_axis(tmp_path):
+    """The refine axis: SparseGPT once per refinement, the other methods once; a grid.csv from before the refine
+    column is still read (its rows have no refinement); an unknown refinement is refused."""
+    from sparsegpt_kernels.model import grid as grid_mod
+
+    model = tiny_llama()
+    ids, ev = calib(4), calib(2, seed=9)
+    kw = dict(sparsities=[0.7], methods=["magnitude", "sparsegpt"], allocations=["uniform"], device="cpu")
+    rows = grid_mod.sparsity_grid(model, ids, ev, str(tmp_path), refines=["none", "admm"], **kw)
+    got = {(r["method"], r["refine"]) for r in rows}
+    assert got == {("dense", "none"), ("magnitude", "none"), ("sparsegpt", "none"), ("sparsegpt", "admm")}
+    by = {(r["method"], r["refine"]): float(r["perplexity"]) for r in rows}
+    assert by[("sparsegpt", "admm")] != by[("sparsegpt", "none")]  # the refinement ran
+    table = grid_mod.format_table(rows)
+    assert "| sparsegpt + admm | uniform |" in table and "| sparsegpt | uniform |" in table
+    old = tmp_path / "old"
+    old.mkdir()
+    fields = [f for f in grid_mod.FIELDS if f != "refine"]
+    lines = [",".join(fields)] + [",".join(r[f] for f in fields) for r in rows if r["refine"] == "none"]
+    (old / "grid.csv").write_text("\n".join(lines) + "\n")
+    again = grid_mod.sparsity_grid(model, ids, ev, str(old), **kw)  # nothing to redo
+    assert len(again) == 3 and "| sparsegpt | uniform |" in grid_mod.format_table(again)
+    more = grid_mod.sparsity_grid(model, ids, ev, str(old), refines=["admm"], **kw)  # one cell more, same columns
+    assert len(more) == 4 and grid_mod._read(str(old / "grid.csv")) == more
+    with pytest.raises(ValueError, match="unknown refinement 'bfgs'"):
+        grid_mod.sparsity_grid(model, ids, ev, str(tmp_path), refines=["bfgs"], **kw)

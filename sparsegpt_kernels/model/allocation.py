@@ -104,14 +104,15 @@ def error_targets(curves: dict, params: dict, S: float) -> dict:
 
 def _layer_cost_curve(W: torch.Tensor, H: torch.Tensor, S: float, opts) -> tuple[list[float], list[float]]:
     """(sparsities, OBS loss) of pruning a copy of ``W`` with the real solver (``opts``' block size, damping and
-    backend; no quantization)."""
+    backend; no quantization, no refinement: the probes measure SparseGPT's errors)."""
     xs, ys = [], []
     for off in ERROR_OFFSETS:
         s = _bounded(S + off)
         if xs and s <= xs[-1]:
             continue
         res = prune_layer_with(W.detach().clone(), H, replace(opts, sparsity=s, pattern=None, quant_bits=None,
-                                                               quant_group_size=None, allocation="uniform"))
+                                                               quant_group_size=None, allocation="uniform",
+                                                               refine="none"))
         xs.append(s)
         ys.append(res.loss)
     return xs, ys

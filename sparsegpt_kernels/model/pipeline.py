@@ -20,7 +20,17 @@ import torch
 from torch import nn
 
 from ..backends.extension import release_cpu_cache
-from ..options import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, METHODS, OWL_LAMBDA, OWL_M, PruneOptions
+from ..options import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DAMP,
+    DEFAULT_REFINE_CG_ITERS,
+    DEFAULT_REFINE_ITERS,
+    DEFAULT_REFINE_TOL,
+    METHODS,
+    OWL_LAMBDA,
+    OWL_M,
+    PruneOptions,
+)
 from .allocation import allocate
 from .allocation import apply as apply_allocation
 from .block_loop import InMemoryWeights, run_blocks
@@ -67,6 +77,11 @@ def prune_model(
     allocation: str = "uniform",
     owl_m: float = OWL_M,
     owl_lambda: float = OWL_LAMBDA,
+    refine: str = "none",
+    refine_iters: int = DEFAULT_REFINE_ITERS,
+    refine_cg_iters: int = DEFAULT_REFINE_CG_ITERS,
+    refine_tol: float = DEFAULT_REFINE_TOL,
+    refine_mask: str = "move",
 ) -> PruneReport:
     """Prune a transformers causal LM in place, block by block, with SparseGPT (or a baseline).
 
@@ -100,6 +115,9 @@ def prune_model(
             more outlier weights pruned less; ``owl_m``, ``owl_lambda``) or "error" (per-layer sparsities that minimise
             the summed relative OBS loss measured with the solver); see :mod:`sparsegpt_kernels.model.allocation`.
             The parameter-weighted sparsity stays ``sparsity``; ``layer_sparsity`` overrides are kept.
+        refine, refine_iters, refine_cg_iters, refine_tol, refine_mask: weight refinement after SparseGPT's sweep
+            (see :func:`prune_layer`; method "sparsegpt" only); each layer's report has the loss before and after and
+            the iterations (``LayerReport.refine``). The allocation measures SparseGPT's losses without it.
 
     Returns:
         :class:`PruneReport`. Bad input (no decoder blocks, empty calibration, too long sequences, a pattern that

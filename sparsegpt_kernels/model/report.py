@@ -17,9 +17,12 @@ class LayerReport:
     ``loss`` is SparseGPT's OBS estimate (``None`` for the baselines, which have none); ``sparsity`` is the fraction
     of zeros in the weight afterwards and ``mask_sparsity`` the fraction the mask pruned (they differ when joint
     quantization rounds kept weights to zero, or a weight was zero already); ``tokens`` is how many calibration tokens
-    its Hessian saw; ``skipped`` says why a layer was left dense. With several processes, ``rank`` is the process that
-    pruned it, ``seconds`` its compute time there and ``comm_seconds`` the time spent reducing its Hessian and
-    broadcasting its weights.
+    its Hessian saw; ``skipped`` says why a layer was left dense. With ``refine="admm"``, ``refined_loss`` is the same
+    loss of the weights written and ``refine`` the refinement's stats (loss before and after, ADMM and CG iterations,
+    the fraction of the mask that moved, whether the refined weights were kept, seconds; see
+    :func:`sparsegpt_kernels.refine.refine`). With several processes, ``rank`` is the process that pruned it,
+    ``seconds`` its compute time there and ``comm_seconds`` the time spent reducing its Hessian and broadcasting its
+    weights.
     """
 
     name: str
@@ -38,6 +41,8 @@ class LayerReport:
     mask_sparsity: float | None = None
     rank: int | None = None  # the process that pruned it (several processes; see .distributed)
     comm_seconds: float = 0.0  # its share of the Hessian reduction and weight broadcast
+    refined_loss: float | None = None
+    refine: dict | None = None
 
 
 @dataclass
@@ -92,6 +97,15 @@ class PruneReport:
         return float(sum(losses)) if losses else None
 
     @property
+    def total_refined_loss(self) -> float | None:
+        """Sum of the layers' losses after refinement (a layer without one counts its OBS loss); ``None`` when no
+        layer was refined."""
+        if all(r.refined_loss is None for r in self.layers):
+            return None
+        return float(sum(r.loss if r.refined_loss is None else r.refined_loss for r in self.layers
+                         if r.loss is not None))
+
+    @property
     def skipped(self) -> list[LayerReport]:
         return [r for r in self.layers if r.skipped]
 
@@ -110,6 +124,7 @@ class PruneReport:
                 "sparsity": self.sparsity,
                 "mask_sparsity": self.mask_sparsity,
                 "loss": self.total_loss,
+                "refined_loss": self.total_refined_loss,
                 "skipped": len(self.skipped),
                 "layer_seconds": sum(r.seconds for r in self.layers),
                 "comm_seconds": sum(r.comm_seconds for r in self.layers),
@@ -138,6 +153,8 @@ class PruneReport:
                          f"{r.seconds:>6.2f} {r.backend}{extra}")
         lines.append("-" * len(head))
         loss = "-" if self.total_loss is None else f"{self.total_loss:.4g}"
+        if self.total_refined_loss is not None:
+            loss += f" (refined: {self.total_refined_loss:.4g})"
         mask = self.mask_sparsity
         masked = f" (masks: {mask:.4f})" if mask is not None and abs(mask - self.sparsity) > 5e-5 else ""
         lines.append(f"pruned layers: {len(self.layers)} matrices, {self.total_params:,} weights, zeros "

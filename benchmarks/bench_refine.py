@@ -1,0 +1,88 @@
+"""Held-out perplexity and prune time of SparseGPT with and without the ADMM refinement (``refine="admm"``), one
+table: the same calibration and evaluation windows for every row, each row a fresh copy of the model.
+
+The test bed of issue 25: Shakespeare's plays, calibration windows from the first 80% of the plays (32 x 256 tokens,
+seed 0), held-out windows from the rest (16 x 512), no BOS token. Rows: dense, then every setting with
+``refine="none"`` and ``refine="admm"`` (uniform allocation), and 70% with ``allocation="error"`` refined. Writes
+``benchmarks/results/refine_<model>.csv`` and prints the table with the ratios against SparseGPT.
+
+    python benchmarks/bench_refine.py                                  # SmolLM2-135M, 50%, 70%, 2:4
+    python benchmarks/bench_refine.py --model embedded-gemma3 --settings 70% 2:4
+    python benchmarks/bench_refine.py --quick                          # 2 blocks, tiny windows (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import OUT_DIR, RESULTS_DIR, meta, print_table, write_csv  # noqa: E402
+
+from sparsegpt_kernels import prune_model  # noqa: E402
+from sparsegpt_kernels.model import calibration_windows, eval_windows, load_model, load_text, tokenize  # noqa: E402
+from sparsegpt_kernels.model.evaluate import perplexity  # noqa: E402
+from sparsegpt_kernels.options import parse_setting  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--settings", nargs="+", default=["50%", "70%", "2:4"])
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--no-error-allocation", action="store_true", help="skip the 70%% allocation='error' row")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--csv", default=None)
+    args = p.parse_args(argv)
+    blocks = [0, 1] if args.quick else None
+    if args.quick:
+        args.nsamples, args.seqlen, args.eval_windows, args.eval_seqlen = 2, 64, 2, 64
+
+    model, tok = load_model(args.model)
+    splits = load_text("shakespeare")
+    calib = calibration_windows(tokenize(tok, splits.calibration), args.nsamples, args.seqlen, seed=0)
+    ev = eval_windows(tokenize(tok, splits.evaluation), args.eval_seqlen, args.eval_windows)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    info = meta(torch.device("cpu"))
+
+    runs = [("dense", None, "none", "uniform")]
+    for s in args.settings:
+        runs += [(s, parse_setting(s), "none", "uniform"), (s, parse_setting(s), "admm", "uniform")]
+    if not args.no_error_allocation and not args.quick:
+        runs.append(("70%", parse_setting("70%"), "admm", "error"))
+    rows, base = [], {}
+    for label, setting, refine, allocation in runs:
+        model.load_state_dict(state)
+        seconds = 0.0
+        if setting is not None:
+            t0 = time.perf_counter()
+            prune_model(model, calib, **setting.prune_kwargs(), refine=refine, allocation=allocation, blocks=blocks)
+            seconds = time.perf_counter() - t0
+        ppl = perplexity(model, ev)
+        if refine == "none":
+            base[label] = (ppl, seconds)
+        ref_ppl, ref_s = base.get(label, (ppl, seconds))
+        rows.append({"model": args.model, "setting": label, "refine": refine, "allocation": allocation,
+                     "perplexity": f"{ppl:.3f}", "vs_sparsegpt": f"{ppl / ref_ppl:.3f}",
+                     "prune_s": f"{seconds:.1f}", "time_vs_sparsegpt": f"{seconds / ref_s:.2f}" if ref_s else "",
+                     "calibration": f"{args.nsamples}x{args.seqlen}",
+                     "evaluation": f"{args.eval_windows}x{args.eval_seqlen}", **info})
+        print(f"{label:>6} refine={refine:<4} allocation={allocation:<7} perplexity {ppl:9.3f}  prune {seconds:6.1f} s",
+              flush=True)
+    out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, f"refine_{args.model}.csv")
+    write_csv(out, rows)
+    print_table(rows, ["model", "setting", "refine", "allocation", "perplexity", "vs_sparsegpt", "prune_s",
+                       "time_vs_sparsegpt"])
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
