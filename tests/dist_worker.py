@@ -39,6 +39,7 @@ def main() -> int:
     p.add_argument("--method", default="sparsegpt")
     p.add_argument("--blocks", default=None)
     p.add_argument("--true-sequential", action="store_true")
+    p.add_argument("--refine", default="none")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--die-after-block", type=int, default=None, help="this rank exits abruptly after that block")
     p.add_argument("--die-rank", type=int, default=1)
@@ -82,7 +83,8 @@ def main() -> int:
         _finish()
     report = prune_model(model, ids if args.method != "magnitude" else None, sparsity=sparsity, pattern=args.pattern,
                          method=args.method, blocks=blocks, true_sequential=args.true_sequential, device="cpu",
-                         backend="torch", checkpoint_dir=args.checkpoint_dir, on_block_end=on_block_end)
+                         backend="torch", checkpoint_dir=args.checkpoint_dir, on_block_end=on_block_end,
+                         refine=args.refine)
     torch.save({"state": model.state_dict(), "report": report.to_dict()}, os.path.join(args.out, f"rank{rank}.pt"))
     _finish()
 

@@ -318,3 +318,24 @@ def test_a_layer_whose_inputs_are_all_zero_is_left_dense_and_reported():
     assert torch.equal(down.weight, before)
     others = [r for r in report.layers if r.name != rep["mlp.down_proj"].name]
     assert len(others) == 6 and all(r.skipped is None and abs(r.sparsity - 0.5) < 1e-6 for r in others)
+
+
+def test_resume_with_refinement_is_bit_exact_and_refine_is_part_of_the_settings(tmp_path):
+    ids = calib()
+    full = tiny_llama()
+    prune_model(full, ids, sparsity=0.7, refine="admm", device="cpu")
+    ck = tmp_path / "ck"
+
+    def die(b, _reports):
+        if b == 0:
+            raise _Boom
+
+    with pytest.raises(_Boom):
+        prune_model(tiny_llama(), ids, sparsity=0.7, refine="admm", device="cpu", checkpoint_dir=ck, on_block_end=die)
+    restarted = tiny_llama()
+    report = prune_model(restarted, ids, sparsity=0.7, refine="admm", device="cpu", checkpoint_dir=ck)
+    assert report.resumed_from_block == 1
+    for (k, a), b in zip(weights(full).items(), weights(restarted).values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="other settings"):  # the refinement is part of what was done
+        prune_model(tiny_llama(), ids, sparsity=0.7, device="cpu", checkpoint_dir=ck)

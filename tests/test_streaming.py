@@ -49,7 +49,9 @@ def _in_memory(src, ids, **kw):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("kw", [{"sparsity": 0.5}, {"pattern": "2:4", "blocks": [1]}], ids=["50%", "2:4-block1"])
+@pytest.mark.parametrize("kw", [{"sparsity": 0.5}, {"pattern": "2:4", "blocks": [1]},
+                                {"sparsity": 0.7, "refine": "admm", "blocks": [0]}],
+                         ids=["50%", "2:4-block1", "refine"])
 def test_streamed_output_equals_in_memory(tmp_path, tied, kw):
     src, out = tmp_path / "src", tmp_path / "out"
     _save_llama(src, tied=tied)
