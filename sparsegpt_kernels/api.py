@@ -62,8 +62,6 @@ class PruneResult:
         refine: with ``refine="admm"``, the refinement's stats (:func:`sparsegpt_kernels.refine.refine`:
             ``loss_before``, ``loss_after``, ``admm_iters``, ``cg_iters``, ``mask_changed``, ``kept``, ``seconds``);
             ``None`` without it. ``loss`` stays the sweep's.
-        refined_loss: with ``refine="admm"``, ½·Σ_rows (W − Ŵ) H (W − Ŵ)ᵀ on the damped Hessian of the weight written
-            (never above ``loss``, up to rounding: the refined weights are kept only where they lower it).
     """
 
     loss: float
@@ -78,7 +76,13 @@ class PruneResult:
     mask_sparsity: float | None = None
     quant_grid: QuantGrid | None = field(default=None, repr=False, compare=False)
     refine: dict | None = None
-    refined_loss: float | None = None
+
+    @property
+    def refined_loss(self) -> float | None:
+        """With ``refine="admm"``, ½·Σ_rows (W − Ŵ) H (W − Ŵ)ᵀ on the damped Hessian of the weight written
+        (``refine["loss_after"]``; never above ``loss``, up to rounding: the refined weights are kept only where they
+        lower it); ``None`` without it."""
+        return None if self.refine is None else self.refine["loss_after"]
 
 
 def is_conv1d(module) -> bool:
@@ -276,7 +280,6 @@ def prune_layer_with(layer, hessian, opts: PruneOptions, *, started: float | Non
         quant_grid=None if grid is None else QuantGrid(grid.scale.to("cpu", torch.float32),
                                                        grid.zero.to("cpu", torch.float32), grid.maxq, grid.group_size),
         refine=stats,
-        refined_loss=None if stats is None else stats["loss_after"],
     )
 
 

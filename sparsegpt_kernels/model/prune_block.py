@@ -104,7 +104,7 @@ def prune_one(full: str, t: PrunableLayer, s: Setting, opts: PruneOptions,
         r = prune_layer_with(W, acc.hessian.to(W.device), lo)
         mark_pruned(t, lo.pattern, r.quant_grid)
         return LayerReport(loss=r.loss, sparsity=r.sparsity, damp=r.damp, seconds=r.seconds, backend=r.backend,
-                           mask_sparsity=r.mask_sparsity, refined_loss=r.refined_loss, refine=r.refine, **common)
+                           mask_sparsity=r.mask_sparsity, refine=r.refine, **common)
     quant = dict(quant_bits=lo.quant_bits, quant_group_size=lo.quant_group_size)
     which = dict(sparsity=lo.sparsity, pattern=lo.pattern, **quant)
     if method == "wanda":

@@ -17,10 +17,10 @@ class LayerReport:
     ``loss`` is SparseGPT's OBS estimate (``None`` for the baselines, which have none); ``sparsity`` is the fraction
     of zeros in the weight afterwards and ``mask_sparsity`` the fraction the mask pruned (they differ when joint
     quantization rounds kept weights to zero, or a weight was zero already); ``tokens`` is how many calibration tokens
-    its Hessian saw; ``skipped`` says why a layer was left dense. With ``refine="admm"``, ``refined_loss`` is the same
-    loss of the weights written and ``refine`` the refinement's stats (loss before and after, ADMM and CG iterations,
-    the fraction of the mask that moved, whether the refined weights were kept, seconds; see
-    :func:`sparsegpt_kernels.refine.refine`). With several processes, ``rank`` is the process that pruned it,
+    its Hessian saw; ``skipped`` says why a layer was left dense. With ``refine="admm"``, ``refine`` holds the
+    refinement's stats (loss before and after, ADMM and CG iterations, the fraction of the mask that moved, whether the
+    refined weights were kept, seconds; see :func:`sparsegpt_kernels.refine.refine`) and ``refined_loss`` is the loss
+    of the weights written. With several processes, ``rank`` is the process that pruned it,
     ``seconds`` its compute time there and ``comm_seconds`` the time spent reducing its Hessian and broadcasting its
     weights.
     """
@@ -41,8 +41,12 @@ class LayerReport:
     mask_sparsity: float | None = None
     rank: int | None = None  # the process that pruned it (several processes; see .distributed)
     comm_seconds: float = 0.0  # its share of the Hessian reduction and weight broadcast
-    refined_loss: float | None = None
     refine: dict | None = None
+
+    @property
+    def refined_loss(self) -> float | None:
+        """The loss of the weights written, with ``refine="admm"`` (``refine["loss_after"]``), else ``None``."""
+        return None if self.refine is None else self.refine["loss_after"]
 
 
 @dataclass
