@@ -73,7 +73,9 @@ def main(argv=None) -> int:
         model, _ = load_model(args.model, dtype=torch.bfloat16)  # checkpoints in bfloat16, as models ship
         kw = setting.prune_kwargs()
         if setting.quant_bits:
-            kw["quant_group_size"] = 128 if model.config.hidden_size % 128 == 0 else None
+            # groups of 128 input columns, or the largest of 64 / 32 that divides every layer's (SmolLM2: 64)
+            dims = (model.config.hidden_size, model.config.intermediate_size)
+            kw["quant_group_size"] = next((g for g in (128, 64, 32) if all(d % g == 0 for d in dims)), None)
         sk.prune_model(model, calib, device="cpu", blocks=[0, 1] if args.quick else None, **kw)
         with tempfile.TemporaryDirectory() as d:
             dense_dir, sparse_dir = os.path.join(d, "dense"), os.path.join(d, "sparse")

@@ -109,7 +109,8 @@ def main(argv=None) -> int:
                 floor = prune_flops(r, c) / (peak * 1e12)
                 rows.append({
                     "shape": f"{r}x{c}", "mode": mode, "backend": be,
-                    "seconds": f"{med:.6g}", "min_s": f"{lo:.6g}", "max_s": f"{hi:.6g}",  # significant digits: ratios recompute
+                    # significant digits, so that ratios recomputed from the times agree with the written ones
+                    "seconds": f"{med:.6g}", "min_s": f"{lo:.6g}", "max_s": f"{hi:.6g}",
                     "speedup_vs_published": f"{times[PUBLISHED] / med:.2f}" if PUBLISHED in times else "-",
                     "speedup_vs_torch": f"{times['torch'] / med:.2f}" if "torch" in times else "-",  # (see below)
                     "floor_tflops": f"{peak:.3f}", "floor_s": f"{floor:.4f}", "frac_of_floor": f"{floor / med:.4g}",

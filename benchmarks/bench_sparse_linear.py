@@ -4,6 +4,9 @@ per layer, on the CPU, with the memory floor of both.
 For every (shape, setting, token count) it times, in the same process and with the same threads:
 - dense: torch's F.linear with the dense weight in float32 and in bfloat16 (the better of the two is "dense");
 - sparse: the kernel on the compressed weight (bfloat16 values and a bitmask; bfloat16 activations), called directly;
+  for the "+4bit" settings the weight is on a 4-bit grid with groups of 128 columns (64 where 128 does not divide
+  the columns) and the kernel reads its packed
+  codes and group scales (ext_sparse_codes_linear);
 - the floor: the bytes each must read (sparse: values + mask + offsets + x; dense: the bfloat16 weight + x) at the
   read bandwidth measured in the same run (the sum of a tensor far larger than the caches, the best of 5).
 The weights are random with random masks of the setting's sparsity (an exact N:M pattern for "2:4"). Writes CSV
@@ -32,7 +35,8 @@ from sparsegpt_kernels.sparse import CompressedWeight, SparseLinear  # noqa: E40
 
 SHAPES = {"smollm2 q/o": (576, 576), "smollm2 up/gate": (1536, 576), "smollm2 down": (576, 1536),
           "llama-7b q/o": (4096, 4096), "llama-7b up/gate": (11008, 4096), "llama-7b down": (4096, 11008)}
-SETTINGS = ("50%", "60%", "70%", "80%", "2:4")
+SETTINGS = ("50%", "60%", "70%", "80%", "2:4", "50%+4bit", "70%+4bit", "2:4+4bit")
+QUANT_GROUPS = (128, 64, 32, 8)  # the first that divides the columns (SmolLM2's 576 columns take 64)
 
 
 def read_gbps(nbytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -42,15 +46,38 @@ def read_gbps(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def random_weight(rows: int, cols: int, setting: str, seed: int = 0) -> torch.Tensor:
+def random_weight(rows: int, cols: int, setting: str, seed: int = 0):
+    """A random bfloat16 weight with a random mask of the setting ("50%", "2:4", "50%+4bit", ...) and, for "+4bit",
+    the 4-bit grid (groups of the first of QUANT_GROUPS that divides ``cols``) its values lie on, else ``None``."""
+    from sparsegpt_kernels import reference
+    from sparsegpt_kernels.spec import QuantGrid
+
+    base, _, quant = setting.partition("+")
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g)
-    if setting == "2:4":
+    grid = None
+    if quant:
+        bits = int(quant.rstrip("bit"))
+        raw = reference.make_quant_grid(W, bits, next(q for q in QUANT_GROUPS if cols % q == 0))
+        gs = raw.group_size
+        W = reference.quantize(W, raw.scale.repeat_interleave(gs, 1), raw.zero.repeat_interleave(gs, 1), raw.maxq)
+        grid = QuantGrid(raw.scale, raw.zero, raw.maxq, gs)
+    if base == "2:4":
         scores = torch.rand(rows, cols // 4, 4, generator=g)
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, scores.topk(2, dim=2).indices, True)
-        return (W * keep.reshape(rows, cols)).to(torch.bfloat16)
-    s = float(setting.rstrip("%")) / 100
-    return (W * (torch.rand(rows, cols, generator=g) >= s)).to(torch.bfloat16)
+        return (W * keep.reshape(rows, cols)).to(torch.bfloat16), grid
+    s = float(base.rstrip("%")) / 100
+    return (W * (torch.rand(rows, cols, generator=g) >= s)).to(torch.bfloat16), grid
+
+
+def kernel_call(lin: SparseLinear, x: torch.Tensor):
+    """The compressed kernel SparseLinear runs for decode, called directly (no module overhead)."""
+    ops = torch.ops.sparsegpt_kernels
+    if lin.bits:
+        return partial(ops.ext_sparse_codes_linear, x, lin.weight_mask, lin.weight_codes, lin.weight_code_offsets,
+                       lin.weight_scale_bits.view(torch.float32), lin.weight_zero, lin.bits, lin.group_size,
+                       lin.weight_dtype, None)
+    return partial(ops.ext_sparse_linear, x, lin.weight_mask, lin.weight_values, lin.weight_offsets, None)
 
 
 def main(argv=None) -> int:
@@ -69,7 +96,7 @@ def main(argv=None) -> int:
     cpu = torch.device("cpu")
     shapes = {"tiny": (40, 72)} if args.quick else {k: SHAPES[k] for k in args.shapes}
     tokens = [1, 5] if args.quick else args.tokens
-    settings = ["50%", "2:4"] if args.quick else args.settings
+    settings = ["50%", "2:4", "50%+4bit"] if args.quick else args.settings
     repeats = 2 if args.quick else args.repeats
     bw = read_gbps(1 << 22 if args.quick else 1 << 28)
     info = meta(cpu)
@@ -78,8 +105,10 @@ def main(argv=None) -> int:
     rows = []
     for name, (r, c) in shapes.items():
         for setting in settings:
-            W = random_weight(r, c, setting)
-            lin = SparseLinear(CompressedWeight.compress(W, pattern="2:4" if setting == "2:4" else None))
+            W, grid = random_weight(r, c, setting)
+            pattern = "2:4" if setting.startswith("2:4") else None
+            lin = SparseLinear(CompressedWeight.compress(W, pattern=pattern, quant=grid))
+            assert bool(lin.bits) == (grid is not None), "the quantized weight is not stored as codes"
             W32 = W.float()
             sparse_bytes = lin.nbytes() + 8 * (r + 1)
             for T in tokens:
@@ -87,8 +116,7 @@ def main(argv=None) -> int:
                 x32 = x.float()
                 d32 = time_fn(partial(F.linear, x32, W32), cpu, repeats=repeats)[0]
                 d16 = time_fn(partial(F.linear, x, W), cpu, repeats=repeats)[0]
-                sp = time_fn(partial(ops.ext_sparse_linear, x, lin.weight_mask, lin.weight_values, lin.weight_offsets,
-                                     None), cpu, repeats=repeats)[0]
+                sp = time_fn(kernel_call(lin, x), cpu, repeats=repeats)[0]
                 dense = min(d32, d16)
                 floor_sparse = (sparse_bytes + 2 * T * c) / (bw * 1e9)
                 floor_dense = (2 * r * c + 2 * T * c) / (bw * 1e9)
@@ -98,7 +126,7 @@ def main(argv=None) -> int:
                     "sparse_ms": f"{1e3 * sp:.3f}", "speedup": f"{dense / sp:.2f}",
                     "sparse_floor_ms": f"{1e3 * floor_sparse:.3f}", "sparse_vs_floor": f"{sp / floor_sparse:.2f}",
                     "dense_floor_ms": f"{1e3 * floor_dense:.3f}", "bytes_vs_dense": f"{lin.nbytes() / (2 * r * c):.4f}",
-                    "simd": simd, "read_gbps": f"{bw:.1f}", **info,
+                    "group": lin.group_size or "", "simd": simd, "read_gbps": f"{bw:.1f}", **info,
                 })
                 print(f"{name:>16} {setting:>4} T={T:<4} dense {1e3 * dense:8.3f} ms  sparse {1e3 * sp:8.3f} ms  "
                       f"x{dense / sp:5.2f}  floor x{sp / floor_sparse:5.2f}", flush=True)

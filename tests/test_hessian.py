@@ -69,3 +69,62 @@ def test_bad_updates(x, exc, msg):
 def test_bad_construction(kw):
     with pytest.raises(ValueError):
         sk.HessianAccumulator(**kw)
+
+
+@pytest.mark.parametrize("cols", [511, 512, 777])
+def test_the_symmetric_update_is_the_full_product_exactly_symmetric(cols):
+    """From 2 tiles wide on only the upper triangle is accumulated (row tiles); the Hessian read is the full product
+    to float32 rounding and exactly symmetric, also after further updates and a reset."""
+    from sparsegpt_kernels import hessian
+
+    tiled = cols >= 2 * hessian.SYMMETRIC_TILE  # 511: one full product (symmetric to rounding only)
+    X = torch.randn(3, 40, cols, dtype=torch.float64)
+    acc = sk.HessianAccumulator(cols)
+    for i, b in enumerate(X):
+        acc.update(b.float())
+        H = acc.hessian
+        flat = X[: i + 1].reshape(-1, cols)
+        ref = 2 / flat.shape[0] * flat.T @ flat
+        if tiled:
+            assert torch.equal(H, H.T)
+        assert float((H.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    acc.reset()
+    acc.update(X[0].float())
+    ref = 2 / 40 * X[0].T @ X[0]
+    assert float((acc.hessian.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_the_deferred_check_takes_no_batch_apart_and_names_the_layers():
+    """check_each=False: bad batches are added without a host synchronisation and check_finite raises afterwards;
+    the pipeline's collector checks once after the block's pass, naming the layers that share the input."""
+    from torch import nn
+
+    from sparsegpt_kernels.model.blocks import find_prunable_layers
+    from sparsegpt_kernels.model.hessian_hooks import HessianCollector
+
+    acc = sk.HessianAccumulator(4, check_each=False)
+    acc.update(torch.randn(3, 4))
+    acc.check_finite()
+    acc.update(torch.tensor([[1.0, float("inf"), 0.0, 0.0]]))
+    assert acc.count == 4
+    with pytest.raises(ValueError, match="layer x: the inputs contain NaN or Inf"):
+        acc.check_finite("layer x")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(self.a(x) + self.b(x))
+
+    block = Block()
+    targets = find_prunable_layers(block)
+    with HessianCollector(targets, torch.device("cpu")) as col:
+        block(torch.randn(5, 8))
+    assert {"a", "b", "c"} <= set(col.acc)
+    x = torch.randn(5, 8)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"the inputs of a, b: the inputs contain NaN"):
+        with HessianCollector(targets, torch.device("cpu")):
+            block(x)

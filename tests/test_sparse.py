@@ -480,16 +480,22 @@ def test_sparse_linear_picks_the_kernel_for_decode_and_dense_for_prefill(ext, mo
     assert sl.LAST_PATH["copy"] == before + 2 and lin._dense_copy is not None
 
 
-def test_quantized_layers_run_from_a_dense_copy_and_say_so(caplog):
-    W, grid = _quantized(dtype=torch.bfloat16)
-    lin = SparseLinear(CompressedWeight.compress(W, quant=grid))
-    sl._said.discard("4-bit codes")
-    x = torch.randn(2, 64).bfloat16()
+def test_layers_no_kernel_takes_run_from_a_dense_copy_and_say_so(caplog):
+    """float16 values (the value kernel reads float32 and bfloat16): a dense copy, made once, said once; a quantized
+    layer takes the codes kernel in every dtype (tests/test_sparse_codes.py)."""
+    W = _sparse_weight(12, 64, torch.float16)
+    lin = SparseLinear(CompressedWeight.compress(W))
+    sl._said.discard("float16 values")
+    x = torch.randn(2, 64)
+    before = sl.LAST_PATH["copy"]
     with caplog.at_level("WARNING", logger="sparsegpt_kernels"):
         y = lin(x)
         lin(x)
-    assert torch.equal(y, F.linear(x, W + 0.0))
-    assert sum("no compressed kernel for 4-bit codes" in r.message for r in caplog.records) == 1
+    assert torch.equal(y, F.linear(x, W.float())) and sl.LAST_PATH["copy"] == before + 2
+    assert sum("no compressed kernel for float16 values" in r.message for r in caplog.records) == 1
+    Wq, grid = _quantized(dtype=torch.float16)
+    q = SparseLinear(CompressedWeight.compress(Wq, quant=grid))
+    assert q._compiled(x) is None or q._compiled(x) == "no compiled extension"
 
 
 @pytest.mark.parametrize("vdtype", [torch.float32, torch.bfloat16])

@@ -146,6 +146,17 @@ __attribute__((target("avx2,fma,popcnt"))) inline __m256 expand8(const V* v, int
   }
 }
 
+// The sum of token t's U accumulators of 8 lanes, in a fixed order (the code kernel of sparse_codes.h sums the same
+// way, so that the two agree bit for bit).
+template <int U, int TB>
+__attribute__((target("avx2"))) inline float sum_accumulators(const __m256 (&acc)[U][TB], int t) {
+  __m256 a = acc[0][t];
+  for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][t]);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
 // Up to 4 tokens of one row, 8 columns a chunk (AVX2 + FMA). U chunks a step, each with its own accumulators: the
 // chunks' value pointers are the only chain between them (one popcount and one add), and U independent FMA chains
 // hide the FMA latency.
@@ -183,13 +194,7 @@ __attribute__((target("avx2,fma,popcnt"))) inline void sparse_row_avx2(const Spa
     v += count;
     for (int t = 0; t < TB; ++t) acc[0][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + c * 8), acc[0][t]);
   }
-  for (int t = 0; t < TB; ++t) {
-    __m256 a = acc[0][t];
-    for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][t]);
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    out[t] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-  }
+  for (int t = 0; t < TB; ++t) out[t] = sum_accumulators<U>(acc, t);
   for (int64_t j = full * 8; j < w.cols; ++j) {  // a partial last chunk
     if ((m[j >> 3] >> (j & 7)) & 1) {
       const float wj = value_of(*v++);

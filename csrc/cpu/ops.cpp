@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../core/sparse_codes.h"
 #include "../core/sparse_linear.h"
 #include "../core/sweep_core.h"
 #include "../aten/aten_ops.h"
@@ -421,17 +422,25 @@ sgk::SparseRows<V> sparse_rows_view(const at::Tensor& mask, const V* values, con
   return w;
 }
 
+// The entries row r of a compressed weight holds: its kept values (or, for codes, the bytes of its kept codes).
+inline int64_t row_entries(const sgk::SparseRows<float>&, int64_t count) { return count; }
+inline int64_t row_entries(const sgk::SparseRows<uint16_t>&, int64_t count) { return count; }
+inline int64_t row_entries(const sgk::SparseCodes& w, int64_t count) { return sgk::code_bytes(count, w.bits); }
+
 // fn(begin, end) over ranges of rows in parallel, each run of up to `grain` rows checked just before fn reads it (its
-// mask is then still in the cache): row r's span of offsets must be its mask's popcount, so that no read goes beyond
-// the values. Returns a row that failed, or -1; fn has then not seen that row or any after it in its range.
-template <typename V, typename Fn>
-int64_t for_checked_rows(const sgk::SparseRows<V>& w, sgk::Simd simd, int64_t grain, Fn&& fn) {
+// mask is then still in the cache): row r's span of offsets must be what its mask's popcount says (row_entries) and
+// lie within [0, offsets[rows]], so that no read goes beyond the buffer the caller checked against offsets[rows].
+// Returns a row that failed, or -1; fn has then not seen that row or any after it in its range.
+template <typename W, typename Fn>
+int64_t for_checked_rows(const W& w, sgk::Simd simd, int64_t grain, Fn&& fn) {
   std::atomic<int64_t> bad_row{-1};
+  const int64_t end = w.offsets[w.rows];
   at::parallel_for(0, w.rows, grain, [&](int64_t b, int64_t e) {
     for (int64_t r0 = b; r0 < e; r0 += grain) {
       const int64_t r1 = std::min(e, r0 + grain);
       for (int64_t r = r0; r < r1; ++r) {
-        if (w.offsets[r + 1] - w.offsets[r] != sgk::count_bits(simd, w.mask + r * w.ldm, w.ldm)) {
+        const int64_t count = sgk::count_bits(simd, w.mask + r * w.ldm, w.ldm);
+        if (w.offsets[r] < 0 || w.offsets[r + 1] > end || w.offsets[r + 1] - w.offsets[r] != row_entries(w, count)) {
           bad_row.store(r);
           return;
         }
@@ -551,6 +560,148 @@ at::Tensor sparse_to_dense_cpu(const at::Tensor& mask, const at::Tensor& values,
   return out;
 }
 
+// ---- jointly quantized compressed weights (csrc/core/sparse_codes.h) ----
+sgk::Rounding rounding_of(at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  return dtype == at::kBFloat16 ? sgk::Rounding::kBFloat16
+         : dtype == at::kHalf   ? sgk::Rounding::kFloat16
+                                : sgk::Rounding::kFloat32;
+}
+
+// Checks the tensors of a quantized weight of `cols` columns (mask, codes, offsets, scale, zero) and returns the core's
+// view of them (contiguous copies kept alive in `keep`). `pad`: bytes the codes must hold beyond offsets[rows].
+sgk::SparseCodes sparse_codes_view(const at::Tensor& mask, const at::Tensor& codes, const at::Tensor& offsets,
+                                   const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group,
+                                   at::ScalarType dtype, int64_t cols, int64_t pad, const char* op,
+                                   std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(cols >= 1, op, ": the weight needs at least one column");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kByte && mask.size(1) == (cols + 7) / 8, op,
+              ": mask must be uint8 (rows, ", (cols + 7) / 8, ") for ", cols, " columns, got ", mask.scalar_type(),
+              " ", mask.sizes());
+  const int64_t rows = mask.size(0);
+  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+  TORCH_CHECK(group >= 1 && cols % group == 0, op, ": group_size must be a positive divisor of ", cols, ", got ",
+              group);
+  TORCH_CHECK(codes.dim() == 1 && codes.scalar_type() == at::kByte, op, ": codes must be 1-D uint8, got ",
+              codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == rows + 1 && offsets.scalar_type() == at::kLong, op,
+              ": offsets must be int64 of shape (", rows + 1, "), got ", offsets.scalar_type(), " ", offsets.sizes());
+  const std::vector<int64_t> gshape{rows, cols / group};
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.sizes() == at::IntArrayRef(gshape), op,
+              ": scale must be float32 of shape (", rows, ", ", cols / group, "), got ", scale.scalar_type(), " ",
+              scale.sizes());
+  TORCH_CHECK(zero.scalar_type() == at::kByte && zero.sizes() == at::IntArrayRef(gshape), op,
+              ": zero must be uint8 of shape (", rows, ", ", cols / group, "), got ", zero.scalar_type(), " ",
+              zero.sizes());
+  for (const at::Tensor* t : {&mask, &codes, &offsets, &scale, &zero}) {
+    TORCH_CHECK(t->device().is_cpu(), op, " (CPU): every tensor must be on the CPU");
+    keep.push_back(t->contiguous());
+  }
+  sgk::SparseCodes w;
+  w.rows = rows;
+  w.cols = cols;
+  w.mask = keep[0].const_data_ptr<uint8_t>();
+  w.ldm = mask.size(1);
+  w.codes = keep[1].const_data_ptr<uint8_t>();
+  w.offsets = keep[2].const_data_ptr<int64_t>();
+  w.scale = keep[3].const_data_ptr<float>();
+  w.zero = keep[4].const_data_ptr<uint8_t>();
+  w.group = group;
+  w.bits = static_cast<int>(bits);
+  w.rounding = rounding_of(dtype, op);
+  TORCH_CHECK(w.offsets[0] == 0 && w.offsets[rows] >= 0 && w.offsets[rows] + pad <= codes.numel(), op, ": codes hold ",
+              codes.numel(), " bytes, the offsets need ", w.offsets[rows], " + ", pad, " (padding)");
+  return w;
+}
+
+// y = x Wᵀ + b from a jointly quantized compressed weight: x (..., cols) float32 or bfloat16, mask (rows, ceil(cols /
+// 8)) uint8, codes uint8 with at least offsets[rows] + kPadCodeBytes bytes, offsets (rows + 1) int64 (row r's codes
+// are bytes [offsets[r], offsets[r + 1]), checked against the mask as the rows are read), scale (rows, cols / group)
+// float32, zero the same shape uint8, dtype the model's (the rounding of every dequantized weight), bias (rows) or
+// none. Computes in float32; y has x's dtype and shape (..., rows).
+void check_codes_x(const at::Tensor& x, const at::Tensor& mask, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "ext_sparse_codes_linear: x must have at least one dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "ext_sparse_codes_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == mask.size(0) && bias->is_floating_point(),
+                "ext_sparse_codes_linear: bias must be a floating-point vector of ", mask.size(0), " entries, got ",
+                bias->sizes());
+  }
+}
+
+at::Tensor sparse_codes_linear_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& codes,
+                                   const at::Tensor& offsets, const at::Tensor& scale, const at::Tensor& zero,
+                                   int64_t bits, int64_t group_size, at::ScalarType dtype,
+                                   const std::optional<at::Tensor>& bias) {
+  check_codes_x(x, mask, bias);
+  TORCH_CHECK(x.device().is_cpu(), "ext_sparse_codes_linear (CPU): every tensor must be on the CPU");
+  const int64_t cols = x.size(-1);
+  std::vector<at::Tensor> keep;
+  const sgk::SparseCodes w = sparse_codes_view(mask, codes, offsets, scale, zero, bits, group_size, dtype, cols,
+                                               sgk::kPadCodeBytes, "ext_sparse_codes_linear", keep);
+  const at::Tensor xf = x.to(at::kFloat).contiguous().view({-1, cols});
+  const int64_t T = xf.size(0), rows = w.rows;
+  std::optional<at::Tensor> bf;
+  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+  at::Tensor yf = at::empty({T, rows}, xf.options());
+  const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
+  const float* xp = xf.const_data_ptr<float>();
+  float* yp = yf.data_ptr<float>();
+  const sgk::Simd simd = sgk::simd_used(simd_allowed());
+  const int64_t bad_row = for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+    sgk::sparse_code_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
+  });
+  TORCH_CHECK(bad_row < 0, "ext_sparse_codes_linear: offsets[", bad_row, " + 1] - offsets[", bad_row,
+              "] is not the code bytes of mask row ", bad_row);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = rows;
+  return yf.to(x.scalar_type()).view(shape);
+}
+
+// The dense (rows, cols) weight of a quantized compressed one in `dtype`, bit for bit the values the codes stand for.
+at::Tensor sparse_codes_to_dense_cpu(const at::Tensor& mask, const at::Tensor& codes, const at::Tensor& offsets,
+                                     const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                     at::ScalarType dtype, int64_t cols) {
+  std::vector<at::Tensor> keep;
+  const sgk::SparseCodes w = sparse_codes_view(mask, codes, offsets, scale, zero, bits, group_size, dtype, cols, 0,
+                                               "ext_sparse_codes_to_dense", keep);
+  at::Tensor out = at::empty({w.rows, cols}, mask.options().dtype(dtype));
+  const sgk::Simd simd = sgk::simd_used(simd_allowed());
+  int64_t bad_row;
+  if (dtype == at::kFloat) {
+    float* dst = out.data_ptr<float>();
+    bad_row = for_checked_rows(w, simd, 64,
+                               [&](int64_t b, int64_t e) { sgk::sparse_code_rows_to_dense(w, dst, b, e); });
+  } else {
+    auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+    bad_row = for_checked_rows(w, simd, 64,
+                               [&](int64_t b, int64_t e) { sgk::sparse_code_rows_to_dense(w, dst, b, e); });
+  }
+  TORCH_CHECK(bad_row < 0, "ext_sparse_codes_to_dense: offsets[", bad_row, " + 1] - offsets[", bad_row,
+              "] is not the code bytes of mask row ", bad_row);
+  return out;
+}
+
+at::Tensor sparse_codes_linear_meta(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& codes,
+                                    const at::Tensor& offsets, const at::Tensor& scale, const at::Tensor& zero,
+                                    int64_t bits, int64_t group_size, at::ScalarType dtype,
+                                    const std::optional<at::Tensor>& bias) {
+  check_codes_x(x, mask, bias);
+  rounding_of(dtype, "ext_sparse_codes_linear");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = mask.size(0);
+  return at::empty(shape, x.options());
+}
+
+at::Tensor sparse_codes_to_dense_meta(const at::Tensor& mask, const at::Tensor& codes, const at::Tensor& offsets,
+                                      const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                                      int64_t group_size, at::ScalarType dtype, int64_t cols) {
+  rounding_of(dtype, "ext_sparse_codes_to_dense");
+  return at::empty({mask.size(0), cols}, mask.options().dtype(dtype));
+}
+
 at::Tensor sparse_to_dense_meta(const at::Tensor& mask, const at::Tensor& values, const at::Tensor& offsets,
                                 int64_t cols) {
   return at::empty({mask.size(0), cols}, values.options());
@@ -624,6 +775,13 @@ TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
   // y = x W^T + b from a compressed weight (sparsegpt_kernels.SparseLinear; docs/sparse_format.md)
   m.def("ext_sparse_linear(Tensor x, Tensor mask, Tensor values, Tensor offsets, Tensor? bias) -> Tensor");
   m.def("ext_sparse_to_dense(Tensor mask, Tensor values, Tensor offsets, int cols) -> Tensor");
+  // the same from jointly quantized weights: grid codes, per-group scales and zero points (csrc/core/sparse_codes.h)
+  m.def(
+      "ext_sparse_codes_linear(Tensor x, Tensor mask, Tensor codes, Tensor offsets, Tensor scale, Tensor zero, "
+      "int bits, int group_size, ScalarType dtype, Tensor? bias) -> Tensor");
+  m.def(
+      "ext_sparse_codes_to_dense(Tensor mask, Tensor codes, Tensor offsets, Tensor scale, Tensor zero, int bits, "
+      "int group_size, ScalarType dtype, int cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
@@ -636,6 +794,8 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
   m.impl("ext_nonzeros_finite", &nonzeros_finite_cpu);
   m.impl("ext_sparse_linear", &sparse_linear_cpu);
   m.impl("ext_sparse_to_dense", &sparse_to_dense_cpu);
+  m.impl("ext_sparse_codes_linear", &sparse_codes_linear_cpu);
+  m.impl("ext_sparse_codes_to_dense", &sparse_codes_to_dense_cpu);
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {
@@ -646,4 +806,6 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {
   m.impl("ext_sweep_cholesky", &sweep_cholesky_meta);
   m.impl("ext_sparse_linear", &sparse_linear_meta);
   m.impl("ext_sparse_to_dense", &sparse_to_dense_meta);
+  m.impl("ext_sparse_codes_linear", &sparse_codes_linear_meta);
+  m.impl("ext_sparse_codes_to_dense", &sparse_codes_to_dense_meta);
 }

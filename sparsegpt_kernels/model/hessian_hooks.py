@@ -62,18 +62,31 @@ class HessianCollector:
                 self._handles.append(t.module.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.end_pass()
+        if exc_type is None:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """The deferred finiteness check of every accumulator (once per block instead of a host synchronisation per
+        hook call): ``ValueError`` naming the layers whose inputs held NaN or Inf."""
+        done = set()
+        for name in self.order:
+            acc = self.acc[name]
+            if id(acc) not in done:
+                done.add(id(acc))
+                names = self._group_of.get(id(acc), [name])
+                acc.check_finite(f"the inputs of {', '.join(names)}")
 
     def end_pass(self) -> None:
         self._seen.clear()
         self._keep.clear()
 
     def _new_acc(self, cols: int) -> HessianAccumulator:
-        return HessianAccumulator(cols, device=self.acc_device)
+        return HessianAccumulator(cols, device=self.acc_device, check_each=False)
 
     @_timed
     def _linear_hook(self, module, args):

@@ -308,9 +308,9 @@ def load_sparse(path: str | os.PathLike, *, device: torch.device | str = "cpu", 
                                     "the model's module does not agree with")
         if dtype is not None and cw.values is not None:
             cw.values = cw.values.to(dtype)
-        if dtype is not None:
             cw.dtype = dtype
-        _set_module(model, prefix, SparseLinear(cw, bias))
+        # codes keep the dtype they were rounded to (the weights are those of the dense checkpoint, cast to dtype)
+        _set_module(model, prefix, SparseLinear(cw, bias, dtype=dtype))
     state = model.state_dict()  # the skeleton's tensors, on the meta device: names and shapes
     expected = {k for k in state if k.rpartition(".")[0] not in layers}
     unexpected = sorted(set(rest) - expected)

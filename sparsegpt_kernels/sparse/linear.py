@@ -5,14 +5,16 @@ The layer holds the compressed tensors as buffers (they move with ``.to(device)`
 values like any weight; the quantization scales are kept as their float32 bits, so no cast can round them). Two ways
 to compute:
 
-* decode (at most ``decode_max_tokens`` input vectors, float32 or bfloat16 on the CPU, values not quantized): the
-  compiled kernel ``torch.ops.sparsegpt_kernels.ext_sparse_linear`` reads the mask and the values and never forms the
-  dense weight (csrc/core/sparse_linear.h);
+* decode (at most ``decode_max_tokens`` input vectors, float32 or bfloat16 on the CPU): the compiled kernel
+  ``torch.ops.sparsegpt_kernels.ext_sparse_linear`` reads the mask and the values and never forms the dense weight
+  (csrc/core/sparse_linear.h); for jointly quantized layers ``ext_sparse_codes_linear`` reads the mask, the packed
+  codes and the group scales (csrc/core/sparse_codes.h), in any of the three dtypes;
 * prefill (more input vectors), where a dense matrix product is faster: the weight is decompressed for the call by
-  the compiled ``ext_sparse_to_dense`` and dropped after it, so the layer stays small in memory;
-* where no compiled kernel takes the layer (4-bit or 8-bit codes, float16 values, a GPU, no compiled extension): the
-  layer makes a dense copy of its weight once, says so in one log line, and runs from it; the checkpoint stays small,
-  the memory does not.
+  the compiled ``ext_sparse_to_dense`` (``ext_sparse_codes_to_dense``) and dropped after it, so the layer stays small
+  in memory;
+* where no compiled kernel takes the layer (float16 values, a GPU, no compiled extension): the layer makes a dense
+  copy of its weight once, says so in one log line, and runs from it; the checkpoint stays small, the memory does
+  not.
 
 Every path computes what an ``nn.Linear`` with the same zeros computes: the dense paths exactly (the same product),
 the kernel up to float32 rounding (it sums in another order). :meth:`SparseLinear.dense_weight` in pure PyTorch is
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .format import CompressedWeight, row_counts
+from .format import CompressedWeight, code_bytes_per_row, row_counts
 
 #: input vectors up to which the compressed kernel runs: on a 2-core AVX2 machine it beat torch's dense product at 4
 #: tokens at every shape measured, and lost at 16 on the small ones; on a CPU with AVX512-BF16, whose dense bfloat16
@@ -45,13 +47,19 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 #: values kept beyond the last one in memory, for the kernel's whole-vector reads (sgk::kPadValues in
 #: csrc/core/sparse_linear.h; tests/test_sparse.py compares the two)
 PAD_VALUES = 16
+#: bytes kept beyond the last code in memory, for the kernel's 8-byte reads (sgk::kPadCodeBytes in
+#: csrc/core/sparse_codes.h)
+PAD_CODE_BYTES = 8
 
 
 class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W kept compressed. Build one with :meth:`from_linear` (or
     :func:`sparsegpt_kernels.to_sparse` for a whole model); :meth:`to_linear` gives the plain layer back."""
 
-    def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None = None):
+    def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+        """``dtype``: the layer's dtype when it is not the weight's (a quantized weight keeps the dtype its
+        dequantized values were rounded to, :attr:`codes_dtype`, and its dense weight is those values cast to
+        ``dtype``; values are cast)."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.pattern = weight.pattern
@@ -59,16 +67,25 @@ class SparseLinear(nn.Module):
         self.group_size = weight.group_size
         self.register_buffer("weight_mask", weight.mask.contiguous())
         # an empty tensor of the weight's dtype: cast with the module, it tells the dtype of the dense weight
-        self.register_buffer("weight_dtype_tag", torch.empty(0, dtype=weight.dtype))
+        self.register_buffer("weight_dtype_tag", torch.empty(0, dtype=dtype or weight.dtype))
+        #: the dtype a quantized weight's values were rounded to when it was pruned (``None`` without codes); it does
+        #: not change with ``.to(dtype)``, so the weights stay those of the dense pruned model, cast
+        self.codes_dtype = weight.dtype if weight.quantized else None
+        counts = row_counts(weight.mask)
         if weight.quantized:
-            self.register_buffer("weight_codes", weight.codes.contiguous())
+            # padded for the kernel's 8-byte reads, like the values
+            pad = torch.zeros(PAD_CODE_BYTES, dtype=torch.uint8)
+            self.register_buffer("weight_codes", torch.cat((weight.codes.reshape(-1), pad)))
             self.register_buffer("weight_scale_bits", weight.scale.contiguous().view(torch.int32))
             self.register_buffer("weight_zero", weight.zero.contiguous())
+            code_offsets = torch.zeros(self.out_features + 1, dtype=torch.int64)
+            torch.cumsum(code_bytes_per_row(counts, self.bits), 0, out=code_offsets[1:])
+            self.register_buffer("weight_code_offsets", code_offsets, persistent=False)
+            self.code_bytes = int(code_offsets[-1])
         else:
             # padded for the kernel's whole-vector reads (the checkpoint holds exactly the values)
             pad = torch.zeros(PAD_VALUES, dtype=weight.values.dtype)
-            self.register_buffer("weight_values", torch.cat((weight.values.reshape(-1), pad)))
-        counts = row_counts(weight.mask)
+            self.register_buffer("weight_values", torch.cat((weight.values.reshape(-1), pad)).to(dtype or weight.dtype))
         offsets = torch.zeros(self.out_features + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=offsets[1:])
         self.register_buffer("weight_offsets", offsets, persistent=False)
@@ -94,7 +111,8 @@ class SparseLinear(nn.Module):
         dtype = self.weight_dtype_tag.dtype
         mask = self.weight_mask.cpu()
         if self.bits:
-            return CompressedWeight((self.out_features, self.in_features), dtype, mask, codes=self.weight_codes.cpu(),
+            return CompressedWeight((self.out_features, self.in_features), self.codes_dtype, mask,
+                                    codes=self.weight_codes[: self.code_bytes].cpu(),
                                     bits=self.bits, scale=self.weight_scale_bits.cpu().view(torch.float32),
                                     zero=self.weight_zero.cpu(), group_size=self.group_size, pattern=self.pattern)
         return CompressedWeight((self.out_features, self.in_features), dtype, mask,
@@ -102,7 +120,7 @@ class SparseLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) weight, decompressed, in the layer's dtype and on its device."""
-        return self.compressed().decompress().to(self.weight_mask.device)
+        return self.compressed().decompress().to(self.weight_mask.device, self.weight_dtype)
 
     def to_linear(self) -> nn.Linear:
         """The plain ``nn.Linear`` with the decompressed weight (bit for bit what was compressed)."""
@@ -120,12 +138,16 @@ class SparseLinear(nn.Module):
 
     def _compiled(self, x: torch.Tensor) -> str | None:
         """Why the compiled kernels cannot take this layer with input ``x`` (``None`` when they can)."""
-        if self.bits:
-            return f"{self.bits}-bit codes"
-        if x.device.type != "cpu" or self.weight_values.device.type != "cpu":
+        stored = self.weight_codes if self.bits else self.weight_values
+        if x.device.type != "cpu" or stored.device.type != "cpu":
             return f"tensors on {x.device.type}"
-        if x.dtype not in _KERNEL_DTYPES or self.weight_values.dtype not in _KERNEL_DTYPES:
-            return f"{str(self.weight_values.dtype).replace('torch.', '')} values or {x.dtype} input"
+        if x.dtype not in _KERNEL_DTYPES:
+            return f"{x.dtype} input"
+        if not self.bits and self.weight_values.dtype not in _KERNEL_DTYPES:
+            return f"{str(self.weight_values.dtype).replace('torch.', '')} values"
+        if self.bits and self.weight_dtype not in (torch.float32, self.codes_dtype):  # a second rounding
+            return (f"{str(self.codes_dtype).replace('torch.', '')} codes in a "
+                    f"{str(self.weight_dtype).replace('torch.', '')} layer")
         if not _kernel_available():
             return "no compiled extension"
         return None
@@ -136,6 +158,17 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         why_not = self._compiled(x)
+        if why_not is None and self.bits:
+            ops = torch.ops.sparsegpt_kernels
+            args = (self.weight_mask, self.weight_codes, self.weight_code_offsets,
+                    self.weight_scale_bits.view(torch.float32), self.weight_zero, self.bits, self.group_size,
+                    self.codes_dtype)
+            if x.numel() <= self.decode_max_tokens * self.in_features:
+                LAST_PATH["kernel"] += 1
+                return ops.ext_sparse_codes_linear(x, *args, self.bias)
+            LAST_PATH["prefill"] += 1
+            W = ops.ext_sparse_codes_to_dense(*args, self.in_features)
+            return F.linear(x, W.to(x.dtype), self._bias_as(x))
         if why_not is None:
             if x.numel() <= self.decode_max_tokens * self.in_features:
                 LAST_PATH["kernel"] += 1
@@ -165,7 +198,9 @@ class SparseLinear(nn.Module):
         for n, b in self.named_buffers():
             if n == "weight_values":
                 out += self.nnz * b.element_size()
-            elif n not in ("weight_dtype_tag", "weight_offsets"):
+            elif n == "weight_codes":
+                out += self.code_bytes
+            elif n not in ("weight_dtype_tag", "weight_offsets", "weight_code_offsets"):
                 out += b.numel() * b.element_size()
         return out
 

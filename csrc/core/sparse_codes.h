@@ -1,0 +1,391 @@
+// y = x Wᵀ (+ b) straight from a jointly quantized compressed weight (docs/sparse_format.md): a bitmask of the kept
+// weights, their grid codes in row-major order (4 bits or less: two a byte, low nibble first, every row starting on a
+// byte; 5..8 bits: one a byte) and per-group float32 scales and uint8 zero points. The weight a kept code c stands for
+// is W[r, j] = cast(scale[r, g] * (c - zero[r, g])) in float32, g = j / group, cast the rounding to the model's dtype
+// (bfloat16 / float16, round to nearest even; none for float32): exactly the value the pruning wrote, so the kernel
+// multiplies with the same weights as the dense model. Torch-free; the ATen operators ext_sparse_codes_linear and
+// ext_sparse_codes_to_dense (csrc/cpu/ops.cpp) call it.
+//
+// Layout read here: mask as in sparse_linear.h; codes (uint8), row r's first byte at offsets[r]; scale (rows, cols /
+// group) float32 and zero (same shape) uint8, row-major. x (T, cols) float32; y (T, rows) float32.
+//
+// The SIMD copy (AVX2 + FMA, every x86 machine with AVX2) sums each row in the order of sparse_row_avx2 of
+// sparse_linear.h (8 columns a chunk, the same accumulators): with float32 values equal to the dequantized codes, the
+// two kernels give the same bits. Per chunk the kept codes are placed in their lanes and turned into weights:
+// 4-bit codes: the chunk's 8 nibbles (a 32-bit window at the row's running nibble) shifted into their lanes by a
+// table indexed by the mask byte, then looked up in the group's 16 weights (two 8-lane permutations and a blend;
+// on AVX-512VL one masked two-table permutation), built once per group of columns; 5..8-bit codes: 8 bytes
+// widened, placed by a permutation, then dequantized and rounded in the lanes. Groups whose size is not a multiple
+// of 8 (a chunk would straddle two groups) take the scalar loop. The copies read up to kPadCodeBytes bytes beyond a
+// row's last code (never beyond the buffer when it holds that many more bytes than the offsets).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "sparse_linear.h"  // SparseRows' mask layout, ExpandTable, by_token_groups, bf16_to_float
+
+namespace sgk {
+
+// Bytes a codes buffer must hold beyond offsets[rows] for the SIMD copy's 8-byte reads.
+constexpr int64_t kPadCodeBytes = 8;
+
+// How a dequantized float32 weight is rounded to the model's dtype.
+enum class Rounding : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct SparseCodes {
+  int64_t rows = 0, cols = 0;
+  const uint8_t* mask = nullptr;
+  int64_t ldm = 0;  // bytes per mask row: (cols + 7) / 8
+  const uint8_t* codes = nullptr;
+  const int64_t* offsets = nullptr;  // (rows + 1): row r's codes are bytes [offsets[r], offsets[r + 1])
+  const float* scale = nullptr;      // (rows, cols / group)
+  const uint8_t* zero = nullptr;     // (rows, cols / group)
+  int64_t group = 1;                 // columns per quantization group; divides cols
+  int bits = 4;                      // 1..8; up to 4: two codes a byte
+  Rounding rounding = Rounding::kFloat32;
+};
+
+// Bytes of codes a row with `count` kept weights holds.
+inline int64_t code_bytes(int64_t count, int bits) { return bits <= 4 ? (count + 1) / 2 : count; }
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// f rounded to the nearest bfloat16 (ties to even), as a float32. Finite inputs only (the dequantized weights are).
+inline float round_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  return bits_float((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+}
+
+// f rounded to the nearest float16 (ties to even, subnormals kept, beyond 65504 + half an ulp to infinity), as a
+// float32. Finite inputs only.
+inline float round_fp16(float f) {
+  const uint32_t u = float_bits(f), sign = u & 0x80000000u;
+  uint32_t a = u ^ sign;
+  if (a >= 0x477FF000u) {  // 65520 and above round to infinity
+    a = 0x7F800000u;
+  } else if (a < 0x38800000u) {  // below 2^-14: float16 subnormals, multiples of 2^-24
+    const float big = bits_float(a) + 0.5f;  // in [0.5, 1) the float32 spacing is 2^-24: one rounding
+    a = float_bits(big - 0.5f);
+  } else {  // normal: 10 of the 23 mantissa bits kept
+    a = (a + 0xFFFu + ((a >> 13) & 1u)) & 0xFFFFE000u;
+  }
+  return bits_float(a | sign);
+}
+
+inline float round_as(float f, Rounding r) {
+  return r == Rounding::kBFloat16 ? round_bf16(f) : r == Rounding::kFloat16 ? round_fp16(f) : f;
+}
+
+// The IEEE binary16 bits of f, which must be exactly a float16 value (round_fp16's results are).
+inline uint16_t fp16_bits_exact(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a >= 0x7F800000u) return sign | 0x7C00u;
+  if (a >= 0x38800000u) return sign | static_cast<uint16_t>((a - 0x38000000u) >> 13);
+  return sign | static_cast<uint16_t>(bits_float(a) * 16777216.0f);  // m * 2^-24, m < 1024: exact
+}
+
+// The weight of kept code `c` in group g of row r: the format's definition.
+inline float code_weight(const SparseCodes& w, int64_t r, int64_t g, int c) {
+  const int64_t i = r * (w.cols / w.group) + g;
+  return round_as(w.scale[i] * (static_cast<float>(c) - static_cast<float>(w.zero[i])), w.rounding);
+}
+
+// Kept code number k of a row whose codes start at p.
+inline int code_at(const uint8_t* p, int64_t k, int bits) {
+  return bits <= 4 ? (p[k >> 1] >> ((k & 1) * 4)) & 0xF : p[k];
+}
+
+// Rows [r0, r1) for T tokens, one kept weight at a time: the specification of the SIMD copy.
+inline void sparse_code_rows_scalar(const SparseCodes& w, const float* x, int64_t T, int64_t ldx, const float* bias,
+                                    float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* m = w.mask + r * w.ldm;
+    const uint8_t* p = w.codes + w.offsets[r];
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * ldx;
+      float acc = 0.0f;
+      int64_t k = 0;
+      for (int64_t j = 0; j < w.cols; ++j) {
+        if ((m[j >> 3] >> (j & 7)) & 1) acc += code_weight(w, r, j / w.group, code_at(p, k++, w.bits)) * xt[j];
+      }
+      y[t * ldy + r] = bias != nullptr ? acc + bias[r] : acc;
+    }
+  }
+}
+
+// Rows [r0, r1) of the dense weight in the model's dtype (O: float, or uint16_t for bfloat16 / float16 bits), every
+// entry written: exactly the weights the codes stand for.
+template <typename O>
+void sparse_code_rows_to_dense(const SparseCodes& w, O* out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    O* o = out + r * w.cols;
+    std::memset(o, 0, sizeof(O) * static_cast<size_t>(w.cols));
+    const uint8_t* m = w.mask + r * w.ldm;
+    const uint8_t* p = w.codes + w.offsets[r];
+    int64_t k = 0;
+    for (int64_t b = 0; b < w.ldm; ++b) {
+      unsigned bits = m[b];
+      while (bits) {
+        const int64_t j = b * 8 + __builtin_ctz(bits);
+        const float v = code_weight(w, r, j / w.group, code_at(p, k++, w.bits));
+        if constexpr (sizeof(O) == 4) {
+          o[j] = v;
+        } else if (w.rounding == Rounding::kFloat16) {
+          o[j] = fp16_bits_exact(v);
+        } else {
+          o[j] = static_cast<uint16_t>(float_bits(v) >> 16);
+        }
+        bits &= bits - 1;
+      }
+    }
+  }
+}
+
+#ifdef SGK_HAVE_SPARSE_SIMD
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// Per mask byte m: shift[m][i] moves the nibble of kept lane i (number index[m][i] among the chunk's kept codes) to
+// the bottom of a 32-bit lane; lanes[m][i] is all ones for a kept lane, 0 otherwise.
+struct CodeTable {
+  alignas(32) int32_t shift[256][8];
+  alignas(32) int32_t lanes[256][8];
+  CodeTable() {
+    const ExpandTable& e = expand_table();
+    for (int m = 0; m < 256; ++m) {
+      for (int i = 0; i < 8; ++i) {
+        shift[m][i] = 4 * e.index[m][i];
+        lanes[m][i] = (m >> i) & 1 ? -1 : 0;
+      }
+    }
+  }
+};
+
+inline const CodeTable& code_table() {
+  static const CodeTable table;
+  return table;
+}
+
+template <Rounding R>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 round_lanes(__m256 v) {
+  if constexpr (R == Rounding::kBFloat16) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i up = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    return _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else if constexpr (R == Rounding::kFloat16) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
+}
+
+// The state of one quantization group for the chunks in it: for 4-bit codes the group's 16 weights (lo: codes 0-7,
+// hi: 8-15); for wider codes its zero point and scale broadcast.
+template <bool kNibbles, Rounding R>
+__attribute__((target("avx2,fma,f16c"))) inline void load_group(const SparseCodes& w, int64_t gi, __m256& a,
+                                                                 __m256& b) {
+  const __m256 s = _mm256_set1_ps(w.scale[gi]), z = _mm256_set1_ps(static_cast<float>(w.zero[gi]));
+  if constexpr (kNibbles) {
+    const __m256 lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    a = round_lanes<R>(_mm256_mul_ps(s, _mm256_sub_ps(lo, z)));
+    b = round_lanes<R>(_mm256_mul_ps(s, _mm256_sub_ps(_mm256_add_ps(lo, _mm256_set1_ps(8.0f)), z)));
+  } else {
+    a = z;
+    b = s;
+  }
+}
+
+// Lane i of the result holds kept code number index[bits][i] of the chunk (the codes from number k on, of the row's
+// codes at p) in its low 4 bits; the bits above are the following codes' (the lookups read only the low 4).
+__attribute__((target("avx2"))) inline __m256i nibble_lanes(const uint8_t* p, int64_t k, int bits,
+                                                            const CodeTable& ct) {
+  uint64_t u64;
+  std::memcpy(&u64, p + (k >> 1), sizeof u64);
+  const auto u = static_cast<uint32_t>(u64 >> ((k & 1) * 4));
+  return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u)),
+                           _mm256_load_si256(reinterpret_cast<const __m256i*>(ct.shift[bits])));
+}
+
+// The 8 weights of one chunk (mask byte `bits`, its first kept code number k of the row's codes at p), 0 where not
+// kept.
+template <bool kNibbles, Rounding R>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 code_chunk(const uint8_t* p, int64_t k, int bits, __m256 a,
+                                                                   __m256 b, const CodeTable& ct,
+                                                                   const ExpandTable& et) {
+  const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(ct.lanes[bits])));
+  if constexpr (kNibbles) {
+    const __m256i idx = nibble_lanes(p, k, bits, ct);
+    const __m256 lo = _mm256_permutevar8x32_ps(a, idx), hi = _mm256_permutevar8x32_ps(b, idx);
+    const __m256 v = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3: 8..15
+    return _mm256_and_ps(v, keep);
+  } else {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k)));
+    const __m256i placed =
+        _mm256_permutevar8x32_epi32(c, _mm256_load_si256(reinterpret_cast<const __m256i*>(et.index[bits])));
+    const __m256 v = round_lanes<R>(_mm256_mul_ps(b, _mm256_sub_ps(_mm256_cvtepi32_ps(placed), a)));
+    return _mm256_and_ps(v, keep);
+  }
+}
+
+// The same on AVX-512VL: the 4-bit lookup is one masked two-table permutation (vpermt2ps), which also zeroes the
+// lanes that are not kept.
+template <bool kNibbles, Rounding R>
+__attribute__((target("avx2,fma,f16c,avx512f,avx512vl"))) inline __m256 code_chunk_vl(
+    const uint8_t* p, int64_t k, int bits, __m256 a, __m256 b, const CodeTable& ct, const ExpandTable& et) {
+  if constexpr (kNibbles) {
+    const __m256i idx = nibble_lanes(p, k, bits, ct);
+    return _mm256_maskz_permutex2var_ps(static_cast<__mmask8>(bits), a, idx, b);
+  } else {
+    return code_chunk<kNibbles, R>(p, k, bits, a, b, ct, et);
+  }
+}
+
+// Where a row's walk over its chunks stands: its codes, the next kept code's number, the current group and its state
+// (load_group), and the chunks left in that group.
+struct CodeWalk {
+  const uint8_t* m;
+  const uint8_t* p;
+  int64_t k, gi, left, per_group, full;
+  __m256 ga, gb;
+};
+
+// The weights of chunk C, the next one of walk s; moves on to the next group after the group's last chunk.
+template <bool kNibbles, Rounding R>
+__attribute__((target("avx2,fma,f16c"))) inline void next_group(const SparseCodes& w, CodeWalk& s, int64_t c) {
+  if (--s.left == 0 && c + 1 < s.full) {
+    load_group<kNibbles, R>(w, ++s.gi, s.ga, s.gb);
+    s.left = s.per_group;
+  }
+}
+#define SGK_NEXT_CODE_CHUNK(CHUNK, C)                                                         \
+  __extension__({                                                                             \
+    const int bits_ = s.m[C];                                                                 \
+    const __m256 wv_ = CHUNK<kNibbles, R>(s.p, s.k, bits_, s.ga, s.gb, ct, et);               \
+    s.k += _mm_popcnt_u32(static_cast<unsigned>(bits_));                                      \
+    next_group<kNibbles, R>(w, s, C);                                                         \
+    wv_;                                                                                      \
+  })
+
+// Up to 4 tokens of one row (group a multiple of 8 columns), the accumulators of sparse_row_avx2; CHUNK gives a
+// chunk's 8 weights. Stamped out once per instruction set (a function's target is fixed, not a template argument).
+#define SGK_SPARSE_CODE_ROW(NAME, TARGET, CHUNK)                                                                   \
+  template <int TB, bool kNibbles, Rounding R>                                                                     \
+  __attribute__((target(TARGET))) inline void NAME(const SparseCodes& w, const float* x, int64_t ldx, int64_t r,   \
+                                                   float* out) {                                                   \
+    constexpr int U = TB == 1 ? 4 : 2;                                                                             \
+    const CodeTable& ct = code_table();                                                                            \
+    const ExpandTable& et = expand_table();                                                                        \
+    __m256 acc[U][TB];                                                                                             \
+    for (int u = 0; u < U; ++u)                                                                                    \
+      for (int t = 0; t < TB; ++t) acc[u][t] = _mm256_setzero_ps();                                                \
+    CodeWalk s;                                                                                                    \
+    s.m = w.mask + r * w.ldm;                                                                                      \
+    s.p = w.codes + w.offsets[r];                                                                                  \
+    s.k = 0;                                                                                                       \
+    s.gi = r * (w.cols / w.group);                                                                                 \
+    s.per_group = s.left = w.group / 8;                                                                            \
+    s.full = w.cols / 8;                                                                                           \
+    load_group<kNibbles, R>(w, s.gi, s.ga, s.gb);                                                                  \
+    const int64_t full = s.full;                                                                                   \
+    int64_t c = 0;                                                                                                 \
+    for (; c + U <= full; c += U) {                                                                                \
+      for (int u = 0; u < U; ++u) {                                                                                \
+        const __m256 wv = SGK_NEXT_CODE_CHUNK(CHUNK, c + u);                                                       \
+        const float* xc = x + (c + u) * 8;                                                                         \
+        for (int t = 0; t < TB; ++t) acc[u][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xc + t * ldx), acc[u][t]);   \
+      }                                                                                                            \
+    }                                                                                                              \
+    for (; c < full; ++c) {                                                                                        \
+      const __m256 wv = SGK_NEXT_CODE_CHUNK(CHUNK, c);                                                             \
+      for (int t = 0; t < TB; ++t) acc[0][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * ldx + c * 8), acc[0][t]); \
+    }                                                                                                              \
+    for (int t = 0; t < TB; ++t) out[t] = sum_accumulators<U>(acc, t);                                             \
+  }
+
+SGK_SPARSE_CODE_ROW(sparse_code_row_avx2, "avx2,fma,f16c,popcnt", code_chunk)
+SGK_SPARSE_CODE_ROW(sparse_code_row_vl, "avx2,fma,f16c,popcnt,avx512f,avx512vl", code_chunk_vl)
+#undef SGK_SPARSE_CODE_ROW
+#undef SGK_NEXT_CODE_CHUNK
+
+template <bool kVl, bool kNibbles, Rounding R>
+inline void sparse_code_rows_simd(const SparseCodes& w, const float* x, int64_t T, int64_t ldx, const float* bias,
+                                  float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  by_token_groups<4>(x, T, ldx, bias, y, ldy, r0, r1, [&](const float* xt, int64_t tb, int64_t r, float* out) {
+    if constexpr (kVl) {
+      switch (tb) {
+        case 1: return sparse_code_row_vl<1, kNibbles, R>(w, xt, ldx, r, out);
+        case 2: return sparse_code_row_vl<2, kNibbles, R>(w, xt, ldx, r, out);
+        case 3: return sparse_code_row_vl<3, kNibbles, R>(w, xt, ldx, r, out);
+        default: return sparse_code_row_vl<4, kNibbles, R>(w, xt, ldx, r, out);
+      }
+    } else {
+      switch (tb) {
+        case 1: return sparse_code_row_avx2<1, kNibbles, R>(w, xt, ldx, r, out);
+        case 2: return sparse_code_row_avx2<2, kNibbles, R>(w, xt, ldx, r, out);
+        case 3: return sparse_code_row_avx2<3, kNibbles, R>(w, xt, ldx, r, out);
+        default: return sparse_code_row_avx2<4, kNibbles, R>(w, xt, ldx, r, out);
+      }
+    }
+  });
+}
+
+template <bool kVl, bool kNibbles>
+inline void sparse_code_rows_simd(const SparseCodes& w, const float* x, int64_t T, int64_t ldx, const float* bias,
+                                  float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  switch (w.rounding) {
+    case Rounding::kBFloat16:
+      return sparse_code_rows_simd<kVl, kNibbles, Rounding::kBFloat16>(w, x, T, ldx, bias, y, ldy, r0, r1);
+    case Rounding::kFloat16:
+      return sparse_code_rows_simd<kVl, kNibbles, Rounding::kFloat16>(w, x, T, ldx, bias, y, ldy, r0, r1);
+    default:
+      return sparse_code_rows_simd<kVl, kNibbles, Rounding::kFloat32>(w, x, T, ldx, bias, y, ldy, r0, r1);
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+// Whether the SIMD copy takes this weight under `simd` (else sparse_code_rows runs the scalar loop).
+inline bool code_simd_takes(Simd simd, const SparseCodes& w) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  static const bool f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+  return simd != Simd::kBaseline && f16c && w.group % 8 == 0;
+#else
+  (void)simd, (void)w;
+  return false;
+#endif
+}
+
+// Rows [r0, r1) for T tokens with the SIMD copy where it takes the weight, else one kept weight at a time.
+inline void sparse_code_rows(Simd simd, const SparseCodes& w, const float* x, int64_t T, int64_t ldx,
+                             const float* bias, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  if (code_simd_takes(simd, w)) {
+    // 8-bit codes have no lookup to shorten: the AVX2 copy serves both instruction sets
+    if (w.bits > 4) return sparse_code_rows_simd<false, false>(w, x, T, ldx, bias, y, ldy, r0, r1);
+    if (simd == Simd::kAvx512) return sparse_code_rows_simd<true, true>(w, x, T, ldx, bias, y, ldy, r0, r1);
+    return sparse_code_rows_simd<false, true>(w, x, T, ldx, bias, y, ldy, r0, r1);
+  }
+#endif
+  sparse_code_rows_scalar(w, x, T, ldx, bias, y, ldy, r0, r1);
+}
+
+}  // namespace sgk
