@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The check of the GPU path on a CUDA machine (made for one H200 with 16 cores and no network), in two phases that
+# The check of the GPU path on a CUDA machine (made for one H200 with 16 cores and no network), in three phases that
 # each finish within 5 minutes of machine time, start-up not counted:
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh A     # no compilation of the extension
 #   OUT=/some/dir bash benchmarks/gpu_check.sh B     # builds the CUDA extension (sm_90 only)
+#   OUT=/some/dir bash benchmarks/gpu_check.sh C     # a LLaMA-2-7B-shaped model pruned end to end (triton)
 #
 # Phase A: machine facts; the compiled Triton tests (pytest -m gpu: CUDA tensors, 50%, 70%, 2:4, 4:8, 4-bit with and
 #   without groups, rows 1/7/33/777, odd column counts, ties, autotuned loss, CUDA graphs, Hessian-inverse factor,
@@ -15,6 +16,12 @@
 #   prune_layer torch vs cuda vs triton at the same shapes; a profiled cuda call; 2:4 semi-structured matmul vs dense
 #   (LLaMA-7B and OPT-6.7B layers; eager and CUDA-graph replays); prefill/decode of a LLaMA-7B-shaped model with 8
 #   layers, dense vs 2:4.
+# Phase C: LLaMA-2-7B's config with random bfloat16 weights built on the GPU, all 32 blocks pruned at 50% from 128 x
+#   2048 random calibration tokens with the timings split, peak memory and the published loop's time for the same
+#   layers (each of the 3 shapes timed once, multiplied out); then 2:4 without the anchor. Estimates (not yet run):
+#   build ~15 s; Hessian GEMMs ~2.9e15 FLOP of which one triangle plus a tile is done, ~35 s at 51 TFLOP/s; forwards
+#   (bf16) ~5 s; solves 224 layers at ~30-60 ms ~10 s; anchor 3 published calls ~10 s: about 80 s (limit 170), 2:4
+#   about 60 s (limit 110).
 #
 # Time (16 cores, H200): the limits below are what each step may take: 300 s (A) and 295 s (B), plus ~5 s for the
 # machine facts and the summary. Measured on 2026-11-30 (benchmarks/results/gpu_h200/2026-11-30b): A 228 s, B 213 s.
@@ -35,8 +42,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PHASE=${1:-}
-if [ "$PHASE" != "A" ] && [ "$PHASE" != "B" ]; then
-  echo "usage: OUT=DIR bash benchmarks/gpu_check.sh A|B" >&2
+if [ "$PHASE" != "A" ] && [ "$PHASE" != "B" ] && [ "$PHASE" != "C" ]; then
+  echo "usage: OUT=DIR bash benchmarks/gpu_check.sh A|B|C" >&2
   exit 2
 fi
 PY=${PYTHON:-python3}
@@ -88,6 +95,11 @@ if [ "$PHASE" = "A" ]; then
     --modes 0.5 2:4 --backends torch --repeats 2 --csv "$D/prune_layer_published.csv"
   step profile 20 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \
     --backends triton --csv "$D/profile.csv"
+elif [ "$PHASE" = "C" ]; then
+  step prune_7b_50 170 "$PY" benchmarks/bench_prune_model.py --device cuda --config llama-2-7b --random-weights \
+    --nsamples 128 --seqlen 2048 --settings 50% --backends triton --csv "$D/prune_model_7b_50.csv"
+  step prune_7b_24 110 "$PY" benchmarks/bench_prune_model.py --device cuda --config llama-2-7b --random-weights \
+    --nsamples 128 --seqlen 2048 --settings 2:4 --backends triton --no-anchor --csv "$D/prune_model_7b_24.csv"
 else
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} SPARSEGPT_KERNELS_REQUIRE_EXT=1

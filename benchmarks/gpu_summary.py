@@ -1,7 +1,7 @@
 """The short table benchmarks/gpu_check.sh prints last: each step's status and the GPU targets, measured against what
 the same run measured.
 
-    python benchmarks/gpu_summary.py A|B DIR     # DIR holds steps.tsv and the phase's CSVs; writes DIR/summary.md
+    python benchmarks/gpu_summary.py A|B|C DIR     # DIR holds steps.tsv and the phase's CSVs; writes DIR/summary.md
 
 Targets (same card, same run):
   A  Triton prune_layer >= 20x the torch backend at 4096x4096 and 11008x4096 (50% and 2:4), within 3x of the fp32
@@ -120,6 +120,20 @@ def _profile(d: str) -> list[str]:
     return _table(["backend", "mode", "wall s", "device s", "device / wall", "launches", "top kernel (share)"], out)
 
 
+def _whole_model(d: str) -> list[str]:
+    rows = []
+    for name in sorted(f for f in os.listdir(d) if f.startswith("prune_model_") and f.endswith(".csv")):
+        for r in _read(os.path.join(d, name)):
+            total = float(r["total"])
+            rows.append([r["setting"], r["backend"], f"{total:.1f}", r["forward"], r["hessians"], r["solves"],
+                         r.get("published_loop_s") or "-", r.get("vs_published") or "-", r.get("peak_gib", "-"),
+                         _mark(total < 60)])
+    if not rows:
+        return ["_no prune_model CSV_"]
+    return _table(["setting", "backend", "total s", "forward", "hessians", "solves", "published loop s",
+                   "vs published", "peak GiB", "< 60 s"], rows)
+
+
 def main(argv: list[str]) -> int:
     phase, d = argv
     lines = [f"# GPU check, phase {phase}", ""]
@@ -131,6 +145,8 @@ def main(argv: list[str]) -> int:
         lines += ["## prune_layer: triton vs torch", "", *_prune(d, "prune_layer_triton.csv", "triton", 20, 3), ""]
         lines += ["## torch backend vs the published loop", "", *_published(d), ""]
         lines += ["## Where a triton prune_layer call spends its time (4096x4096)", "", *_profile(d), ""]
+    elif phase == "C":
+        lines += ["## A LLaMA-2-7B-shaped model pruned end to end (target: < 60 s)", "", *_whole_model(d), ""]
     else:
         lines += ["## prune_layer: cuda vs torch", "", *_prune(d, "prune_layer_cuda.csv", "cuda", 10, None), ""]
         lines += ["## triton or cuda (what backend=\"auto\" should pick)", "", *_auto(d), ""]

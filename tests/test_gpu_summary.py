@@ -119,8 +119,21 @@ def test_gpu_check_phases_fit_five_minutes():
 
     with open(os.path.join(BENCH, "gpu_check.sh")) as f:
         text = f.read()
-    a_part, b_part = text.split('if [ "$PHASE" = "A" ]; then', 1)[1].split("\nelse\n", 1)
+    a_part, rest = text.split('if [ "$PHASE" = "A" ]; then', 1)[1].split('elif [ "$PHASE" = "C" ]; then', 1)
+    c_part, b_part = rest.split("\nelse\n", 1)
     b_part = b_part.split("\nfi\n", 1)[0]
-    for part in (a_part, b_part):
+    for part, least in ((a_part, 4), (b_part, 4), (c_part, 2)):
         limits = [int(x) for x in re.findall(r"^\s*step \w+ (\d+) ", part, flags=re.M)]
-        assert len(limits) >= 4 and sum(limits) <= 300, limits
+        assert len(limits) >= least and sum(limits) <= 300, limits
+
+
+def test_phase_c_summary(tmp_path):
+    """The whole-model table from bench_prune_model.py's --random-weights CSV (a toy config on the CPU)."""
+    d = str(tmp_path)
+    _run(os.path.join(BENCH, "bench_prune_model.py"), "--device", "cpu", "--config", "tiny", "--random-weights",
+         "--quick", "--settings", "50%", "--csv", os.path.join(d, "prune_model_7b_50.csv"))
+    out = _run(os.path.join(BENCH, "gpu_summary.py"), "C", d)
+    row = next(ln for ln in out.splitlines() if ln.startswith("| 50% |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert float(cells[2]) > 0 and float(cells[6]) > 0  # the total and the published loop's time for the same layers
+    assert cells[9] == "yes"  # a toy model: well under the 60 s target
