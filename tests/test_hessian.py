@@ -72,11 +72,12 @@ def test_bad_construction(kw):
 
 
 @pytest.mark.parametrize("cols", [511, 512, 777])
-def test_the_symmetric_update_is_the_full_product_exactly_symmetric(cols):
+def test_the_symmetric_update_is_the_full_product_exactly_symmetric(cols, monkeypatch):
     """From 2 tiles wide on only the upper triangle is accumulated (row tiles); the Hessian read is the full product
     to float32 rounding and exactly symmetric, also after further updates and a reset."""
     from sparsegpt_kernels import hessian
 
+    monkeypatch.setattr(hessian, "SYMMETRIC_MIN_COLS", 512)  # the tiled path at test sizes
     tiled = cols >= 2 * hessian.SYMMETRIC_TILE  # 511: one full product (symmetric to rounding only)
     X = torch.randn(3, 40, cols, dtype=torch.float64)
     acc = sk.HessianAccumulator(cols)
