@@ -133,13 +133,8 @@ def main(argv=None) -> int:
         for backend in args.backends:
             model.load_state_dict(original)
             report = sk.prune_model(model, calib, device=device, backend=backend, blocks=blocks, **kw)
-            t = report.timings
-            used = sorted({r.backend for r in report.layers})
-            rows.append({"setting": setting, "backend": f"{backend} ({'/'.join(used)})",
-                         **{k: f"{t.get(k, 0.0):.2f}" for k in ["total", *PHASES]},
-                         "tokenize_first_run": f"{tokenize_s:.2f}", "nsamples": args.nsamples,
-                         "seqlen": args.seqlen, "blocks": len(report.blocks_pruned), **info})
-            print(f"{setting:>5} {backend:>5}: {report.seconds:.1f} s  {format_timings(t)}",
+            rows.append(_row(setting, backend, report, args, info, tokenize_first_run=f"{tokenize_s:.2f}"))
+            print(f"{setting:>5} {backend:>5}: {report.seconds:.1f} s  {format_timings(report.timings)}",
                   flush=True)
     print()
     print_table(rows, COLUMNS)
@@ -147,6 +142,14 @@ def main(argv=None) -> int:
     write_csv(out, rows)
     print(f"\nwrote {out}")
     return 0
+
+
+def _row(setting: str, backend: str, report, args, info: dict, **extra) -> dict:
+    """One CSV row: the setting, the backend asked for and those that ran, the phases in seconds, ``extra``."""
+    used = sorted({r.backend for r in report.layers})
+    return {"setting": setting, "backend": f"{backend} ({'/'.join(used)})",
+            **{k: f"{report.timings.get(k, 0.0):.2f}" for k in ["total", *PHASES]}, **extra,
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "blocks": len(report.blocks_pruned), **info}
 
 
 def _random_weights(args, device: torch.device, info: dict, blocks) -> int:
@@ -170,13 +173,10 @@ def _random_weights(args, device: torch.device, info: dict, blocks) -> int:
                                     **kw)
             t = report.timings
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            used = sorted({r.backend for r in report.layers})
-            rows.append({"setting": setting, "backend": f"{backend} ({'/'.join(used)})",
-                         **{k: f"{t.get(k, 0.0):.2f}" for k in ["total", *PHASES]},
-                         "published_loop_s": "" if anchor is None else f"{anchor:.2f}",
-                         "vs_published": "" if anchor is None else f"{anchor / t['total']:.2f}",
-                         "peak_gib": f"{peak:.2f}", "config": args.config, "nsamples": args.nsamples,
-                         "seqlen": args.seqlen, "blocks": len(report.blocks_pruned), **info})
+            rows.append(_row(setting, backend, report, args, info,
+                             published_loop_s="" if anchor is None else f"{anchor:.2f}",
+                             vs_published="" if anchor is None else f"{anchor / t['total']:.2f}",
+                             peak_gib=f"{peak:.2f}", config=args.config))
             print(f"{setting:>5} {backend:>5}: {report.seconds:.1f} s  {format_timings(t)}"
                   + ("" if anchor is None else f"  (published loop, same layers: {anchor:.1f} s)"), flush=True)
     print()

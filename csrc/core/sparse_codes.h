@@ -23,7 +23,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "sparse_linear.h"  // SparseRows' mask layout, ExpandTable, by_token_groups, bf16_to_float
+#include "sparse_linear.h"  // the mask layout, each_kept, ExpandTable, by_token_groups, float_bits
 
 namespace sgk {
 
@@ -48,18 +48,6 @@ struct SparseCodes {
 
 // Bytes of codes a row with `count` kept weights holds.
 inline int64_t code_bytes(int64_t count, int bits) { return bits <= 4 ? (count + 1) / 2 : count; }
-
-inline uint32_t float_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-inline float bits_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // f rounded to the nearest bfloat16 (ties to even), as a float32. Finite inputs only (the dequantized weights are).
 inline float round_bf16(float f) {
@@ -133,24 +121,18 @@ void sparse_code_rows_to_dense(const SparseCodes& w, O* out, int64_t r0, int64_t
   for (int64_t r = r0; r < r1; ++r) {
     O* o = out + r * w.cols;
     std::memset(o, 0, sizeof(O) * static_cast<size_t>(w.cols));
-    const uint8_t* m = w.mask + r * w.ldm;
     const uint8_t* p = w.codes + w.offsets[r];
     int64_t k = 0;
-    for (int64_t b = 0; b < w.ldm; ++b) {
-      unsigned bits = m[b];
-      while (bits) {
-        const int64_t j = b * 8 + __builtin_ctz(bits);
-        const float v = code_weight(w, r, j / w.group, code_at(p, k++, w.bits));
-        if constexpr (sizeof(O) == 4) {
-          o[j] = v;
-        } else if (w.rounding == Rounding::kFloat16) {
-          o[j] = fp16_bits_exact(v);
-        } else {
-          o[j] = static_cast<uint16_t>(float_bits(v) >> 16);
-        }
-        bits &= bits - 1;
+    each_kept(w.mask + r * w.ldm, w.ldm, [&](int64_t j) {
+      const float v = code_weight(w, r, j / w.group, code_at(p, k++, w.bits));
+      if constexpr (sizeof(O) == 4) {
+        o[j] = v;
+      } else if (w.rounding == Rounding::kFloat16) {
+        o[j] = fp16_bits_exact(v);
+      } else {
+        o[j] = static_cast<uint16_t>(float_bits(v) >> 16);
       }
-    }
+    });
   }
 }
 

@@ -34,12 +34,19 @@ struct SparseRows {
   const int64_t* offsets = nullptr;  // (rows + 1): row r's values are [offsets[r], offsets[r + 1])
 };
 
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+
+inline float bf16_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
 
 // Bits set in the `n` bytes at p, 8 bytes a step.
 inline int64_t count_bits_portable(const uint8_t* p, int64_t n) {
@@ -335,6 +342,14 @@ inline void sparse_row_simd(Simd simd, const SparseRows<V>& w, const float* x, i
 inline bool cpu_has_bf16_dot() { return false; }
 #endif
 
+// f(j) for every kept column j of a mask row of `ldm` bytes, left to right.
+template <typename F>
+inline void each_kept(const uint8_t* m, int64_t ldm, F&& f) {
+  for (int64_t b = 0; b < ldm; ++b) {
+    for (unsigned bits = m[b]; bits != 0; bits &= bits - 1) f(b * 8 + __builtin_ctz(bits));
+  }
+}
+
 // Rows [r0, r1) of the dense weight (row-major, leading dimension cols, every entry written): the kept values in
 // their columns, zeros elsewhere. Values are copied as they are (V's bits), so the result is exactly the weight.
 template <typename V>
@@ -342,16 +357,8 @@ void sparse_rows_to_dense(const SparseRows<V>& w, V* out, int64_t r0, int64_t r1
   for (int64_t r = r0; r < r1; ++r) {
     V* o = out + r * w.cols;
     std::memset(o, 0, sizeof(V) * static_cast<size_t>(w.cols));
-    const uint8_t* m = w.mask + r * w.ldm;
     const V* v = w.values + w.offsets[r];
-    for (int64_t b = 0; b < w.ldm; ++b) {
-      unsigned bits = m[b];
-      while (bits) {
-        const int i = __builtin_ctz(bits);
-        o[b * 8 + i] = *v++;
-        bits &= bits - 1;
-      }
-    }
+    each_kept(w.mask + r * w.ldm, w.ldm, [&](int64_t j) { o[j] = *v++; });
   }
 }
 

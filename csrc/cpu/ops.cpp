@@ -423,8 +423,10 @@ sgk::SparseRows<V> sparse_rows_view(const at::Tensor& mask, const V* values, con
 }
 
 // The entries row r of a compressed weight holds: its kept values (or, for codes, the bytes of its kept codes).
-inline int64_t row_entries(const sgk::SparseRows<float>&, int64_t count) { return count; }
-inline int64_t row_entries(const sgk::SparseRows<uint16_t>&, int64_t count) { return count; }
+template <typename V>
+int64_t row_entries(const sgk::SparseRows<V>&, int64_t count) {
+  return count;
+}
 inline int64_t row_entries(const sgk::SparseCodes& w, int64_t count) { return sgk::code_bytes(count, w.bits); }
 
 // fn(begin, end) over ranges of rows in parallel, each run of up to `grain` rows checked just before fn reads it (its
