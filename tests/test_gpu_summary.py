@@ -133,7 +133,12 @@ def test_phase_c_summary(tmp_path):
     _run(os.path.join(BENCH, "bench_prune_model.py"), "--device", "cpu", "--config", "tiny", "--random-weights",
          "--quick", "--settings", "50%", "--csv", os.path.join(d, "prune_model_7b_50.csv"))
     out = _run(os.path.join(BENCH, "gpu_summary.py"), "C", d)
+    with open(os.path.join(d, "prune_model_7b_50.csv"), newline="") as f:
+        (rec,) = list(csv.DictReader(f))
+    assert rec["config"] == "tiny" and rec["blocks"] == "2" and float(rec["published_loop_s"]) >= 0
     row = next(ln for ln in out.splitlines() if ln.startswith("| 50% |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert float(cells[2]) > 0 and float(cells[6]) > 0  # the total and the published loop's time for the same layers
+    # the table is the CSV's: total (one decimal), phases, the published loop's time for the same layers, the mark
+    assert cells[2] == f"{float(rec['total']):.1f}" and cells[3:6] == [rec["forward"], rec["hessians"], rec["solves"]]
+    assert cells[6] == rec["published_loop_s"] and cells[7] == rec["vs_published"]
     assert cells[9] == "yes"  # a toy model: well under the 60 s target
