@@ -420,6 +420,26 @@ def test_kernel_matches_a_dense_product_of_the_same_zeros(ext, simd, cols, xdtyp
         assert bool((y[:, 0].float() == lin.bias[None, 0].to(xdtype).float()).all())  # the empty row: the bias
 
 
+@pytest.mark.parametrize("cols", [64, 128, 200, 576, 1000])
+@pytest.mark.parametrize("keep", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_kernel_avx512_sums_bfloat16_values_like_the_avx2_copy(ext, cols, keep, monkeypatch):
+    """bfloat16 values with float32 x: the AVX-512 copy (64-column steps on CPUs with VBMI, up to 3 tokens a pass)
+    gives the AVX2 copy's bits, for every token count, every density (empty and full 64-column steps: one or two
+    registers of values), rows that end at the buffer's end (the loads there are masked)."""
+    W = _kernel_problem(13, cols, torch.bfloat16, seed=cols, keep=keep)
+    lin = SparseLinear(CompressedWeight.compress(W), torch.randn(13))
+    args = (lin.weight_mask, lin.weight_values, lin.weight_offsets, lin.bias)
+    for T in range(1, 18):
+        x = torch.randn(T, cols, generator=torch.Generator().manual_seed(T))
+        monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", "avx512")
+        y = ext.ext_sparse_linear(x, *args)
+        monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", "avx2")
+        y2 = ext.ext_sparse_linear(x, *args)
+        assert torch.equal(y, y2), (T, float((y - y2).abs().max()))
+        ref = F.linear(x, W.float(), lin.bias)
+        assert bool(((y - ref).abs() <= _bound(x, W, torch.float32) + 2.0**-22 * lin.bias.abs()).all()), T
+
+
 def test_kernel_baseline_sums_like_a_sequential_float32_loop(ext, monkeypatch):
     """With the same summation order (one kept weight after another, in float32), the result is exact."""
     import numpy as np

@@ -54,8 +54,10 @@ def _bound(x, W):
     return 4 * W.shape[1] * 2.0**-24 * (x.float().abs() @ W.float().abs().T) + 1e-30
 
 
-# (cols, group): groups that are multiples of 8 (the SIMD copy), others (the scalar loop), one group per row
-SHAPES = [(8, 8), (24, 8), (48, 16), (64, 32), (136, 8), (40, 40), (12, 4), (9, 3), (17, 17)]
+# (cols, group): groups that are multiples of 8 (the SIMD copy), others (the scalar loop), one group per row, and
+# multiples of 64 (the 64-column steps of CPUs with AVX-512 VBMI)
+SHAPES = [(8, 8), (24, 8), (48, 16), (64, 32), (136, 8), (40, 40), (12, 4), (9, 3), (17, 17),
+          (64, 64), (192, 64), (256, 128), (576, 64)]
 
 
 @pytest.mark.parametrize("simd", ["avx512", "avx2", "baseline"])

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "sweep_core.h"  // Simd, cpu_simd, simd_used
 
@@ -164,21 +165,17 @@ __attribute__((target("avx2"))) inline float sum_accumulators(const __m256 (&acc
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
-// Up to 4 tokens of one row, 8 columns a chunk (AVX2 + FMA). U chunks a step, each with its own accumulators: the
-// chunks' value pointers are the only chain between them (one popcount and one add), and U independent FMA chains
-// hide the FMA latency.
-template <typename V, int TB>
-__attribute__((target("avx2,fma,popcnt"))) inline void sparse_row_avx2(const SparseRows<V>& w, const float* x,
-                                                                        int64_t ldx, int64_t r, float* out) {
-  constexpr int U = TB == 1 ? 4 : 2;
+// Up to 4 tokens of one row, 8 columns a chunk (AVX2 + FMA), from chunk c on with the accumulators acc and the row's
+// values from v on (sparse_row_avx2 starts at chunk 0; sparse_row_vbmi hands over its sums after its 64-column
+// steps). U chunks a step, each with its own accumulators: the chunks' value pointers are the only chain between
+// them (one popcount and one add), and U independent FMA chains hide the FMA latency.
+template <typename V, int TB, int U>
+__attribute__((target("avx2,fma,popcnt"))) inline void finish_row_avx2(const SparseRows<V>& w, const float* x,
+                                                                        int64_t ldx, const uint8_t* m, const V* v,
+                                                                        int64_t c, __m256 (&acc)[U][TB],
+                                                                        float* out) {
   const ExpandTable& tab = expand_table();
-  __m256 acc[U][TB];
-  for (int u = 0; u < U; ++u)
-    for (int t = 0; t < TB; ++t) acc[u][t] = _mm256_setzero_ps();
-  const uint8_t* m = w.mask + r * w.ldm;
-  const V* v = w.values + w.offsets[r];
   const int64_t full = w.cols / 8;
-  int64_t c = 0;
   for (; c + U <= full; c += U) {
     const V* vu[U];
     int bits[U], count[U];
@@ -208,6 +205,146 @@ __attribute__((target("avx2,fma,popcnt"))) inline void sparse_row_avx2(const Spa
       for (int t = 0; t < TB; ++t) out[t] += wj * x[t * ldx + j];
     }
   }
+}
+
+template <typename V, int TB>
+__attribute__((target("avx2,fma,popcnt"))) inline void sparse_row_avx2(const SparseRows<V>& w, const float* x,
+                                                                        int64_t ldx, int64_t r, float* out) {
+  constexpr int U = TB == 1 ? 4 : 2;
+  __m256 acc[U][TB];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < TB; ++t) acc[u][t] = _mm256_setzero_ps();
+  finish_row_avx2<V, TB, U>(w, x, ldx, w.mask + r * w.ldm, w.values + w.offsets[r], 0, acc, out);
+}
+
+// What the 64-column steps of the VBMI copies (sparse_row_vbmi here, sparse_code_row_vbmi in sparse_codes.h) use:
+// AVX-512F/BW/VL/DQ with VBMI (byte permutations) and BITALG (byte popcounts), BMI2.
+#define SGK_VBMI_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bitalg,avx2,fma,f16c,popcnt,bmi2"
+
+inline bool cpu_has_vbmi() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bitalg") &&
+                          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
+  return has;
+}
+
+// Byte constants of the 64-column steps: byte 8i + j of bcast is i (byte i of a qword broadcast to the 8 bytes of
+// lane i), of seq j, of below (1 << j) - 1 (the bits of a mask byte below lane j).
+struct VbmiConsts {
+  alignas(64) uint8_t bcast[64];
+  alignas(64) uint8_t seq[64];
+  alignas(64) uint8_t below[64];
+  VbmiConsts() {
+    for (int b = 0; b < 64; ++b) {
+      bcast[b] = static_cast<uint8_t>(b / 8);
+      seq[b] = static_cast<uint8_t>(b % 8);
+      below[b] = static_cast<uint8_t>((1u << (b % 8)) - 1u);
+    }
+  }
+};
+
+inline const VbmiConsts& vbmi_consts() {
+  static const VbmiConsts c;
+  return c;
+}
+
+// The ranks of a 64-column step with mask bits q (8 chunks of 8 columns): byte 8i + j holds the number of kept
+// columns of chunk i below column j (the column's position among its chunk's kept ones), and *starts byte i the
+// number kept in chunks 0..i-1 (each at most 56); one byte popcount of the 8 mask bytes and one multiplication.
+__attribute__((target(SGK_VBMI_TARGET))) inline __m512i step_ranks(uint64_t q, const VbmiConsts& vc,
+                                                                  uint64_t* starts) {
+  const __m128i qv = _mm_cvtsi64_si128(static_cast<long long>(q));
+  const auto counts = static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_popcnt_epi8(qv)));
+  *starts = (counts * 0x0101010101010101ull) << 8;
+  const __m512i mb = _mm512_permutexvar_epi8(_mm512_load_si512(vc.bcast), _mm512_castsi128_si512(qv));
+  return _mm512_popcnt_epi8(_mm512_and_si512(mb, _mm512_load_si512(vc.below)));
+}
+
+// The 8 bytes of u broadcast each to its lane's 8 bytes (byte 8i + j = byte i of u).
+__attribute__((target(SGK_VBMI_TARGET))) inline __m512i bytes_to_lanes(uint64_t u, const VbmiConsts& vc) {
+  return _mm512_permutexvar_epi8(_mm512_load_si512(vc.bcast),
+                                 _mm512_castsi128_si512(_mm_cvtsi64_si128(static_cast<long long>(u))));
+}
+
+// The four 16-column quarters of a 64-column step: weights(integral_constant<int, QD>) gives quarter QD's 16
+// weights; each is multiplied with the TB tokens' x from xs on and added to A (quarters 0 and 2) or B (1 and 3) when
+// U = 4, to A when U = 2: the accumulators of the 8-lane copies (U chunks of 8 columns each), two to a register.
+template <int TB, int U, typename Weights>
+__attribute__((target(SGK_VBMI_TARGET))) inline void vbmi_step_fma(Weights&& weights, const float* xs, int64_t ldx,
+                                                                  __m512 (&A)[TB], __m512 (&B)[TB]) {
+  auto quarter = [&](auto qd) __attribute__((target(SGK_VBMI_TARGET))) {
+    constexpr int QD = decltype(qd)::value;
+    const __m512 wv = weights(qd);
+    __m512(&acc)[TB] = U == 4 && QD % 2 == 1 ? B : A;
+    for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + t * ldx + 16 * QD), acc[t]);
+  };
+  quarter(std::integral_constant<int, 0>{});
+  quarter(std::integral_constant<int, 1>{});
+  quarter(std::integral_constant<int, 2>{});
+  quarter(std::integral_constant<int, 3>{});
+}
+
+// A and B of vbmi_step_fma as the 8-lane copies' accumulators acc[u] (u = 0, 1 the halves of A; 2, 3 those of B).
+template <int TB, int U>
+__attribute__((target(SGK_VBMI_TARGET))) inline void vbmi_hand_over(const __m512 (&A)[TB], const __m512 (&B)[TB],
+                                                                   __m256 (&acc)[U][TB]) {
+  for (int t = 0; t < TB; ++t) {
+    acc[0][t] = _mm512_castps512_ps256(A[t]);
+    acc[1][t] = _mm512_extractf32x8_ps(A[t], 1);
+    if constexpr (U == 4) {
+      acc[2][t] = _mm512_castps512_ps256(B[t]);
+      acc[3][t] = _mm512_extractf32x8_ps(B[t], 1);
+    }
+  }
+}
+
+// Up to 4 tokens of one row of bfloat16 values, 64 columns a step (AVX-512 VBMI; sparse_row_avx2's sums, bit for
+// bit): the step's (at most 64) values in two registers, every column's position among them from step_ranks, and per
+// 16 columns one masked two-table word permutation that puts each kept column's value in the high half of its
+// float32 lane (0 elsewhere). About 40 instructions per 64 columns against about 8 per 8 in the byte-shuffle
+// expansion. The 16-lane accumulator A holds sparse_row_avx2's accumulators 0 and 1 in its halves (chunks c with
+// c % U = 0, 1), B (U = 4) 2 and 3, so every lane sees the same FMAs in the same order; the columns after the last
+// whole step go on in finish_row_avx2 with those accumulators.
+template <int TB>
+__attribute__((target(SGK_VBMI_TARGET))) inline void sparse_row_vbmi(const SparseRows<uint16_t>& w, const float* x,
+                                                                    int64_t ldx, int64_t r, float* out) {
+  constexpr int U = TB == 1 ? 4 : 2;
+  const VbmiConsts& vc = vbmi_consts();
+  __m512 A[TB], B[TB];
+  for (int t = 0; t < TB; ++t) A[t] = B[t] = _mm512_setzero_ps();
+  const uint8_t* m = w.mask + r * w.ldm;
+  const uint16_t* v = w.values + w.offsets[r];
+  const uint16_t* const end = w.values + w.offsets[w.rows] + kPadValues;  // what the buffer holds
+  const int64_t steps = w.cols / 64;
+  for (int64_t s = 0; s < steps; ++s) {
+    uint64_t q, starts;
+    std::memcpy(&q, m + 8 * s, sizeof q);
+    const __m512i rank = step_ranks(q, vc, &starts);
+    const __m512i pos = _mm512_add_epi8(rank, bytes_to_lanes(starts, vc));  // 0..63
+    const auto total = static_cast<unsigned>(_mm_popcnt_u64(q));
+    __m512i v0, v1;
+    if (v + 64 <= end) {  // plain loads: masked ones measured 2x slower from memory (they defeat the prefetcher)
+      v0 = _mm512_loadu_si512(v);
+      v1 = _mm512_loadu_si512(v + 32);
+    } else {  // the buffer's last 64 values: only what the step keeps
+      v0 = _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, total), v);
+      v1 = _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, total > 32 ? total - 32 : 0), v + 32);
+    }
+    v += total;
+    vbmi_step_fma<TB, U>(
+        [&](auto qd) __attribute__((target(SGK_VBMI_TARGET))) {
+          constexpr int QD = decltype(qd)::value;
+          const __m512i idx = _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(pos, QD)), 16);
+          const auto keep = static_cast<__mmask32>(_pdep_u32(static_cast<unsigned>(q >> (16 * QD)) & 0xFFFFu,
+                                                              0xAAAAAAAAu));
+          return _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi16(keep, v0, idx, v1));
+        },
+        x + 64 * s, ldx, A, B);
+  }
+  __m256 acc[U][TB];
+  vbmi_hand_over<TB, U>(A, B, acc);
+  finish_row_avx2<uint16_t, TB, U>(w, x, ldx, m, v, 8 * steps, acc, out);
 }
 
 // The 16 columns of one chunk of a row with mask bits `bits`, whose float32 values start at v (AVX-512).
@@ -329,8 +466,9 @@ inline void sparse_row_simd(Simd simd, const SparseRows<V>& w, const float* x, i
   // than widening them for vexpandps (benchmarks/RESULTS.md)
   if constexpr (sizeof(V) == 4) {
     if (simd == Simd::kAvx512) return sparse_row_avx512<V, TB>(w, x, ldx, r, out);
+  } else if constexpr (TB <= 3) {  // at 4 tokens the 8-column chunks measured as fast (benchmarks/RESULTS.md)
+    if (simd == Simd::kAvx512 && cpu_has_vbmi()) return sparse_row_vbmi<TB>(w, x, ldx, r, out);
   }
-  (void)simd;
   sparse_row_avx2<V, TB>(w, x, ldx, r, out);
 }
 #if defined(__GNUC__) && !defined(__clang__)
