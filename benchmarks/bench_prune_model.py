@@ -16,6 +16,7 @@ layers (each distinct layer shape timed once on the same device with a random He
 
     python benchmarks/bench_prune_model.py --config llama-2-7b --random-weights --nsamples 128 --seqlen 2048
     python benchmarks/bench_prune_model.py --config tiny --random-weights --quick   # the same path, a toy size
+    python benchmarks/bench_prune_model.py --config llama-2-7b --random-weights --hessian-products input  # (CUDA)
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
                    help="build this config instead of loading --model (needs --random-weights)")
     p.add_argument("--random-weights", action="store_true", help="random weights and random calibration ids")
     p.add_argument("--no-anchor", action="store_true", help="skip timing the published loop (--random-weights)")
+    p.add_argument("--hessian-products", default="float32", choices=("float32", "input"),
+                   help="prune_model's hessian_products (input: bfloat16 activations on tensor cores on CUDA)")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
     blocks = [0, 1] if args.quick else None
@@ -132,7 +135,8 @@ def main(argv=None) -> int:
         kw = {"pattern": setting} if ":" in setting else {"sparsity": float(setting.rstrip("%")) / 100}
         for backend in args.backends:
             model.load_state_dict(original)
-            report = sk.prune_model(model, calib, device=device, backend=backend, blocks=blocks, **kw)
+            report = sk.prune_model(model, calib, device=device, backend=backend, blocks=blocks,
+                                    hessian_products=args.hessian_products, **kw)
             rows.append(_row(setting, backend, report, args, info, tokenize_first_run=f"{tokenize_s:.2f}"))
             print(f"{setting:>5} {backend:>5}: {report.seconds:.1f} s  {format_timings(report.timings)}",
                   flush=True)
@@ -149,7 +153,8 @@ def _row(setting: str, backend: str, report, args, info: dict, **extra) -> dict:
     used = sorted({r.backend for r in report.layers})
     return {"setting": setting, "backend": f"{backend} ({'/'.join(used)})",
             **{k: f"{report.timings.get(k, 0.0):.2f}" for k in ["total", *PHASES]}, **extra,
-            "nsamples": args.nsamples, "seqlen": args.seqlen, "blocks": len(report.blocks_pruned), **info}
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "blocks": len(report.blocks_pruned),
+            "hessian_products": args.hessian_products, **info}
 
 
 def _random_weights(args, device: torch.device, info: dict, blocks) -> int:
@@ -170,7 +175,7 @@ def _random_weights(args, device: torch.device, info: dict, blocks) -> int:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             report = sk.prune_model(model, calib, device=device, backend=backend, blocks=blocks, progress=False,
-                                    **kw)
+                                    hessian_products=args.hessian_products, **kw)
             t = report.timings
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
             rows.append(_row(setting, backend, report, args, info,

@@ -21,10 +21,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT_DIR, RESULTS_DIR, meta, print_table, write_csv  # noqa: E402
+from common import OUT_DIR, RESULTS_DIR, add_heldout_args, heldout_bed, meta, print_table, write_csv  # noqa: E402
 
 from sparsegpt_kernels import prune_model  # noqa: E402
-from sparsegpt_kernels.model import calibration_windows, eval_windows, load_model, load_text, tokenize  # noqa: E402
+from sparsegpt_kernels.model import calibration_windows, load_model  # noqa: E402
 from sparsegpt_kernels.model.evaluate import perplexity  # noqa: E402
 from sparsegpt_kernels.options import parse_setting  # noqa: E402
 
@@ -33,22 +33,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
     p.add_argument("--settings", nargs="+", default=["50%", "70%", "2:4"])
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--no-error-allocation", action="store_true", help="skip the 70%% allocation='error' row")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
+    add_heldout_args(p)
     args = p.parse_args(argv)
-    blocks = [0, 1] if args.quick else None
-    if args.quick:
-        args.nsamples, args.seqlen, args.eval_windows, args.eval_seqlen = 2, 64, 2, 64
-
     model, tok = load_model(args.model)
-    splits = load_text("shakespeare")
-    calib = calibration_windows(tokenize(tok, splits.calibration), args.nsamples, args.seqlen, seed=0)
-    ev = eval_windows(tokenize(tok, splits.evaluation), args.eval_seqlen, args.eval_windows)
+    ids, ev, blocks = heldout_bed(args, tok)
+    calib = calibration_windows(ids, args.nsamples, args.seqlen, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     info = meta(torch.device("cpu"))
 

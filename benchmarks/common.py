@@ -121,3 +121,28 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r.get(c, "")).rjust(widths[c]) for c in cols))
+
+
+def add_heldout_args(p, *, nsamples: int = 32, seqlen: int = 256, eval_windows: int = 16,
+                     eval_seqlen: int = 512) -> None:
+    """The held-out test bed's flags (calibration and evaluation windows, --quick, --csv)."""
+    p.add_argument("--nsamples", type=int, default=nsamples)
+    p.add_argument("--seqlen", type=int, default=seqlen)
+    p.add_argument("--eval-windows", type=int, default=eval_windows)
+    p.add_argument("--eval-seqlen", type=int, default=eval_seqlen)
+    p.add_argument("--quick", action="store_true", help="2 blocks, 2 x 64 calibration tokens, 2 x 64 held out")
+    p.add_argument("--csv", default=None)
+
+
+def heldout_bed(args, tok) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """The test bed of issue 25 for ``args`` of :func:`add_heldout_args`: (the calibration split's token ids, the
+    held-out windows, the blocks to prune). Shakespeare's plays: calibration windows are drawn from the first 80%,
+    held-out windows are the rest's first ``eval_windows`` of ``eval_seqlen`` tokens, no BOS; ``--quick`` shrinks
+    both and prunes 2 blocks."""
+    from sparsegpt_kernels.model import eval_windows, load_text, tokenize
+
+    if args.quick:
+        args.nsamples, args.seqlen, args.eval_windows, args.eval_seqlen = 2, 64, 2, 64
+    splits = load_text("shakespeare")
+    ev = eval_windows(tokenize(tok, splits.evaluation), args.eval_seqlen, args.eval_windows)
+    return tokenize(tok, splits.calibration), ev, [0, 1] if args.quick else None

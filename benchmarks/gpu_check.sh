@@ -4,7 +4,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh A     # no compilation of the extension
 #   OUT=/some/dir bash benchmarks/gpu_check.sh B     # builds the CUDA extension (sm_90 only)
-#   OUT=/some/dir bash benchmarks/gpu_check.sh C     # a LLaMA-2-7B-shaped model pruned end to end (triton)
+#   OUT=/some/dir bash benchmarks/gpu_check.sh C     # a LLaMA-2-7B-shaped model pruned end to end (triton), torchrun
 #
 # Phase A: machine facts; the compiled Triton tests (pytest -m gpu: CUDA tensors, 50%, 70%, 2:4, 4:8, 4-bit with and
 #   without groups, rows 1/7/33/777, odd column counts, ties, autotuned loss, CUDA graphs, Hessian-inverse factor,
@@ -18,10 +18,15 @@
 #   layers, dense vs 2:4.
 # Phase C: LLaMA-2-7B's config with random bfloat16 weights built on the GPU, all 32 blocks pruned at 50% from 128 x
 #   2048 random calibration tokens with the timings split, peak memory and the published loop's time for the same
-#   layers (each of the 3 shapes timed once, multiplied out); then 2:4 without the anchor. Estimates (not yet run):
-#   build ~15 s; Hessian GEMMs ~2.9e15 FLOP of which one triangle plus a tile is done, ~35 s at 51 TFLOP/s; forwards
-#   (bf16) ~5 s; solves 224 layers at ~30-60 ms ~10 s; anchor 3 published calls ~10 s: about 80 s (limit 170), 2:4
-#   about 60 s (limit 110).
+#   layers (each of the 3 shapes timed once, multiplied out); then 50% and 2:4 with the Hessians' products on the
+#   tensor cores (hessian_products="input": the bfloat16 activations multiplied as they are, float32 sums), without the
+#   anchor, and between the two the accuracy of those products on the embedded model's real activations (block 0's
+#   Hessians against float64, masks and held-out perplexity of the pruned model); then the embedded model pruned by
+#   the CLI under torchrun with 1 process (the distributed path on NCCL).
+#   Estimates (not yet run): build ~15 s; Hessian GEMMs ~2.9e15 FLOP of which one triangle plus a tile is done, ~35 s
+#   at 51 TFLOP/s in float32, ~3 s on the tensor cores; forwards (bf16) ~5 s; solves 224 layers at ~30-60 ms ~10 s;
+#   anchor 3 published calls ~10 s: about 80 s (limit 125), with input products about 35 s each (limits 55);
+#   the products' accuracy ~30 s (limit 40, two prunes of SmolLM2-135M); torchrun ~20 s (limit 25).
 #
 # Time (16 cores, H200): the limits below are what each step may take: 300 s (A) and 295 s (B), plus ~5 s for the
 # machine facts and the summary. Measured on 2026-11-30 (benchmarks/results/gpu_h200/2026-11-30b): A 228 s, B 213 s.
@@ -96,10 +101,17 @@ if [ "$PHASE" = "A" ]; then
   step profile 20 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \
     --backends triton --csv "$D/profile.csv"
 elif [ "$PHASE" = "C" ]; then
-  step prune_7b_50 170 "$PY" benchmarks/bench_prune_model.py --device cuda --config llama-2-7b --random-weights \
+  step prune_7b_50 125 "$PY" benchmarks/bench_prune_model.py --device cuda --config llama-2-7b --random-weights \
     --nsamples 128 --seqlen 2048 --settings 50% --backends triton --csv "$D/prune_model_7b_50.csv"
-  step prune_7b_24 110 "$PY" benchmarks/bench_prune_model.py --device cuda --config llama-2-7b --random-weights \
-    --nsamples 128 --seqlen 2048 --settings 2:4 --backends triton --no-anchor --csv "$D/prune_model_7b_24.csv"
+  step prune_7b_50_tc 55 "$PY" benchmarks/bench_prune_model.py --device cuda --config llama-2-7b --random-weights \
+    --nsamples 128 --seqlen 2048 --settings 50% --backends triton --no-anchor --hessian-products input \
+    --csv "$D/prune_model_7b_50_tc.csv"
+  step hessian_products 40 "$PY" benchmarks/bench_hessian_products.py --device cuda --csv "$D/hessian_products.csv"
+  step prune_7b_24_tc 55 "$PY" benchmarks/bench_prune_model.py --device cuda --config llama-2-7b --random-weights \
+    --nsamples 128 --seqlen 2048 --settings 2:4 --backends triton --no-anchor --hessian-products input \
+    --csv "$D/prune_model_7b_24_tc.csv"
+  step torchrun_1 25 "$PY" -m torch.distributed.run --nproc-per-node 1 -m sparsegpt_kernels.cli prune \
+    --model embedded --sparsity 0.5 --nsamples 16 --seqlen 256 --no-eval --quiet --device cuda
 else
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} SPARSEGPT_KERNELS_REQUIRE_EXT=1

@@ -125,13 +125,25 @@ def _whole_model(d: str) -> list[str]:
     for name in sorted(f for f in os.listdir(d) if f.startswith("prune_model_") and f.endswith(".csv")):
         for r in _read(os.path.join(d, name)):
             total = float(r["total"])
-            rows.append([r["setting"], r["backend"], f"{total:.1f}", r["forward"], r["hessians"], r["solves"],
+            rows.append([r["setting"], r["backend"], r.get("hessian_products", "float32"), f"{total:.1f}",
+                         r["forward"], r["hessians"], r["solves"],
                          r.get("published_loop_s") or "-", r.get("vs_published") or "-", r.get("peak_gib", "-"),
                          _mark(total < 60)])
     if not rows:
         return ["_no prune_model CSV_"]
-    return _table(["setting", "backend", "total s", "forward", "hessians", "solves", "published loop s",
+    return _table(["setting", "backend", "Hessian products", "total s", "forward", "hessians", "solves",
+                   "published loop s",
                    "vs published", "peak GiB", "< 60 s"], rows)
+
+
+def _hessian_products(d: str) -> list[str]:
+    path = os.path.join(d, "hessian_products.csv")
+    if not os.path.exists(path):
+        return ["_no hessian_products.csv_"]
+    rows = [[r["part"], r["name"], r["products"], r["rel_max_err"] or "-", r["rel_fro_err"] or "-",
+             r["mask_differs"] or "-", r["perplexity"] or "-"] for r in _read(path)]
+    return _table(["part", "layer / model", "products", "max err / max |H|", "Frobenius err", "masks differ",
+                   "perplexity"], rows)
 
 
 def main(argv: list[str]) -> int:
@@ -147,6 +159,8 @@ def main(argv: list[str]) -> int:
         lines += ["## Where a triton prune_layer call spends its time (4096x4096)", "", *_profile(d), ""]
     elif phase == "C":
         lines += ["## A LLaMA-2-7B-shaped model pruned end to end (target: < 60 s)", "", *_whole_model(d), ""]
+        lines += ["## Hessian products on the tensor cores against float32 and float64 (SmolLM2-135M)", "",
+                  *_hessian_products(d), ""]
     else:
         lines += ["## prune_layer: cuda vs torch", "", *_prune(d, "prune_layer_cuda.csv", "cuda", 10, None), ""]
         lines += ["## triton or cuda (what backend=\"auto\" should pick)", "", *_auto(d), ""]

@@ -35,6 +35,7 @@ from .options import (
     DEFAULT_REFINE_ITERS,
     DEFAULT_REFINE_TOL,
     DEFAULT_SEQLEN,
+    HESSIAN_PRODUCTS,
     MAX_QUANT_BITS,
     METHODS,
     MIN_QUANT_BITS,
@@ -105,6 +106,9 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damp", type=float, default=DEFAULT_DAMP)
     p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
     p.add_argument("--offload", action="store_true", help="keep calibration activations on the CPU")
+    p.add_argument("--hessian-products", default=HESSIAN_PRODUCTS[0], choices=HESSIAN_PRODUCTS,
+                   help="input: bfloat16/float16 activations on a CUDA device multiplied on tensor cores with float32 "
+                        "accumulation for the Hessians (same products, other sums); float32: cast first (default)")
     p.add_argument("--owl-m", type=float, default=OWL_M,
                    help="allocation owl: a weight is an outlier above this many times the block's mean score")
     p.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA,
@@ -142,7 +146,7 @@ def _options(args, **setting) -> PruneOptions:
     allocation, quant_bits, overriding the flags)."""
     kw = dict(block_size=args.block_size, damp=args.damp, quant_bits=args.quant_bits,
               quant_group_size=args.quant_group_size, backend=args.backend, owl_m=args.owl_m,
-              owl_lambda=args.owl_lambda, **_refine_kwargs(args))
+              owl_lambda=args.owl_lambda, hessian_products=args.hessian_products, **_refine_kwargs(args))
     kw.update(setting)
     try:
         return PruneOptions(**kw)
@@ -155,7 +159,7 @@ def _options(args, **setting) -> PruneOptions:
 _FLAG_OF = {f: "--" + f.replace("_", "-") for f in ("quant_group_size", "quant_bits", "block_size", "damp", "sparsity",
                                                     "pattern", "owl_m", "owl_lambda", "allocation", "backend",
                                                     "refine", "refine_iters", "refine_cg_iters", "refine_tol",
-                                                    "refine_mask")}
+                                                    "refine_mask", "hessian_products")}
 _FIELD_NAME = re.compile(r"(?<![\w'])(?<!'s )(" + "|".join(_FLAG_OF) + r")\b(?=\s*(?:=|\(|must\b|needs\b)|$)"
                          r"|(?<=needs )(" + "|".join(_FLAG_OF) + r")\b")
 
@@ -358,7 +362,7 @@ def _prune_kwargs(args) -> dict:
     kw = dict(quant_group_size=args.quant_group_size, blocks=args.blocks, include=args.include,
               exclude=args.exclude, true_sequential=args.true_sequential, block_size=args.block_size,
               damp=args.damp, backend=args.backend, offload=True if args.offload else None, seed=args.seed,
-              owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+              owl_m=args.owl_m, owl_lambda=args.owl_lambda, hessian_products=args.hessian_products)
     if getattr(args, "allocation", None) is not None:
         kw["allocation"] = args.allocation
     kw.update(_refine_kwargs(args))

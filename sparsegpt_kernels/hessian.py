@@ -10,9 +10,24 @@ from .precision import ieee_float32_matmul
 
 #: rows of one tile of the symmetric update
 SYMMETRIC_TILE = 256
-#: inputs from this width on accumulate only the upper triangle: 0.61x the update time at 4096 columns; at 1536 it
-#: measured 0.65x but raised the streamed pipeline's peak memory by about 22 MiB (transient copies, not yet understood)
-SYMMETRIC_MIN_COLS = 4096
+#: inputs from this width on accumulate only the upper triangle (0.75x the update time at 576 columns, 0.65x at 1536,
+#: 0.61x at 4096; benchmarks/RESULTS.md); narrower ones, whose tiles would be the whole matrix, take the full product
+SYMMETRIC_MIN_COLS = 2 * SYMMETRIC_TILE
+#: How the products x xᵀ are formed: "float32" casts the inputs to the accumulation dtype first (IEEE products and
+#: sums, as the published code does); "input" multiplies bfloat16 / float16 inputs on a CUDA device as they are, on
+#: its tensor cores with float32 accumulation. The product of two bfloat16 or float16 numbers is exact in float32, so
+#: only the order of the float32 sums differs; float32 inputs, float64 accumulation and other devices take "float32".
+PRODUCTS = ("float32", "input")
+
+
+def _addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float, native: bool) -> None:
+    """out = beta·out + alpha·(a @ b) in place; ``native``: a and b are bfloat16 / float16 on CUDA, multiplied as they
+    are with float32 accumulation (cuBLAS through ``mm``'s ``out_dtype``; ``addmm``'s wants ``out`` in their dtype),
+    then scaled into the float32 ``out``."""
+    if native:
+        out.mul_(beta).add_(torch.mm(a, b, out_dtype=torch.float32), alpha=alpha)
+    else:
+        out.addmm_(a, b, beta=beta, alpha=alpha)
 
 
 class HessianAccumulator:
@@ -30,6 +45,8 @@ class HessianAccumulator:
             :meth:`update`, and a bad batch leaves the Hessian as it was). ``False`` defers the check to
             :meth:`check_finite`, once after all the updates (the pipeline does this once per block, so that
             activations on a GPU never wait for the host).
+        products: one of :data:`PRODUCTS` ("float32", the default, or "input": bfloat16 / float16 inputs on CUDA
+            multiplied on tensor cores with float32 accumulation).
 
     Only the upper triangle is accumulated for inputs of ``SYMMETRIC_MIN_COLS`` and more (row tiles of the symmetric
     rank-k update, about (1/2 + tile / (2 · in_features)) of the full product's work); the lower one is filled from
@@ -37,11 +54,14 @@ class HessianAccumulator:
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 check_each: bool = True):
+                 check_each: bool = True, products: str = "float32"):
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if products not in PRODUCTS:
+            raise ValueError(f"products must be one of {', '.join(PRODUCTS)}, got {products!r}")
+        self.products = products
         self.in_features = in_features
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
@@ -66,7 +86,8 @@ class HessianAccumulator:
         if not (x.is_floating_point()):
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         H = self._buffer(x.device)
-        x = x.reshape(-1, self.in_features).to(device=H.device, dtype=self.dtype)
+        native = self.uses_input_products(x)
+        x = x.reshape(-1, self.in_features).to(device=H.device, dtype=x.dtype if native else self.dtype)
         b = x.shape[0]
         if b == 0:
             return
@@ -79,12 +100,18 @@ class HessianAccumulator:
         c, t = self.in_features, SYMMETRIC_TILE
         with ieee_float32_matmul():  # no TF32 / bfloat16 products in the Hessian, whatever the global setting
             if c < max(SYMMETRIC_MIN_COLS, 2 * t):
-                H.addmm_(x.T, x, beta=beta, alpha=alpha)
+                _addmm_into(H, x.T, x, beta, alpha, native)
             else:  # the upper triangle, one row tile at a time: H[i:i+t, i:] += x[:, i:i+t]ᵀ x[:, i:]
                 for i in range(0, c, t):
-                    H[i:i + t, i:].addmm_(x[:, i:i + t].T, x[:, i:], beta=beta, alpha=alpha)
+                    _addmm_into(H[i:i + t, i:], x[:, i:i + t].T, x[:, i:], beta, alpha, native)
                 self._lower_stale = True
         self.count = n + b
+
+    def uses_input_products(self, x: torch.Tensor) -> bool:
+        """Whether a batch ``x`` is multiplied in its own dtype (``products="input"``, bfloat16 / float16 inputs, a
+        float32 Hessian on a CUDA device) rather than cast to float32 first."""
+        return (self.products == "input" and x.dtype in (torch.bfloat16, torch.float16) and
+                self.dtype == torch.float32 and self._buffer(x.device).device.type == "cuda")
 
     def check_finite(self, what: str = "the Hessian") -> None:
         """Raise ``ValueError`` naming ``what`` if the inputs seen held NaN or Inf (or values whose squares overflow):

@@ -48,6 +48,10 @@ REFINE_MASKS = ("move", "fixed")
 DEFAULT_REFINE_ITERS = 8
 DEFAULT_REFINE_CG_ITERS = 8
 DEFAULT_REFINE_TOL = 1e-3
+#: How the calibration Hessians' products are formed (:data:`sparsegpt_kernels.hessian.PRODUCTS`): "float32"
+#: (inputs cast to float32 first, as the published code does) or "input" (bfloat16 / float16 activations on a CUDA
+#: device multiplied as they are, on tensor cores, with float32 accumulation: the same products, other sums).
+HESSIAN_PRODUCTS = ("float32", "input")
 #: Backends of the per-layer solve (see :mod:`sparsegpt_kernels.backends`); "auto" picks the best available.
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 
@@ -161,6 +165,8 @@ class PruneOptions:
         refine_iters, refine_cg_iters: the refinement's ADMM and conjugate-gradient iterations, ints >= 0.
         refine_tol: their relative tolerance, a finite number > 0.
         refine_mask: one of :data:`REFINE_MASKS`.
+        hessian_products: one of :data:`HESSIAN_PRODUCTS` (whole models only: how the calibration Hessians are
+            multiplied).
     """
 
     sparsity: float | None = None
@@ -179,6 +185,7 @@ class PruneOptions:
     refine_cg_iters: int = DEFAULT_REFINE_CG_ITERS
     refine_tol: float = DEFAULT_REFINE_TOL
     refine_mask: str = "move"
+    hessian_products: str = "float32"
     _nm: tuple[int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -222,6 +229,9 @@ class PruneOptions:
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
         self._check_refine()
+        if self.hessian_products not in HESSIAN_PRODUCTS:
+            raise ValueError(f"hessian_products must be one of {', '.join(HESSIAN_PRODUCTS)}, got "
+                             f"{self.hessian_products!r}")
 
     def _check_refine(self) -> None:
         if self.refine not in REFINES:
@@ -273,12 +283,14 @@ class PruneOptions:
             raise ValueError(f"quant_group_size={g} does not divide in_features={in_features} of {name}")
 
     def record(self) -> dict:
-        """The settings as the report and the resume fingerprint record them (the refinement's only when it runs, so
-        that runs without it keep their fingerprints)."""
+        """The settings as the report and the resume fingerprint record them (the refinement's only when it runs, the
+        Hessians' products only when not "float32", so that runs without them keep their fingerprints)."""
         out = {"method": self.method, "sparsity": self.fraction, "pattern": self.pattern,
                "quant_bits": self.quant_bits, "quant_group_size": self.quant_group_size,
                "block_size": self.block_size, "damp": self.damp}
         if self.refine != "none":
             out.update(refine=self.refine, refine_iters=self.refine_iters, refine_cg_iters=self.refine_cg_iters,
                        refine_tol=self.refine_tol, refine_mask=self.refine_mask)
+        if self.hessian_products != "float32":
+            out.update(hessian_products=self.hessian_products)
         return out

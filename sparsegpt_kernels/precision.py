@@ -47,12 +47,18 @@ def _set_ieee() -> Callable[[], None]:
     except RuntimeError:  # the process mixed the legacy and the per-backend settings: keep the per-backend ones
         saved_legacy = None
     torch.set_float32_matmul_precision("highest")
+    # bfloat16 / float16 products accumulated in float32 (the Hessians' products="input"): no reductions in the
+    # inputs' precision inside cuBLAS either
+    cm = torch.backends.cuda.matmul
+    reduced = (cm.allow_bf16_reduced_precision_reduction, cm.allow_fp16_reduced_precision_reduction)
+    cm.allow_bf16_reduced_precision_reduction = cm.allow_fp16_reduced_precision_reduction = False
 
     def restore():
         if saved_legacy is not None:
             torch.set_float32_matmul_precision(saved_legacy)
         for h, value in zip(handles, saved):
             h.fp32_precision = value
+        cm.allow_bf16_reduced_precision_reduction, cm.allow_fp16_reduced_precision_reduction = reduced
 
     return restore
 

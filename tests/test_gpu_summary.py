@@ -139,6 +139,26 @@ def test_phase_c_summary(tmp_path):
     row = next(ln for ln in out.splitlines() if ln.startswith("| 50% |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     # the table is the CSV's: total (one decimal), phases, the published loop's time for the same layers, the mark
-    assert cells[2] == f"{float(rec['total']):.1f}" and cells[3:6] == [rec["forward"], rec["hessians"], rec["solves"]]
-    assert cells[6] == rec["published_loop_s"] and cells[7] == rec["vs_published"]
-    assert cells[9] == "yes"  # a toy model: well under the 60 s target
+    assert cells[2] == rec["hessian_products"] == "float32"
+    assert cells[3] == f"{float(rec['total']):.1f}" and cells[4:7] == [rec["forward"], rec["hessians"], rec["solves"]]
+    assert cells[7] == rec["published_loop_s"] and cells[8] == rec["vs_published"]
+    assert cells[10] == "yes"  # a toy model: well under the 60 s target
+
+
+def test_phase_c_hessian_products_table(tmp_path):
+    """bench_hessian_products.py on the CPU (where the input products are the float32 path: the same Hessians, masks
+    and perplexity) and its table in the phase C summary."""
+    d = str(tmp_path)
+    _run(os.path.join(BENCH, "bench_hessian_products.py"), "--device", "cpu", "--quick", "--csv",
+         os.path.join(d, "hessian_products.csv"))
+    with open(os.path.join(d, "hessian_products.csv"), newline="") as f:
+        recs = list(csv.DictReader(f))
+    layers = [r for r in recs if r["part"] == "hessian"]
+    assert len(layers) == 2 * 7 and all(float(r["rel_max_err"]) < 1e-6 for r in layers)
+    assert all(r["uses_input_products"] == "False" for r in layers)  # no CUDA here
+    by = {r["products"]: r for r in recs if r["part"] == "model"}
+    assert by["input"]["perplexity"] == by["float32"]["perplexity"] and float(by["input"]["mask_differs"]) == 0
+    out = _run(os.path.join(BENCH, "gpu_summary.py"), "C", d)
+    assert "## Hessian products on the tensor cores" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith("| model |") and "| input |" in ln)
+    assert by["input"]["perplexity"] in row

@@ -129,3 +129,53 @@ def test_the_deferred_check_takes_no_batch_apart_and_names_the_layers():
     with pytest.raises(ValueError, match=r"the inputs of a, b: the inputs contain NaN"):
         with HessianCollector(targets, torch.device("cpu")):
             block(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_input_products_are_the_float32_path_off_cuda(dtype):
+    """products="input" multiplies bfloat16 / float16 inputs as they are only on a CUDA device (tests/test_model_gpu.py
+    checks that path against float64); on the CPU, and for float32 inputs anywhere, it is the float32 path bit for
+    bit, one full product and the tiled triangle alike."""
+    for cols in (40, 600):
+        x = torch.randn(3, 64, cols).to(dtype)
+        a, b = sk.HessianAccumulator(cols), sk.HessianAccumulator(cols, products="input")
+        for xb in x:
+            a.update(xb)
+            b.update(xb)
+        assert not b.uses_input_products(x[0]) and b.products == "input"
+        assert torch.equal(a.hessian, b.hessian)
+
+
+def test_hessian_products_option_is_checked_recorded_and_a_flag():
+    from sparsegpt_kernels import cli
+    from sparsegpt_kernels.options import PruneOptions
+
+    with pytest.raises(ValueError, match="products must be one of float32, input, got 'bf16'"):
+        sk.HessianAccumulator(8, products="bf16")
+    with pytest.raises(ValueError, match="hessian_products must be one of float32, input, got 'tf32'"):
+        PruneOptions(hessian_products="tf32")
+    plain = PruneOptions(sparsity=0.5).record()
+    assert "hessian_products" not in plain  # the default keeps the fingerprints of earlier runs
+    assert PruneOptions(sparsity=0.5, hessian_products="input").record() == {**plain, "hessian_products": "input"}
+    args = cli.build_parser().parse_args(["prune", "--hessian-products", "input"])
+    assert cli._options(args).hessian_products == "input" and cli._prune_kwargs(args)["hessian_products"] == "input"
+    assert cli.build_parser().parse_args(["prune"]).hessian_products == "float32"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["prune", "--hessian-products", "tf32"])
+
+
+def test_prune_model_records_and_passes_the_hessian_products():
+    """On the CPU the option changes nothing but the report's settings: the same weights as the default."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    models, reports = [], []
+    for products in ("float32", "input"):
+        torch.manual_seed(0)
+        m = transformers.LlamaForCausalLM(cfg).eval()
+        reports.append(sk.prune_model(m, ids, sparsity=0.5, device="cpu", hessian_products=products))
+        models.append(m)
+    assert reports[1].settings["hessian_products"] == "input" and "hessian_products" not in reports[0].settings
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)

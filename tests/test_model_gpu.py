@@ -69,3 +69,46 @@ def test_prune_model_on_cuda(kw, backend, where):
         x = ids[:2].to(want_dev)
         logits, logits_ref = model(x).logits.float().cpu(), ref(ids[:2]).logits.float()
     assert (logits - logits_ref).abs().max() <= 0.05 * logits_ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [384, 1536])
+def test_input_products_on_tensor_cores_are_within_float32_of_a_float64_hessian(dtype, cols):
+    """products="input": bfloat16 / float16 activations multiplied on the tensor cores, summed in float32 (one full
+    product at 384 columns, the tiled upper triangle at 1536): every entry within the float32 summation bound of the
+    float64 Hessian of the same inputs, as the float32 path is; the tiled one exactly symmetric."""
+    from sparsegpt_kernels import HessianAccumulator
+
+    g = torch.Generator(device="cuda").manual_seed(cols)
+    scale = torch.rand(cols, device="cuda", generator=g) * 4  # uneven column scales, as activations have
+    x = (torch.randn(4, 512, cols, device="cuda", generator=g) * scale).to(dtype)
+    fast, plain = HessianAccumulator(cols, products="input"), HessianAccumulator(cols)
+    for b in x:
+        fast.update(b)
+        plain.update(b)
+    assert fast.uses_input_products(x[0]) and not plain.uses_input_products(x[0])
+    flat = x.reshape(-1, cols).double()
+    n = flat.shape[0]
+    ref = 2 / n * flat.T @ flat
+    bound = 4 * n * 2.0**-24 * (2 / n * flat.abs().T @ flat.abs()) + 1e-30
+    for H in (fast.hessian, plain.hessian):
+        assert H.dtype == torch.float32 and bool(((H.double() - ref).abs() <= bound).all())
+    if cols >= 512:
+        assert torch.equal(fast.hessian, fast.hessian.T)
+
+
+def test_prune_model_with_input_products_on_cuda():
+    """The whole pipeline in bfloat16 on the GPU with hessian_products="input": exact sparsity, the setting in the
+    report, and per-layer losses within a few percent of the float32 products' (same products, other sums)."""
+    ids = torch.randint(0, VOCAB, (8, 48), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for products in ("float32", "input"):
+        model = _tiny_llama().to("cuda", torch.bfloat16)
+        report = prune_model(model, ids, device="cuda", sparsity=0.5, hessian_products=products)
+        assert all(lay.skipped is None for lay in report.layers)
+        for W in _weights(model).values():
+            assert_exact_sparsity(W, block_size=128, sparsity=0.5)
+        losses[products] = [lay.loss for lay in report.layers]
+        assert report.settings.get("hessian_products", "float32") == products
+    for a, b in zip(losses["float32"], losses["input"]):
+        assert abs(a - b) <= 0.05 * abs(a) + 1e-6

@@ -182,7 +182,7 @@ def allocate(model: nn.Module, plan, ids: torch.Tensor, device: torch.device, *,
         mine = [layers_of[k] for k in keys if k[0] == b]
         if not mine:
             return
-        with HessianCollector(mine, device) as col:
+        with HessianCollector(mine, device, opts.hessian_products) as col:
             runner(col)
         if allocation == "owl":
             scores = [(t.weight().abs().float() * col.acc[t.name].hessian.diagonal().clamp(min=0).sqrt()[None, :])

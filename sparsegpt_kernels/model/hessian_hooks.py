@@ -34,9 +34,10 @@ class HessianCollector:
     experts get one accumulator per expert and part, fed only the tokens routed to that expert.
     """
 
-    def __init__(self, targets: list[PrunableLayer], acc_device: torch.device):
+    def __init__(self, targets: list[PrunableLayer], acc_device: torch.device, products: str = "float32"):
         self.targets = targets
         self.acc_device = acc_device
+        self.products = products  # how the accumulators multiply (HessianAccumulator's ``products``)
         self.acc: dict[str, HessianAccumulator] = {}
         self.order: list[str] = []  # target names, in the order their module first ran
         self.groups: list[list[str]] = []  # names sharing one input, in execution order
@@ -86,7 +87,7 @@ class HessianCollector:
         self._keep.clear()
 
     def _new_acc(self, cols: int) -> HessianAccumulator:
-        return HessianAccumulator(cols, device=self.acc_device, check_each=False)
+        return HessianAccumulator(cols, device=self.acc_device, check_each=False, products=self.products)
 
     @_timed
     def _linear_hook(self, module, args):

@@ -82,6 +82,7 @@ def prune_model(
     refine_cg_iters: int = DEFAULT_REFINE_CG_ITERS,
     refine_tol: float = DEFAULT_REFINE_TOL,
     refine_mask: str = "move",
+    hessian_products: str = "float32",
 ) -> PruneReport:
     """Prune a transformers causal LM in place, block by block, with SparseGPT (or a baseline).
 
@@ -118,6 +119,10 @@ def prune_model(
         refine, refine_iters, refine_cg_iters, refine_tol, refine_mask: weight refinement after SparseGPT's sweep
             (see :func:`prune_layer`; method "sparsegpt" only); each layer's report has the loss before and after and
             the iterations (``LayerReport.refine``). The allocation measures SparseGPT's losses without it.
+        hessian_products: "float32" (default: the activations cast to float32 before the Hessian's products) or
+            "input" (bfloat16 / float16 activations on a CUDA device multiplied on its tensor cores with float32
+            accumulation; the products are the same, exact in float32, only the order of the sums changes; on a CPU
+            or with float32 activations the same as "float32"). See :data:`sparsegpt_kernels.hessian.PRODUCTS`.
 
     Returns:
         :class:`PruneReport`. Bad input (no decoder blocks, empty calibration, too long sequences, a pattern that

@@ -54,7 +54,7 @@ def prune_block(prefix: str, items: list[tuple[PrunableLayer, Setting]], opts: P
 
     def collect(ts: list[PrunableLayer]) -> HessianCollector:
         t0 = timings.now()
-        with HessianCollector(ts, device) as col:
+        with HessianCollector(ts, device, opts.hessian_products) as col:
             run_block(col)
         elapsed = timings.now() - t0
         timings.add("hessians", col.seconds)
