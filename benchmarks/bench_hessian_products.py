@@ -41,7 +41,7 @@ def block0_hessians(model, calib: torch.Tensor, device: torch.device) -> list[di
     """Rows of part 1: per linear layer of block 0, the errors of both kinds of products against float64."""
     _, layers = find_decoder_layers(model)
     targets = [t for t in find_prunable_layers(layers[0]) if t.expert is None]
-    accs = {}
+    accs, native = {}, {}  # native: whether the input products' accumulator multiplied the layer's inputs as they are
     handles = []
     for t in targets:
         cols = t.module.in_features
@@ -51,6 +51,7 @@ def block0_hessians(model, calib: torch.Tensor, device: torch.device) -> list[di
         def hook(module, args, name=t.name):
             for acc in accs[name].values():
                 acc.update(args[0])
+            native[name] = accs[name]["input"].uses_input_products(args[0])
 
         handles.append(t.module.register_forward_pre_hook(hook))
     try:
@@ -68,13 +69,8 @@ def block0_hessians(model, calib: torch.Tensor, device: torch.device) -> list[di
             rows.append({"part": "hessian", "name": name, "products": products,
                          "rel_max_err": f"{float(d.abs().max()) / top:.3g}",
                          "rel_fro_err": f"{float(d.norm() / ref.norm()):.3g}",
-                         "uses_input_products": str(a[products].uses_input_products(args_dtype(model, device)))})
+                         "uses_input_products": str(products == "input" and native[name])})
     return rows
-
-
-def args_dtype(model, device: torch.device) -> torch.Tensor:
-    """An empty batch of the model's activations' dtype on ``device`` (what the accumulators are asked about)."""
-    return torch.empty(0, 1, dtype=next(model.parameters()).dtype, device=device)
 
 
 def main(argv=None) -> int:

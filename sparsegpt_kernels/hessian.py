@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .options import HESSIAN_PRODUCTS as PRODUCTS
 from .precision import ieee_float32_matmul
 
 #: rows of one tile of the symmetric update
@@ -13,11 +14,11 @@ SYMMETRIC_TILE = 256
 #: inputs from this width on accumulate only the upper triangle (0.75x the update time at 576 columns, 0.65x at 1536,
 #: 0.61x at 4096; benchmarks/RESULTS.md); narrower ones, whose tiles would be the whole matrix, take the full product
 SYMMETRIC_MIN_COLS = 2 * SYMMETRIC_TILE
-#: How the products x xᵀ are formed: "float32" casts the inputs to the accumulation dtype first (IEEE products and
-#: sums, as the published code does); "input" multiplies bfloat16 / float16 inputs on a CUDA device as they are, on
-#: its tensor cores with float32 accumulation. The product of two bfloat16 or float16 numbers is exact in float32, so
-#: only the order of the float32 sums differs; float32 inputs, float64 accumulation and other devices take "float32".
-PRODUCTS = ("float32", "input")
+# How the products x xᵀ are formed (PRODUCTS, defined in options.py): "float32" casts the inputs to the accumulation
+# dtype first (IEEE products and sums, as the published code does); "input" multiplies bfloat16 / float16 inputs on a
+# CUDA device as they are, on its tensor cores with float32 accumulation. The product of two bfloat16 or float16
+# numbers is exact in float32, so only the order of the float32 sums differs; float32 inputs, float64 accumulation and
+# other devices take "float32".
 
 
 def _addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float, native: bool) -> None:
@@ -85,8 +86,8 @@ class HessianAccumulator:
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         if not (x.is_floating_point()):
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        H = self._buffer(x.device)
         native = self.uses_input_products(x)
+        H = self._buffer(x.device)
         x = x.reshape(-1, self.in_features).to(device=H.device, dtype=x.dtype if native else self.dtype)
         b = x.shape[0]
         if b == 0:
@@ -110,8 +111,9 @@ class HessianAccumulator:
     def uses_input_products(self, x: torch.Tensor) -> bool:
         """Whether a batch ``x`` is multiplied in its own dtype (``products="input"``, bfloat16 / float16 inputs, a
         float32 Hessian on a CUDA device) rather than cast to float32 first."""
+        device = self.device if self.device is not None else x.device  # where the Hessian is or will be
         return (self.products == "input" and x.dtype in (torch.bfloat16, torch.float16) and
-                self.dtype == torch.float32 and self._buffer(x.device).device.type == "cuda")
+                self.dtype == torch.float32 and device.type == "cuda")
 
     def check_finite(self, what: str = "the Hessian") -> None:
         """Raise ``ValueError`` naming ``what`` if the inputs seen held NaN or Inf (or values whose squares overflow):

@@ -48,9 +48,9 @@ REFINE_MASKS = ("move", "fixed")
 DEFAULT_REFINE_ITERS = 8
 DEFAULT_REFINE_CG_ITERS = 8
 DEFAULT_REFINE_TOL = 1e-3
-#: How the calibration Hessians' products are formed (:data:`sparsegpt_kernels.hessian.PRODUCTS`): "float32"
-#: (inputs cast to float32 first, as the published code does) or "input" (bfloat16 / float16 activations on a CUDA
-#: device multiplied as they are, on tensor cores, with float32 accumulation: the same products, other sums).
+#: How the calibration Hessians' products are formed (``HessianAccumulator``'s ``products``): "float32" (inputs
+#: cast to float32 first, as the published code does) or "input" (bfloat16 / float16 activations on a CUDA device
+#: multiplied as they are, on tensor cores, with float32 accumulation: the same products, other sums).
 HESSIAN_PRODUCTS = ("float32", "input")
 #: Backends of the per-layer solve (see :mod:`sparsegpt_kernels.backends`); "auto" picks the best available.
 BACKENDS = ("torch", "triton", "cpp", "cuda")

@@ -122,7 +122,7 @@ def prune_model(
         hessian_products: "float32" (default: the activations cast to float32 before the Hessian's products) or
             "input" (bfloat16 / float16 activations on a CUDA device multiplied on its tensor cores with float32
             accumulation; the products are the same, exact in float32, only the order of the sums changes; on a CPU
-            or with float32 activations the same as "float32"). See :data:`sparsegpt_kernels.hessian.PRODUCTS`.
+            or with float32 activations the same as "float32"). See :data:`sparsegpt_kernels.options.HESSIAN_PRODUCTS`.
 
     Returns:
         :class:`PruneReport`. Bad input (no decoder blocks, empty calibration, too long sequences, a pattern that
