@@ -90,6 +90,19 @@ def unstructured_prune_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (below | take).reshape(scores.shape)
 
 
+def unstructured_keep_mask(scores: torch.Tensor, sparsity: float, block_size: int,
+                           prune_mask=unstructured_prune_mask) -> torch.Tensor:
+    """Keep-mask (True = kept) of a (rows, cols) score matrix with the sweep's unstructured counts:
+    ``n_pruned(sparsity, rows·B)`` of the lowest scores pruned in every block of ``block_size`` columns over all rows
+    (the last block narrower), ties in the block's row-major order; scores may be negative. ``prune_mask`` selects
+    within a block (:func:`unstructured_prune_mask`, or a backend's kernel with the same result)."""
+    keep = torch.empty_like(scores, dtype=torch.bool)
+    for i1 in range(0, scores.shape[1], block_size):
+        blk = scores[:, i1 : i1 + block_size].contiguous()
+        keep[:, i1 : i1 + block_size] = ~prune_mask(blk, n_pruned(sparsity, blk.numel()))
+    return keep
+
+
 def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep-mask (True = kept) with exactly ``n`` kept of every ``m`` consecutive entries along the last dimension.
 

@@ -7,8 +7,8 @@ objective is ``f(Ŵ) = ½·tr((W0 − Ŵ) Hd (W0 − Ŵ)ᵀ)`` (the sweep's OBS 
 ALPS (Meng et al., 2024) and Boža (2024):
 
 A. ADMM on ``min f(W) s.t. Z has the pattern, W = Z``, started at SparseGPT's result, with the penalty ρ growing
-   geometrically; the W-update is an exact solve through one eigendecomposition of ``Hd`` (two GEMMs per iteration),
-   the Z-update a projection onto the pattern, so the mask may move.
+   geometrically; the W-update is an exact solve through a Cholesky factor of ``Hd + ρI`` (two triangular solves per
+   iteration), the Z-update a projection onto the pattern, so the mask may move.
 B. Preconditioned conjugate gradients on the final support (one GEMM per iteration); with a fixed mask, phase B
    alone.
 
@@ -45,16 +45,11 @@ def keep_mask(scores: torch.Tensor, spec: SweepSpec, select=reference) -> torch.
     """Keep-mask (True = kept) of the highest ``scores`` with exactly the counts of ``spec``: N of every M consecutive
     columns of a row, or, unstructured, ``n_pruned(sparsity, rows·B)`` pruned in every block of ``block_size``
     columns over all rows; ties as in :mod:`sparsegpt_kernels.reference` (the earlier entry is pruned first).
-    ``select``'s ``nm_keep_mask`` and ``unstructured_prune_mask`` choose (the reference's, or a backend's kernels,
+    ``select``'s ``nm_keep_mask`` and ``unstructured_keep_mask`` choose (the reference's, or a backend's kernels,
     which give the same masks)."""
     if spec.m is not None:
         return select.nm_keep_mask(scores, spec.n, spec.m)
-    keep = torch.empty_like(scores, dtype=torch.bool)
-    for i1 in range(0, scores.shape[1], spec.block_size):
-        blk = scores[:, i1 : i1 + spec.block_size].contiguous()
-        keep[:, i1 : i1 + spec.block_size] = ~select.unstructured_prune_mask(
-            blk, reference.n_pruned(spec.sparsity, blk.numel()))
-    return keep
+    return select.unstructured_keep_mask(scores, spec.sparsity, spec.block_size)
 
 
 def sweep_keep_mask(W_s: torch.Tensor, W0: torch.Tensor, spec: SweepSpec, select=reference) -> torch.Tensor:
@@ -63,22 +58,36 @@ def sweep_keep_mask(W_s: torch.Tensor, W0: torch.Tensor, spec: SweepSpec, select
     return keep_mask(torch.where(W_s != 0, torch.inf, W0.abs()), spec, select)
 
 
-def admm(W0: torch.Tensor, Hd: torch.Tensor, Z: torch.Tensor, spec: SweepSpec, *, iters: int, tol: float,
-         dead: torch.Tensor | None = None, select=reference) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Phase A from ``Z`` (on the pattern), ``iters`` >= 1 iterations at most; returns (Z, its mask, iterations run).
+def penalised_factor(Hd: torch.Tensor, rho: float) -> torch.Tensor:
+    """The lower Cholesky factor L of Hd + ρI (L Lᵀ); raises ``torch.linalg.LinAlgError`` if it fails."""
+    A = Hd.clone()
+    A.diagonal().add_(rho)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(f"the Cholesky factorisation of Hd + rho*I failed (info {int(info)})")
+    return L
 
-    W = (W0 Hd + ρ(Z − V))(Hd + ρI)⁻¹ = ((W0 Q)Λ + ρ(Z − V)Q)·diag(1/(Λ + ρ))·Qᵀ with Hd = QΛQᵀ; Z = the projection of
-    W + V onto the pattern (the highest |W + V| kept; weights of ``dead`` columns, which change nothing, pruned
-    first); V += W − Z (the scaled dual, rescaled when ρ grows). Stops when ||W − Z|| < tol·||Z||.
+
+def admm(W0: torch.Tensor, Hd: torch.Tensor, Z: torch.Tensor, spec: SweepSpec, *, iters: int, tol: float,
+         dead: torch.Tensor | None = None, select=reference) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Phase A from ``Z`` (on the pattern), ``iters`` >= 1 iterations at most; returns (Z, its mask, iterations run,
+    G0 = W0 Hd, which phase B reuses).
+
+    W = (G0 + ρ(Z − V))(Hd + ρI)⁻¹ by a Cholesky factor Hd + ρI = L Lᵀ (two triangular solves from the right); Z =
+    the projection of W + V onto the pattern (the highest |W + V| kept; weights of ``dead`` columns, which change
+    nothing, pruned first); V += W − Z (the scaled dual, rescaled when ρ grows). Stops when ||W − Z|| < tol·||Z||.
+    Raises ``torch.linalg.LinAlgError`` if a factorisation fails.
     """
-    lam, Q = torch.linalg.eigh(Hd)
-    A = (W0 @ Q) * lam
-    rho = RHO_START * float(lam.mean())
+    G0 = W0 @ Hd
+    diag = Hd.diagonal()
+    rho = RHO_START * float(diag.mean())
     V = torch.zeros_like(Z)
     done = 0
     while done < iters:
         done += 1
-        W = ((A + rho * ((Z - V) @ Q)) / (lam + rho)) @ Q.T
+        L = penalised_factor(Hd, rho)
+        Y = torch.linalg.solve_triangular(L.T, G0 + rho * (Z - V), upper=True, left=False)  # Y Lᵀ = B
+        W = torch.linalg.solve_triangular(L, Y, upper=False, left=False)  # W L = Y
         X = W + V
         scores = X.abs() if dead is None else X.abs().masked_fill_(dead, -1)
         keep = keep_mask(scores, spec, select)
@@ -88,19 +97,22 @@ def admm(W0: torch.Tensor, Hd: torch.Tensor, Z: torch.Tensor, spec: SweepSpec, *
             break
         V /= RHO_GROWTH  # the scaled dual is y/ρ
         rho *= RHO_GROWTH
-    return Z, keep, done
+    return Z, keep, done, G0
 
 
 def solve_on_support(W0: torch.Tensor, Hd: torch.Tensor, keep: torch.Tensor, X: torch.Tensor, *, iters: int,
-                     tol: float) -> tuple[torch.Tensor, int]:
+                     tol: float, G0: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Phase B: min f over the weights that are 0 outside ``keep``, by conjugate gradients from ``X`` with the Jacobi
     preconditioner diag(Hd), every row its own system (α, β per row); returns (weights, iterations run). The gradient
-    is ((X − W0) Hd) ⊙ S; stops when the residual ||((W0 − X) Hd) ⊙ S|| < tol·||(W0 Hd) ⊙ S||."""
+    is ((X − W0) Hd) ⊙ S; stops when the residual ||((W0 − X) Hd) ⊙ S|| < tol·||(W0 Hd) ⊙ S||. ``G0``: W0 Hd if
+    known."""
     S = keep.to(X.dtype)
     dinv = 1 / Hd.diagonal()
     X = X * S
-    r = ((W0 - X) @ Hd) * S
-    stop = tol * float(torch.linalg.vector_norm((W0 @ Hd) * S))
+    if G0 is None:
+        G0 = W0 @ Hd
+    r = (G0 - X @ Hd) * S
+    stop = tol * float(torch.linalg.vector_norm(G0 * S))
     z = r * dinv
     p = z
     rz = (r * z).sum(1, keepdim=True)
@@ -161,15 +173,15 @@ def refine(W0: torch.Tensor, W_s: torch.Tensor, Hd: torch.Tensor, spec: SweepSpe
     """
     t0 = time.perf_counter()
     sparsegpt_keep = sweep_keep_mask(W_s, W0, spec, select)
-    Z, keep, n_admm = W_s, sparsegpt_keep, 0
+    Z, keep, n_admm, G0 = W_s, sparsegpt_keep, 0, None
     if move and spec.quant is None and iters > 0:
         try:
-            Z, keep, n_admm = admm(W0, Hd, W_s, spec, iters=iters, tol=tol, dead=dead, select=select)
-        except torch.linalg.LinAlgError as e:  # the eigensolver did not converge: refine on SparseGPT's mask
-            logger.warning("sparsegpt_kernels: refine: eigendecomposition failed (%s); keeping SparseGPT's mask", e)
+            Z, keep, n_admm, G0 = admm(W0, Hd, W_s, spec, iters=iters, tol=tol, dead=dead, select=select)
+        except torch.linalg.LinAlgError as e:  # a factorisation failed: refine on SparseGPT's mask
+            logger.warning("sparsegpt_kernels: refine: %s; keeping SparseGPT's mask", e)
     else:
         cg_iters += 2 * iters
-    W, n_cg = solve_on_support(W0, Hd, keep, Z, iters=cg_iters, tol=tol)
+    W, n_cg = solve_on_support(W0, Hd, keep, Z, iters=cg_iters, tol=tol, G0=G0)
     if spec.quant is not None:
         round_on_mask(W, U, keep, spec.quant, spec.block_size)
     if dead is not None:

@@ -349,6 +349,58 @@ def test_nm_keep_mask_exact(n, m, dtype):
     assert torch.equal(ops().ext_nm_keep_mask(strided, n, m), reference.nm_keep_mask(strided, n, m))
 
 
+def _unstructured_cases():
+    g = torch.Generator().manual_seed(5)
+    yield "random", torch.rand(37, 300, generator=g)
+    yield "ties", torch.randint(0, 3, (64, 130), generator=g).float()  # ties at every threshold
+    signed = torch.randn(29, 77, generator=g)
+    signed[:, ::5] = -1  # the refinement's dead columns: below every other score
+    signed[3, 4] = -0.0  # the same as +0.0
+    signed[4, :] = 0.0
+    yield "signed", signed
+    yield "one row", torch.rand(1, 513, generator=g)
+    yield "one column", torch.rand(200, 1, generator=g)
+    yield "empty", torch.rand(0, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_size", [1, 16, 128, 4096])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.999])
+def test_unstructured_keep_mask_is_the_references(sparsity, block_size, dtype):
+    """ext_unstructured_keep_mask (the refinement's projection) gives exactly the reference's per-block masks: the
+    same counts in every block, ties in row-major order, negative scores first."""
+    for name, scores in _unstructured_cases():
+        scores = scores.to(dtype)
+        got = ops().ext_unstructured_keep_mask(scores, sparsity, block_size)
+        want = reference.unstructured_keep_mask(scores, sparsity, block_size)
+        assert got.dtype == torch.bool and torch.equal(got, want), name
+    strided = torch.rand(300, 40, dtype=dtype).T  # non-contiguous input
+    assert torch.equal(ops().ext_unstructured_keep_mask(strided, sparsity, block_size),
+                       reference.unstructured_keep_mask(strided, sparsity, block_size))
+
+
+def test_unstructured_keep_mask_counts():
+    """Both directions on one matrix: exactly round(sparsity * rows * B) pruned per block, not one more or less."""
+    scores = torch.rand(33, 250)
+    keep = ops().ext_unstructured_keep_mask(scores, 0.6, 64)
+    for i1 in range(0, 250, 64):
+        blk = keep[:, i1 : i1 + 64]
+        assert int((~blk).sum()) == reference.n_pruned(0.6, blk.numel())
+        # the pruned ones are the lowest: every pruned score <= every kept one in the block
+        assert float(scores[:, i1 : i1 + 64][~blk].max()) <= float(scores[:, i1 : i1 + 64][blk].min())
+
+
+def test_unstructured_keep_mask_rejects_bad_args():
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        ops().ext_unstructured_keep_mask(torch.rand(2, 3, 4), 0.5, 2)
+    with pytest.raises(RuntimeError, match=r"sparsity must be in \[0, 1\), got 1"):
+        ops().ext_unstructured_keep_mask(torch.rand(2, 8), 1.0, 4)
+    with pytest.raises(RuntimeError, match="block_size must be >= 1, got 0"):
+        ops().ext_unstructured_keep_mask(torch.rand(2, 8), 0.5, 0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops().ext_unstructured_keep_mask(torch.rand(2, 8).half(), 0.5, 4)
+
+
 @pytest.mark.parametrize(
     "spec_kw",
     [
@@ -514,6 +566,10 @@ def test_opcheck_cholesky_factor():
 
 def test_opcheck_nm_keep_mask():
     torch.library.opcheck(ops().ext_nm_keep_mask.default, (torch.rand(6, 16), 2, 4))
+
+
+def test_opcheck_unstructured_keep_mask():
+    torch.library.opcheck(ops().ext_unstructured_keep_mask.default, (torch.rand(6, 40), 0.5, 16))
 
 
 @pytest.mark.parametrize("quant", [False, True])

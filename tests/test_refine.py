@@ -152,6 +152,74 @@ def test_refinement_helps_on_a_correlated_layer_and_the_moving_mask_beats_the_fi
     assert moved.sparsity == pytest.approx(r0.sparsity) and moved.mask_sparsity == r0.mask_sparsity
 
 
+@pytest.mark.parametrize("kw", [{"sparsity": 0.7}, {"pattern": "2:4"}, {"pattern": "4:8"}], ids=["70%", "2:4", "4:8"])
+def test_the_cpp_backends_projection_is_the_references(kw):
+    """The ADMM phase with the cpp backend's mask kernels (ext_unstructured_keep_mask, ext_nm_keep_mask) chooses the
+    reference's masks at every iteration: the same Z and mask from the same iterates, dead columns pruned first."""
+    require_extension()
+    from sparsegpt_kernels.backends import select_backend
+
+    cpp = select_backend("cpp", torch.device("cpu"))
+    dead = torch.zeros(72, dtype=torch.bool)
+    dead[[0, 9, 40]] = True
+    H = hessian_of(_ill_conditioned_inputs(512, 72, dead.nonzero().flatten().tolist())).float()
+    W = torch.randn(40, 72, generator=torch.Generator().manual_seed(3))
+    W[:, dead] = 0
+    W_s = W.clone()
+    r = sk.prune_layer(W_s, H, block_size=32, backend="torch", **kw)
+    Hd = reference.damped_hessian(H, r.damp)
+    spec = sk.spec.SweepSpec(kw.get("sparsity", 0.5), *((2, 4) if kw.get("pattern") == "2:4" else (4, 8)
+                                                         if "pattern" in kw else (None, None)), 32)
+    Zr, kr, nr, _ = refine.admm(W, Hd, W_s, spec, iters=8, tol=1e-12, dead=dead, select=reference)
+    Zc, kc, nc, _ = refine.admm(W, Hd, W_s, spec, iters=8, tol=1e-12, dead=dead, select=cpp)
+    assert nr == nc == 8 and torch.equal(kr, kc) and torch.equal(Zr, Zc)
+    assert not bool(kc[:, dead].any())
+
+
+@pytest.mark.parametrize("kind", HESSIANS)
+def test_the_admm_step_is_the_exact_penalised_solve(kind):
+    """One ADMM iteration from Z = SparseGPT's result, V = 0: W = (W0 Hd + ρ Z)(Hd + ρI)⁻¹ (against a float64 solve),
+    then Z = the pattern's projection of W; G0 = W0 Hd."""
+    H = _hessian(kind, 48, dead=(5,)).float()
+    W = torch.randn(20, 48, generator=torch.Generator().manual_seed(7))
+    W[:, 5] = 0
+    W_s = W.clone()
+    r = sk.prune_layer(W_s, H, block_size=16, backend="torch", sparsity=0.5)
+    Hd = reference.damped_hessian(H, r.damp)
+    spec = sk.spec.SweepSpec(0.5, None, None, 16)
+    Z, keep, n, G0 = refine.admm(W, Hd, W_s, spec, iters=1, tol=1e-12)
+    rho = refine.RHO_START * float(Hd.diagonal().double().mean())
+    A = Hd.double() + rho * torch.eye(48, dtype=torch.float64)
+    W1 = torch.linalg.solve(A, (W.double() @ Hd.double() + rho * W_s.double()).T).T
+    want = refine.keep_mask(W1.abs().float(), spec)
+    assert n == 1 and torch.equal(keep, want)
+    torch.testing.assert_close(Z.double(), W1 * want, rtol=1e-4, atol=1e-5 * float(W1.abs().max()))
+    torch.testing.assert_close(G0.double(), W.double() @ Hd.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_factorisation_keeps_sparsegpts_mask(monkeypatch, caplog):
+    """If Hd + ρI cannot be factored, the ADMM phase is skipped with a warning and phase B runs on SparseGPT's
+    mask: the result is the fixed-mask refinement's."""
+    H = hessian_of(correlated_inputs(512, 32, seed=4))
+    W = torch.randn(16, 32)
+    W_f, W_r = W.clone(), W.clone()
+    fixed = sk.prune_layer(W_f, H, sparsity=0.5, backend="torch", refine="admm", refine_mask="fixed",
+                           refine_iters=0, refine_cg_iters=8)
+    real = refine.penalised_factor
+    seen = []
+
+    def failing(Hd, rho):
+        seen.append(real(Hd, rho))  # the real one works here
+        raise torch.linalg.LinAlgError("the Cholesky factorisation of Hd + rho*I failed (info 3)")
+
+    monkeypatch.setattr(refine, "penalised_factor", failing)
+    with caplog.at_level("WARNING", logger="sparsegpt_kernels"):
+        r = sk.prune_layer(W_r, H, sparsity=0.5, backend="torch", refine="admm", refine_cg_iters=8)
+    assert "Cholesky factorisation of Hd + rho*I failed (info 3)" in caplog.text
+    assert len(seen) == 1 and r.refine["admm_iters"] == 0 and r.refine["mask_changed"] == 0
+    assert torch.equal(W_r, W_f) and r.refined_loss == fixed.refined_loss
+
+
 def test_a_worse_refinement_is_not_kept(monkeypatch):
     """If the refined weights had a higher loss, SparseGPT's are returned unchanged."""
     H = hessian_of(correlated_inputs(512, 32, seed=4))

@@ -86,6 +86,36 @@ def test_codes_kernel_is_the_value_kernel_on_the_dequantized_weights(ext, simd, 
         assert torch.equal(y[:, 0], bias[None, 0].expand(T))  # the empty row: the bias alone
 
 
+BF16_SHAPES = [(32, 32), (96, 32), (64, 64), (192, 64), (256, 128), (576, 64)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("cols, group", BF16_SHAPES, ids=[f"{c}g{g}" for c, g in BF16_SHAPES])
+def test_codes_kernel_with_bfloat16_inputs_is_the_value_kernel(ext, bits, cols, group, monkeypatch):
+    """bfloat16 x and a bfloat16 model, groups of a multiple of 32 columns: bit for bit the value kernel on the
+    dequantized bfloat16 weights with the same x (from 2 tokens on both run on the bfloat16 dot products where the
+    CPU has them, 32 columns a step), and within the float32 bound of a dense product; every token count 1..17
+    (token groups of 8 and their remainders), densities from an empty to a full layer, every code at every nibble
+    parity."""
+    monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", "avx512")
+    for keep in (0.0, 0.03, 0.5, 0.97, 1.0):
+        cw = coded_weight(13, cols, bits, group, torch.bfloat16, seed=cols + bits, keep=keep, adversarial=keep == 0.5)
+        W = cw.decompress()
+        assert W.dtype == torch.bfloat16
+        bias = torch.randn(13)
+        lin = SparseLinear(cw, bias)
+        vals = SparseLinear(CompressedWeight.compress(W))
+        for T in range(1, 18):
+            x = torch.randn(T, cols, generator=torch.Generator().manual_seed(T)).bfloat16()
+            y = ext.ext_sparse_codes_linear(x, *kernel_args(lin), bias)
+            yv = ext.ext_sparse_linear(x, vals.weight_mask, vals.weight_values, vals.weight_offsets, bias)
+            assert y.dtype == torch.bfloat16 and torch.equal(y, yv), (keep, T)
+            # before the output's rounding to bfloat16: the float32 sums against float64
+            y32 = ext.ext_sparse_codes_linear(x, *kernel_args(lin), None).float()
+            ref = x.double() @ W.double().T
+            assert bool(((y32.double() - ref).abs() <= 2 * _bound(x, W).double() + 2.0**-8 * y32.double().abs()).all())
+
+
 @pytest.mark.parametrize("simd", ["avx2", "baseline"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 def test_the_rounding_to_the_dtype_is_torchs_over_every_magnitude(ext, simd, dtype, monkeypatch):

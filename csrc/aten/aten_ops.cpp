@@ -105,6 +105,15 @@ void check_nm_args(const at::Tensor& scores, int64_t n, int64_t m) {
               "ext_nm_keep_mask: scores must be float32 or float64, got ", scores.scalar_type());
 }
 
+void check_unstructured_mask_args(const at::Tensor& scores, double sparsity, int64_t block_size) {
+  TORCH_CHECK(scores.dim() == 2, "ext_unstructured_keep_mask: scores must be 2-D (rows, cols), got ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "ext_unstructured_keep_mask: scores must be float32 or float64, got ", scores.scalar_type());
+  TORCH_CHECK(sgk::valid_sparsity(sparsity), "ext_unstructured_keep_mask: sparsity must be in [0, 1), got ",
+              sparsity);
+  TORCH_CHECK(block_size >= 1, "ext_unstructured_keep_mask: block_size must be >= 1, got ", block_size);
+}
+
 void check_sweep_args(const at::Tensor& W, const at::Tensor& U, double sparsity, int64_t n, int64_t m,
                       int64_t block_size, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size,

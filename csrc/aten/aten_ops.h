@@ -29,5 +29,7 @@ void check_sweep_args(const at::Tensor& W, const at::Tensor& U, double sparsity,
 
 // Argument checks of ext_nm_keep_mask.
 void check_nm_args(const at::Tensor& scores, int64_t n, int64_t m);
+// ext_unstructured_keep_mask's arguments: 2-D float32/float64 scores, sparsity in [0, 1), block_size >= 1.
+void check_unstructured_mask_args(const at::Tensor& scores, double sparsity, int64_t block_size);
 
 }  // namespace sgk_aten

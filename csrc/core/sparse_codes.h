@@ -420,6 +420,72 @@ inline void sparse_code_rows_simd(const SparseCodes& w, const float* x, int64_t 
       return sparse_code_rows_simd<kVl, kNibbles, Rounding::kFloat32>(w, x, T, ldx, bias, y, ldy, r0, r1);
   }
 }
+#define SGK_CODES_BF16_TARGET \
+  "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512bf16,avx2,fma,f16c,popcnt,bmi2"
+
+// Whether this CPU has what sparse_code_row_bf16 uses: the bfloat16 dot products, VBMI and VBMI2.
+inline bool cpu_has_codes_bf16_dot() {
+  static const bool has = cpu_has_bf16_dot() && cpu_has_vbmi() && __builtin_cpu_supports("avx512vbmi2");
+  return has;
+}
+
+// Up to 8 tokens of one row of codes of 4 bits or less (a bfloat16 model; groups a multiple of 32 columns, so a
+// step lies in one group) against bfloat16 x, 32 columns a step on the bfloat16 dot products: the window of code
+// bytes the step's codes lie in is widened to one nibble a byte (in order), moved down one nibble when the step
+// starts on a high nibble, expanded into the kept columns (vpexpandb), widened to words and looked up in the
+// group's 16 weights as bfloat16 words (vpermw, 0 where not kept). Those are the words sparse_row_bf16 expands from
+// the dequantized values, and the dot products and sums are its own, so the two agree bit for bit.
+template <int TB>
+__attribute__((target(SGK_CODES_BF16_TARGET))) inline void sparse_code_row_bf16(const SparseCodes& w,
+                                                                                const uint16_t* x, int64_t ldx,
+                                                                                int64_t r, float* out) {
+  const VbmiConsts& vc = vbmi_consts();
+  const __m512i seq = _mm512_load_si512(vc.seq);  // byte i: i % 8; with bcast, i below
+  const __m512i iota = _mm512_add_epi8(seq, _mm512_slli_epi64(_mm512_load_si512(vc.bcast), 3));  // byte i: i
+  const __m512i low4 = _mm512_set1_epi16(0x000F), high4 = _mm512_set1_epi16(0x00F0);
+  __m512 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  const uint8_t* m = w.mask + r * w.ldm;
+  const uint8_t* p = w.codes + w.offsets[r];
+  const uint8_t* const end = w.codes + w.offsets[w.rows] + kPadCodeBytes;  // what the buffer holds
+  const int64_t steps = w.cols / 32, per_group = w.group / 32;
+  int64_t k = 0, gi = r * (w.cols / w.group), left = 0;
+  __m512i table = _mm512_setzero_si512();
+  for (int64_t s = 0; s < steps; ++s) {
+    if (left == 0) {  // the first step of a group: its 16 weights (exact bfloat16 values) as words
+      __m256 lo, hi;
+      load_group<true, Rounding::kBFloat16>(w, gi++, lo, hi);
+      const __m512i f = _mm512_castps_si512(_mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
+      table = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(f, 16)));
+      left = per_group;
+    }
+    --left;
+    uint32_t q;
+    std::memcpy(&q, m + 4 * s, sizeof q);
+    const int total = _mm_popcnt_u32(q);
+    const auto nbytes = static_cast<unsigned>(((k & 1) + total + 1) >> 1);  // at most 17
+    const uint8_t* const at = p + (k >> 1);
+    // a plain load where the buffer holds 32 bytes from here (masked loads measured slower from memory)
+    const __m256i win = at + 32 <= end ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
+                                       : _mm256_maskz_loadu_epi8(_bzhi_u32(~0u, nbytes), at);
+    const __m512i wd = _mm512_cvtepu8_epi16(win);  // word i: code byte i
+    const __m512i nib = _mm512_or_si512(_mm512_and_si512(wd, low4), _mm512_slli_epi16(_mm512_and_si512(wd, high4), 4));
+    // byte i: the step's code i (one byte down when the step starts on a high nibble; without a branch, which would
+    // be taken at random)
+    const __m512i from = _mm512_permutexvar_epi8(_mm512_add_epi8(iota, _mm512_set1_epi8(static_cast<char>(k & 1))), nib);
+    const __m512i placed = _mm512_maskz_expand_epi8(static_cast<__mmask64>(q), from);  // byte j: column j's code
+    const __m512i idx = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(placed));
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(static_cast<__mmask32>(q), idx,
+                                                                                  table));
+    k += total;
+    for (int t = 0; t < TB; ++t) {
+      const __m512i xv = _mm512_loadu_si512(x + t * ldx + 32 * s);
+      acc[t] = _mm512_dpbf16_ps(acc[t], wv, reinterpret_cast<__m512bh>(xv));
+    }
+  }
+  for (int t = 0; t < TB; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -433,6 +499,31 @@ inline bool code_simd_takes(Simd simd, const SparseCodes& w) {
 #else
   (void)simd, (void)w;
   return false;
+#endif
+}
+
+// Whether sparse_code_rows_bf16 takes this weight on this CPU: codes of 4 bits or less of a bfloat16 model in
+// groups of a multiple of 32 columns, the bfloat16 dot products, VBMI and VBMI2.
+inline bool code_bf16_dot_takes(Simd simd, const SparseCodes& w) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  return simd == Simd::kAvx512 && w.bits <= 4 && w.rounding == Rounding::kBFloat16 && w.group % 32 == 0 &&
+         cpu_has_codes_bf16_dot();
+#else
+  (void)simd, (void)w;
+  return false;
+#endif
+}
+
+// Rows [r0, r1) for T tokens of bfloat16 x (leading dimension ldx) on the bfloat16 dot products (callers check
+// code_bf16_dot_takes); tokens go in groups of up to 8.
+inline void sparse_code_rows_bf16(const SparseCodes& w, const uint16_t* x, int64_t T, int64_t ldx, const float* bias,
+                                  float* y, int64_t ldy, int64_t r0, int64_t r1) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  by_token_groups<8>(x, T, ldx, bias, y, ldy, r0, r1, [&](const uint16_t* xt, int64_t tb, int64_t r, float* out) {
+    with_token_count<8>(tb, [&](auto TB) { sparse_code_row_bf16<decltype(TB)::value>(w, xt, ldx, r, out); });
+  });
+#else
+  (void)w, (void)x, (void)T, (void)ldx, (void)bias, (void)y, (void)ldy, (void)r0, (void)r1;
 #endif
 }
 

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "sweep_core.h"  // Simd, cpu_simd, simd_used
 
@@ -509,6 +510,17 @@ inline int64_t count_bits(Simd simd, const uint8_t* p, int64_t n) {
   return count_bits_portable(p, n);
 }
 
+// f(std::integral_constant<int, TB>{}) with TB = tb for tb in 1..G - 1, else G: a token count as a template argument.
+template <int G, int I = 1, typename F>
+inline void with_token_count(int64_t tb, F&& f) {
+  if constexpr (I < G) {
+    if (tb == I) return f(std::integral_constant<int, I>{});
+    return with_token_count<G, I + 1>(tb, std::forward<F>(f));
+  } else {
+    return f(std::integral_constant<int, G>{});
+  }
+}
+
 // Rows [r0, r1) for T tokens in groups of up to G: row(xt, tb, r, out) writes row r's dot products with the tb
 // tokens at xt into out, and y gets them plus the bias.
 template <int G, typename X, typename Row>
@@ -552,16 +564,7 @@ inline void sparse_rows_bf16(const SparseRows<uint16_t>& w, const uint16_t* x, i
                              const float* bias, float* y, int64_t ldy, int64_t r0, int64_t r1) {
 #ifdef SGK_HAVE_SPARSE_SIMD
   by_token_groups<8>(x, T, ldx, bias, y, ldy, r0, r1, [&](const uint16_t* xt, int64_t tb, int64_t r, float* out) {
-    switch (tb) {
-      case 1: return sparse_row_bf16<1>(w, xt, ldx, r, out);
-      case 2: return sparse_row_bf16<2>(w, xt, ldx, r, out);
-      case 3: return sparse_row_bf16<3>(w, xt, ldx, r, out);
-      case 4: return sparse_row_bf16<4>(w, xt, ldx, r, out);
-      case 5: return sparse_row_bf16<5>(w, xt, ldx, r, out);
-      case 6: return sparse_row_bf16<6>(w, xt, ldx, r, out);
-      case 7: return sparse_row_bf16<7>(w, xt, ldx, r, out);
-      default: return sparse_row_bf16<8>(w, xt, ldx, r, out);
-    }
+    with_token_count<8>(tb, [&](auto TB) { sparse_row_bf16<decltype(TB)::value>(w, xt, ldx, r, out); });
   });
 #else
   (void)w, (void)x, (void)T, (void)ldx, (void)bias, (void)y, (void)ldy, (void)r0, (void)r1;

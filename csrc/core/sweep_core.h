@@ -51,9 +51,30 @@ inline void nm_prune_group(const T* s, int64_t n, int64_t m, uint8_t* pruned) {
   }
 }
 
-// Keep-mask (1 = kept) of a (rows, cols) row-major score matrix, n kept of every m consecutive columns.
+// nm_prune_group's keep-mask for `groups` consecutive groups of a compile-time M (M = 4, 8: the refinement's
+// projection calls this every iteration): the rank loop unrolled and without branches, the same ranks (for j < i
+// the tie counts, so (s_j <= s_i); for j > i only s_j < s_i).
+template <int M, typename T>
+inline void nm_keep_groups_fixed(const T* scores, int64_t groups, int64_t n, uint8_t* keep) {
+  const int drop = static_cast<int>(M - n);
+  for (int64_t g = 0; g < groups; ++g) {
+    T v[M];
+    for (int i = 0; i < M; ++i) v[i] = scores[g * M + i];
+    for (int i = 0; i < M; ++i) {
+      int rank = 0;
+      for (int j = 0; j < i; ++j) rank += static_cast<int>(v[j] <= v[i]);
+      for (int j = i + 1; j < M; ++j) rank += static_cast<int>(v[j] < v[i]);
+      keep[g * M + i] = static_cast<uint8_t>(rank >= drop);
+    }
+  }
+}
+
+// Keep-mask (1 = kept) of a (rows, cols) row-major score matrix, n kept of every m consecutive columns (cols a
+// multiple of m, so the groups of all rows lie one after another).
 template <typename T>
 inline void nm_keep_mask(const T* scores, int64_t rows, int64_t cols, int64_t n, int64_t m, uint8_t* keep) {
+  if (m == 4) return nm_keep_groups_fixed<4>(scores, rows * cols / 4, n, keep);
+  if (m == 8) return nm_keep_groups_fixed<8>(scores, rows * cols / 8, n, keep);
   std::vector<uint8_t> pr(static_cast<size_t>(m));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t g = 0; g < cols; g += m) {
@@ -199,6 +220,23 @@ inline score_key_t<T> score_key(T x) {
   return k;
 }
 
+// The key of a score of any sign, in the scores' order (negative scores below zero; -0 as +0; NaN above +inf):
+// what a selection over scores that may be negative sorts by instead of score_key.
+template <typename T>
+struct SignedScoreKey {
+  score_key_t<T> operator()(T x) const {
+    using K = score_key_t<T>;
+    constexpr K sign = K{1} << (sizeof(K) * 8 - 1);
+    const K k = score_key(x == T(0) ? T(0) : x);
+    return (k & sign) ? static_cast<K>(~k) : static_cast<K>(k | sign);
+  }
+};
+
+template <typename T>
+struct ScoreKey {
+  score_key_t<T> operator()(T x) const { return score_key(x); }
+};
+
 // What an unstructured selection decided, for the block's entries i = row * B + j: i is pruned iff its score's key
 // is below `key`, or equal to it with i <= last_tie (the ties at the threshold go in index order).
 template <typename T>
@@ -220,10 +258,11 @@ struct SelectScratch {
 constexpr int kSelectBits = 16;
 constexpr int64_t kSelectBins = int64_t{1} << kSelectBits;
 
-// `row_scores(r, out)` writes the B scores of row r to out. `parallel` as for sweep (below).
-template <typename T, typename RowScores, typename Parallel>
+// `row_scores(r, out)` writes the B scores of row r to out. `parallel` as for sweep (below). `key_of` maps a score
+// to its key (ScoreKey: non-negative scores; SignedScoreKey: any sign); Threshold::prunes then takes the same keys.
+template <typename T, typename RowScores, typename Parallel, typename KeyOf = ScoreKey<T>>
 Threshold<T> select_threshold(int64_t rows, int64_t B, int64_t k, RowScores&& row_scores, SelectScratch<T>& s,
-                              Parallel&& parallel) {
+                              Parallel&& parallel, KeyOf key_of = {}) {
   using K = score_key_t<T>;
   const int64_t count = rows * B;
   Threshold<T> out;
@@ -249,7 +288,7 @@ Threshold<T> select_threshold(int64_t rows, int64_t B, int64_t k, RowScores&& ro
       std::fill(h, h + kSelectBins, 0u);
       for (int64_t r = c * chunk_rows, r1 = std::min(rows, r + chunk_rows); r < r1; ++r) {
         row_scores(r, sc.data());
-        for (int64_t j = 0; j < B; ++j) ++h[score_key(sc[j]) >> shift];
+        for (int64_t j = 0; j < B; ++j) ++h[key_of(sc[j]) >> shift];
       }
     }
   });
@@ -274,7 +313,7 @@ Threshold<T> select_threshold(int64_t rows, int64_t B, int64_t k, RowScores&& ro
       for (int64_t r = c * chunk_rows, r1 = std::min(rows, r + chunk_rows); r < r1; ++r) {
         row_scores(r, sc.data());
         for (int64_t j = 0; j < B; ++j) {
-          const K key = score_key(sc[j]);
+          const K key = key_of(sc[j]);
           if ((key >> shift) == digit) {
             s.keys[o] = key;
             s.idx[o] = r * B + j;
@@ -306,6 +345,29 @@ Threshold<T> select_threshold(int64_t rows, int64_t B, int64_t k, RowScores&& ro
   out.key = s.keys[0];
   out.last_tie = s.idx[kk - 1];
   return out;
+}
+
+// Keep-mask (1 = kept) of a (rows, cols) row-major score matrix of any sign, unstructured: in every block of
+// `block_size` columns (the last one narrower) over all rows, exactly n_pruned(sparsity, rows * B) of the lowest
+// scores pruned, ties in the block's row-major order (sparsegpt_kernels.reference.unstructured_prune_mask per block,
+// as the refinement's projection calls it). Blocks [blk0, blk1) only; one radix selection per block.
+template <typename T>
+inline void unstructured_keep_mask(const T* scores, int64_t rows, int64_t cols, double sparsity, int64_t block_size,
+                                   int64_t blk0, int64_t blk1, uint8_t* keep) {
+  SelectScratch<T> scratch;
+  const SignedScoreKey<T> key_of;
+  auto serial = [](int64_t ntasks, int64_t, auto&& fn) { fn(int64_t{0}, ntasks); };
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t i1 = blk * block_size, B = std::min(block_size, cols - i1);
+    auto row_scores = [&](int64_t r, T* out) { std::copy(scores + r * cols + i1, scores + r * cols + i1 + B, out); };
+    const Threshold<T> thr =
+        select_threshold<T>(rows, B, n_pruned(sparsity, rows * B), row_scores, scratch, serial, key_of);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < B; ++j) {
+        keep[r * cols + i1 + j] = thr.prunes(key_of(scores[r * cols + i1 + j]), r * B + j) ? 0 : 1;
+      }
+    }
+  }
 }
 
 // Rows per tile, L: the SIMD lanes of the in-block steps. A tile is stored column-major ((B, L): the L rows of one

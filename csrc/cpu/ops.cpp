@@ -45,6 +45,24 @@ at::Tensor nm_keep_mask_cpu(const at::Tensor& scores, int64_t n, int64_t m) {
   return keep;
 }
 
+at::Tensor unstructured_keep_mask_cpu(const at::Tensor& scores, double sparsity, int64_t block_size) {
+  sgk_aten::check_unstructured_mask_args(scores, sparsity, block_size);
+  TORCH_CHECK(scores.device().is_cpu(), "ext_unstructured_keep_mask (CPU): scores must be a CPU tensor");
+  const at::Tensor s = scores.contiguous();
+  at::Tensor keep = at::empty(s.sizes(), s.options().dtype(at::kBool));
+  const int64_t rows = s.size(0), cols = s.size(1);
+  if (rows == 0 || cols == 0) return keep;
+  auto* out = reinterpret_cast<uint8_t*>(keep.data_ptr());
+  const int64_t blocks = (cols + block_size - 1) / block_size;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "ext_unstructured_keep_mask", [&] {
+    const scalar_t* in = s.const_data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+      sgk::unstructured_keep_mask(in, rows, cols, sparsity, block_size, b, e, out);
+    });
+  });
+  return keep;
+}
+
 // out = H with dead columns fixed and damping added (the reference's damped_hessian), row-major.
 template <typename T>
 void damped_copy(const at::Tensor& H, double damp, at::Tensor& out) {
@@ -643,18 +661,28 @@ at::Tensor sparse_codes_linear_cpu(const at::Tensor& x, const at::Tensor& mask, 
   std::vector<at::Tensor> keep;
   const sgk::SparseCodes w = sparse_codes_view(mask, codes, offsets, scale, zero, bits, group_size, dtype, cols,
                                                sgk::kPadCodeBytes, "ext_sparse_codes_linear", keep);
-  const at::Tensor xf = x.to(at::kFloat).contiguous().view({-1, cols});
+  const sgk::Simd simd = sgk::simd_used(simd_allowed());
+  // bfloat16 activations of a bfloat16 model from 2 tokens on: the bfloat16 dot products, as for values
+  const bool bf16_dot = x.scalar_type() == at::kBFloat16 && x.numel() >= 2 * cols && sgk::code_bf16_dot_takes(simd, w);
+  const at::Tensor xf = (bf16_dot ? x : x.to(at::kFloat)).contiguous().view({-1, cols});
   const int64_t T = xf.size(0), rows = w.rows;
   std::optional<at::Tensor> bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-  at::Tensor yf = at::empty({T, rows}, xf.options());
+  at::Tensor yf = at::empty({T, rows}, xf.options().dtype(at::kFloat));
   const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
-  const float* xp = xf.const_data_ptr<float>();
   float* yp = yf.data_ptr<float>();
-  const sgk::Simd simd = sgk::simd_used(simd_allowed());
-  const int64_t bad_row = for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
-    sgk::sparse_code_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
-  });
+  int64_t bad_row;
+  if (bf16_dot) {
+    const auto* xb = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<at::BFloat16>());
+    bad_row = for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+      sgk::sparse_code_rows_bf16(w, xb, T, cols, bp, yp, rows, b, e);
+    });
+  } else {
+    const float* xp = xf.const_data_ptr<float>();
+    bad_row = for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+      sgk::sparse_code_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
+    });
+  }
   TORCH_CHECK(bad_row < 0, "ext_sparse_codes_linear: offsets[", bad_row, " + 1] - offsets[", bad_row,
               "] is not the code bytes of mask row ", bad_row);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -733,6 +761,11 @@ at::Tensor nm_keep_mask_meta(const at::Tensor& scores, int64_t n, int64_t m) {
   return at::empty(scores.sizes(), scores.options().dtype(at::kBool));
 }
 
+at::Tensor unstructured_keep_mask_meta(const at::Tensor& scores, double sparsity, int64_t block_size) {
+  sgk_aten::check_unstructured_mask_args(scores, sparsity, block_size);
+  return at::empty(scores.sizes(), scores.options().dtype(at::kBool));
+}
+
 at::Tensor sweep_meta(const at::Tensor& W, const at::Tensor& U, double sparsity, int64_t n, int64_t m,
                       int64_t block_size, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& zero, int64_t maxq, int64_t group_size) {
@@ -753,6 +786,8 @@ at::Tensor sweep_cholesky_meta(const at::Tensor& W, const at::Tensor& R, double 
 TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
   m.def("ext_inverse_factor(Tensor H, float damp) -> (Tensor, Tensor)");
   m.def("ext_nm_keep_mask(Tensor scores, int n, int m) -> Tensor");
+  // the refinement's unstructured projection: per block of columns over all rows, the lowest scores pruned
+  m.def("ext_unstructured_keep_mask(Tensor scores, float sparsity, int block_size) -> Tensor");
   m.def(
       "ext_sweep(Tensor(a!) W, Tensor U, float sparsity, int n, int m, int block_size, Tensor? scale, "
       "Tensor? zero, int maxq, int group_size) -> Tensor");
@@ -789,6 +824,7 @@ TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
   m.impl("ext_inverse_factor", &sgk_aten::inverse_factor);
   m.impl("ext_nm_keep_mask", &nm_keep_mask_cpu);
+  m.impl("ext_unstructured_keep_mask", &unstructured_keep_mask_cpu);
   m.impl("ext_sweep", &sweep_cpu);
   m.impl("ext_cholesky_factor", &cholesky_factor_cpu);
   m.impl("ext_sweep_cholesky", &sweep_cholesky_cpu);
@@ -803,6 +839,7 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {
   m.impl("ext_inverse_factor", &inverse_factor_meta);
   m.impl("ext_nm_keep_mask", &nm_keep_mask_meta);
+  m.impl("ext_unstructured_keep_mask", &unstructured_keep_mask_meta);
   m.impl("ext_sweep", &sweep_meta);
   m.impl("ext_cholesky_factor", &cholesky_factor_meta);
   m.impl("ext_sweep_cholesky", &sweep_cholesky_meta);

@@ -64,6 +64,21 @@ void test_nm_group() {
   sgk::nm_keep_mask(s, 2, 4, 1, 2, keep);
   const uint8_t want[8] = {0, 1, 1, 0, 0, 1, 0, 1};
   for (int i = 0; i < 8; ++i) CHECK(keep[i] == want[i]);
+  // the unrolled copies for M = 4 and 8 against the group rule, on scores with many ties, every N, two rows
+  std::mt19937 gen(7);
+  std::uniform_int_distribution<int> pick(0, 3);
+  for (int m : {4, 8}) {
+    for (int n = 1; n < m; ++n) {
+      std::vector<float> sc(2 * 5 * m);
+      for (float& v : sc) v = static_cast<float>(pick(gen));
+      std::vector<uint8_t> got(sc.size()), group(static_cast<size_t>(m));
+      sgk::nm_keep_mask(sc.data(), 2, 5 * m, n, m, got.data());
+      for (size_t g = 0; g < sc.size(); g += m) {
+        sgk::nm_prune_group(sc.data() + g, n, m, group.data());
+        for (int i = 0; i < m; ++i) CHECK(got[g + i] == (group[i] ? 0 : 1));
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -89,6 +89,9 @@ class Backend:
     def unstructured_prune_mask(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         return reference.unstructured_prune_mask(scores, k)
 
+    def unstructured_keep_mask(self, scores: torch.Tensor, sparsity: float, block_size: int) -> torch.Tensor:
+        return reference.unstructured_keep_mask(scores, sparsity, block_size, self.unstructured_prune_mask)
+
     # ------------------------------------------------------------------------------------------------ value checks
     def hessian_stats(self, H: torch.Tensor) -> tuple[float, float, float, bool]:
         """(min, max, max |H − Hᵀ|, whether a diagonal entry is negative) of ``H``; NaN or Inf shows in min/max."""

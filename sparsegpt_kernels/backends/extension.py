@@ -221,12 +221,18 @@ def rule(name: str) -> int:
 
 
 class ExtensionBackend(Backend):
-    """What the two backends of the compiled extension (cpp, cuda) share: the extension's N:M mask kernel."""
+    """What the two backends of the compiled extension (cpp, cuda) share: the extension's N:M mask kernel, and on
+    the CPU its unstructured one for the refinement."""
 
     def nm_keep_mask(self, scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         if scores.dtype in _DTYPES:
             return ops().ext_nm_keep_mask(scores, int(n), int(m))
         return super().nm_keep_mask(scores, n, m)
+
+    def unstructured_keep_mask(self, scores: torch.Tensor, sparsity: float, block_size: int) -> torch.Tensor:
+        if scores.dtype in _DTYPES and scores.device.type == "cpu" and scores.dim() == 2:
+            return ops().ext_unstructured_keep_mask(scores, float(sparsity), int(block_size))
+        return super().unstructured_keep_mask(scores, sparsity, block_size)
 
 
 def release_cpu_cache() -> int:
