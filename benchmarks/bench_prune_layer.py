@@ -12,6 +12,10 @@ and its result with torch's: the OBS loss and the reconstruction error tr(ΔW H 
     python benchmarks/bench_prune_layer.py                 # all shapes, all backends available here
     python benchmarks/bench_prune_layer.py --quick         # tiny shapes (smoke run)
     python benchmarks/bench_prune_layer.py --shapes 4096x4096 --backends torch triton --device cuda
+    python benchmarks/bench_prune_layer.py --refine admm --no-published    # each call with refine="admm"
+
+With ``--refine admm`` every backend's call refines after its sweep (the published loop stays SparseGPT as
+published); ``loss`` stays the sweep's and ``refined_loss`` is the refined one (``refined_vs_sweep`` their ratio).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="fp32 peak for the floor (default: measured)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (smoke run)")
     p.add_argument("--no-published", action="store_true", help="leave out the published loop (the anchor)")
+    p.add_argument("--refine", default="none", choices=["none", "admm"], help="refine after each backend's sweep")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
 
@@ -100,7 +105,8 @@ def main(argv=None) -> int:
                     if be == PUBLISHED:
                         result["loss"] = published_prune_mode(W, H, mode)
                     else:
-                        result["loss"] = sk.prune_layer(W, H, backend=be, **kw).loss
+                        res = sk.prune_layer(W, H, backend=be, refine=args.refine, **kw)
+                        result["loss"], result["refined"] = res.loss, res.refined_loss
 
                 med, lo, hi = time_fn(run, device, repeats=repeats, setup=lambda W=W, W0=W0: W.copy_(W0))
                 times[be], losses[be] = med, result["loss"]
@@ -117,7 +123,11 @@ def main(argv=None) -> int:
                     "loss": f"{losses[be]:.6g}",
                     "loss_vs_torch": _ratio(losses[be], losses["torch"]) if "torch" in losses else "-",
                     "recon_vs_torch": _ratio(recon[be], recon["torch"]) if "torch" in recon else "-",
-                    "sparsity": f"{float((W == 0).float().mean()):.4f}", **info,
+                    "sparsity": f"{float((W == 0).float().mean()):.4f}", "refine": args.refine if be != PUBLISHED
+                    else "none",
+                    "refined_loss": f"{result['refined']:.6g}" if result.get("refined") is not None else "-",
+                    "refined_vs_sweep": _ratio(result["refined"], losses[be]) if result.get("refined") is not None
+                    else "-", **info,
                 })
                 print("  ".join(f"{rows[-1][k]:>{w}}" for k, w in PROGRESS), flush=True)
             for row in rows[-len(backends):]:  # the anchors' own ratios, now that every backend ran

@@ -10,7 +10,9 @@
 #   without groups, rows 1/7/33/777, odd column counts, ties, autotuned loss, CUDA graphs, Hessian-inverse factor,
 #   masks, opcheck); prune_layer torch vs triton at 4096x4096, 11008x4096, 4096x11008 and 12288x12288, 50% and 2:4
 #   (median of 3 runs after a warm-up, CUDA events); the Hessian-inverse factor vs torch.linalg.cholesky +
-#   cholesky_inverse at c = 4096 and 12288; the torch backend against the published loop; a profiled triton call.
+#   cholesky_inverse at c = 4096 and 12288; refine="admm" on the GPU (its tests, then triton with refinement at
+#   4096x4096 and 11008x4096 against the same calls without); the torch backend against the published loop; a
+#   profiled triton call.
 # Phase B: builds the extension with its CUDA part (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS = the machine's cores); the
 #   CUDA-backend tests, the 2:4 export tests and prune_model on a tiny LLaMA with every backend on the GPU;
 #   prune_layer torch vs cuda vs triton at the same shapes; a profiled cuda call; 2:4 semi-structured matmul vs dense
@@ -30,8 +32,11 @@
 #
 # Time (16 cores, H200): the limits below are what each step may take: 300 s (A) and 295 s (B), plus ~5 s for the
 # machine facts and the summary. Measured on 2026-11-30 (benchmarks/results/gpu_h200/2026-11-30b): A 228 s, B 213 s.
-#   A: facts ~5 s; compiled Triton tests 128 s (about 70 kernel compilations, autotuning included; limit 160);
-#      prune_layer 51 s (4 shapes x 2 modes x (1 + 3) runs of torch and triton; limit 70); Hessian-inverse factor
+#   A: facts ~5 s; compiled Triton tests 128 s (about 70 kernel compilations, autotuning included; with the
+#      refinement's few GPU tests since, limit 150); prune_layer 51 s (4 shapes x 2 modes x (1 + 3) runs of torch and
+#      triton; limit 60); refine, not yet run: 2 shapes x 2 modes x (1 + 2) calls, estimated ~15 s (per 11008x4096
+#      call about 21 GEMMs of 11008 x 4096^2 at ~50 TFLOP/s and 8 factorisations of 4096, ~0.3 s, on top of the
+#      sweep; limit 25); Hessian-inverse factor
 #      16 s (limit 20); the published loop (one host sync per column) and torch at 4096x4096 and 11008x4096, 2 modes
 #      x (1 + 2) runs: 20 s (limit 30); one profiled triton call per mode after 2 warm-up calls: 13 s (limit 20).
 #   B: build 52 s (limit 70; loading it, 4 s, limit 10); CUDA, export and whole-model tests 43 s (limit 55: the
@@ -92,10 +97,12 @@ cat "$D/machine.txt"
 SHAPES=(4096x4096 11008x4096 4096x11008 12288x12288)
 
 if [ "$PHASE" = "A" ]; then
-  step triton_tests 160 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_triton_backend.py \
-    tests/test_precision.py tests/test_prune_layer.py
-  step prune_layer 70 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
+  step triton_tests 150 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_triton_backend.py \
+    tests/test_precision.py tests/test_prune_layer.py tests/test_refine.py
+  step prune_layer 60 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes "${SHAPES[@]}" --modes 0.5 2:4 \
     --backends torch triton --repeats 3 --no-published --csv "$D/prune_layer_triton.csv"
+  step refine 25 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes 4096x4096 11008x4096 --modes 0.5 2:4 \
+    --backends triton --repeats 2 --no-published --refine admm --csv "$D/prune_layer_refine.csv"
   step published 30 "$PY" benchmarks/bench_prune_layer.py --device cuda --shapes 4096x4096 11008x4096 \
     --modes 0.5 2:4 --backends torch --repeats 2 --csv "$D/prune_layer_published.csv"
   step profile 20 "$PY" benchmarks/profile_prune_layer.py --device cuda --shape 4096x4096 --modes 0.5 2:4 \

@@ -69,6 +69,26 @@ def _prune(d: str, fname: str, backend: str, speedup_target: float, floor_target
     return _table(head, out)
 
 
+def _refine(d: str) -> list[str]:
+    """refine="admm" per layer (prune_layer_refine.csv) against the same backend's sweep alone in this phase
+    (prune_layer_triton.csv): the time with refinement over the time without, and the refined loss over the
+    sweep's."""
+    rows = _read(os.path.join(d, "prune_layer_refine.csv"))
+    if not rows:
+        return ["(no prune_layer_refine.csv)"]
+    sweep = {(r["shape"], r["mode"], r["backend"]): r for r in _read(os.path.join(d, "prune_layer_triton.csv"))}
+    out = []
+    for r in rows:
+        if r.get("refine", "none") == "none":
+            continue
+        s = sweep.get((r["shape"], r["mode"], r["backend"]))
+        ratio = f"{float(r['seconds']) / float(s['seconds']):.2f}x" if s else "-"
+        out.append([r["shape"], r["mode"], r["backend"], s["seconds"] if s else "-", r["seconds"], ratio,
+                    r["refined_vs_sweep"]])
+    return _table(["shape", "mode", "backend", "sweep s", "sweep + refine s", "time ratio", "refined / sweep loss"],
+                  out)
+
+
 def _auto(d: str) -> list[str]:
     rows = _read(os.path.join(d, "prune_layer_cuda.csv"))
     by = {(r["shape"], r["mode"], r["backend"]): float(r["seconds"]) for r in rows}
@@ -156,6 +176,7 @@ def main(argv: list[str]) -> int:
     if phase == "A":
         lines += ["## prune_layer: triton vs torch", "", *_prune(d, "prune_layer_triton.csv", "triton", 20, 3), ""]
         lines += ["## torch backend vs the published loop", "", *_published(d), ""]
+        lines += ["## refine=\"admm\" on the GPU, per layer", "", *_refine(d), ""]
         lines += ["## Where a triton prune_layer call spends its time (4096x4096)", "", *_profile(d), ""]
     elif phase == "C":
         lines += ["## A LLaMA-2-7B-shaped model pruned end to end (target: < 60 s)", "", *_whole_model(d), ""]

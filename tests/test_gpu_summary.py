@@ -92,6 +92,34 @@ def test_phase_a_summary(tmp_path):
     assert "| torch | 0.5 |" in prof and "| torch | 2:4 |" in prof
 
 
+def test_phase_a_refine_table(tmp_path):
+    """The refinement's table: each refined call against the same backend's call without refinement in the phase,
+    from the CSVs bench_prune_layer.py writes with and without --refine."""
+    d = str(tmp_path)
+    for name, extra in (("prune_layer_triton.csv", []), ("prune_layer_refine.csv", ["--refine", "admm"])):
+        path = os.path.join(d, name)
+        _run(os.path.join(BENCH, "bench_prune_layer.py"), "--device", "cpu", "--shapes", "64x128", "--modes", "2:4",
+             "--backends", "torch", "cpp", "--repeats", "1", "--peak-tflops", "1", "--no-published", *extra,
+             "--csv", path)
+        _rename_backend(path, "cpp", "triton")
+    out = _run(os.path.join(BENCH, "gpu_summary.py"), "A", d)
+    table = out.split('## refine="admm" on the GPU, per layer')[1].split("##")[0]
+    rows = {}
+    with open(os.path.join(d, "prune_layer_refine.csv"), newline="") as f:
+        for r in csv.DictReader(f):
+            rows[r["backend"]] = r
+    with open(os.path.join(d, "prune_layer_triton.csv"), newline="") as f:
+        sweep = {r["backend"]: r for r in csv.DictReader(f)}
+    cells = _cells(table.strip(), "| 64x128 | 2:4 | triton |")
+    assert cells[3:5] == [sweep["triton"]["seconds"], rows["triton"]["seconds"]]
+    assert cells[5] == f"{float(rows['triton']['seconds']) / float(sweep['triton']['seconds']):.2f}x"
+    assert cells[6] == rows["triton"]["refined_vs_sweep"] and float(cells[6]) < 1  # the refinement gains
+    assert rows["triton"]["refine"] == "admm" and sweep["triton"]["refine"] == "none"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "(no prune_layer_refine.csv)" in _run(os.path.join(BENCH, "gpu_summary.py"), "A", str(empty))
+
+
 def test_phase_b_summary(tmp_path):
     d = str(tmp_path)
     csv_path = os.path.join(d, "prune_layer_cuda.csv")
