@@ -63,8 +63,9 @@ def penalised_factor(Hd: torch.Tensor, rho: float) -> torch.Tensor:
     A = Hd.clone()
     A.diagonal().add_(rho)
     L, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0:
-        raise torch.linalg.LinAlgError(f"the Cholesky factorisation of Hd + rho*I failed (info {int(info)})")
+    info = int(info)  # one host synchronisation
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"the Cholesky factorisation of Hd + rho*I failed (info {info})")
     return L
 
 
@@ -79,8 +80,7 @@ def admm(W0: torch.Tensor, Hd: torch.Tensor, Z: torch.Tensor, spec: SweepSpec, *
     Raises ``torch.linalg.LinAlgError`` if a factorisation fails.
     """
     G0 = W0 @ Hd
-    diag = Hd.diagonal()
-    rho = RHO_START * float(diag.mean())
+    rho = RHO_START * float(Hd.diagonal().mean())
     V = torch.zeros_like(Z)
     done = 0
     while done < iters:
