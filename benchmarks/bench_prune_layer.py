@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     for shape in shapes:
         r, c = (int(v) for v in shape.lower().split("x"))
         H = synthetic_hessian(c, device)
-        W0 = torch.randn(r, c, device=device) * 0.02
+        W0 = (torch.randn(r, c, generator=torch.Generator().manual_seed(1)) * 0.02).to(device)  # reproducible
         peak = floor_rate()
         for mode in args.modes:
             kw = {"pattern": mode} if ":" in mode else {"sparsity": float(mode)}

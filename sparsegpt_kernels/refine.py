@@ -165,7 +165,8 @@ def refine(W0: torch.Tensor, W_s: torch.Tensor, Hd: torch.Tensor, spec: SweepSpe
     convex and phase B alone solves it: phase A is skipped and phase B gets its GEMMs (``cg_iters + 2·iters``
     iterations). With ``spec.quant`` the result is then rounded onto the grid through ``U`` (the upper Cholesky factor
     of Hd⁻¹, needed then). ``dead`` columns (bool, per column) are pruned first and set to 0. ``select`` chooses the
-    masks (:func:`keep_mask`). The refined weights are returned if they lower f, else ``W_s``.
+    masks (:func:`keep_mask`). If the weights on ADMM's mask do not lower f, phase B runs again on SparseGPT's mask
+(from ``W_s``). The refined weights are returned if they lower f, else ``W_s``.
 
     Stats: ``loss_before`` (f of ``W_s``), ``loss_after`` (f of the weights returned), ``admm_iters`` and
     ``cg_iters`` (run), ``mask_changed`` (the fraction of the weights whose kept/pruned status the returned weights
@@ -187,6 +188,15 @@ def refine(W0: torch.Tensor, W_s: torch.Tensor, Hd: torch.Tensor, spec: SweepSpe
     if dead is not None:
         W[:, dead] = 0
     before, after = objective(W0, W_s, Hd), objective(W0, W, Hd)
+    if after >= before and n_admm > 0:
+        # the moved mask lost (ADMM stopped far from a good pattern): phase B on SparseGPT's mask, which lowers f
+        # wherever SparseGPT's weights are not already the least-squares ones on their support
+        keep = sparsegpt_keep
+        W, n_fixed = solve_on_support(W0, Hd, keep, W_s, iters=cg_iters, tol=tol, G0=G0)
+        if dead is not None:
+            W[:, dead] = 0
+        n_cg += n_fixed
+        after = objective(W0, W, Hd)
     kept = after < before
     stats = {"loss_before": before, "loss_after": after if kept else before, "admm_iters": n_admm, "cg_iters": n_cg,
              "mask_changed": float((keep != sparsegpt_keep).sum()) / keep.numel() if kept else 0.0, "kept": kept,

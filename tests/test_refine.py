@@ -221,6 +221,29 @@ def test_a_failed_factorisation_keeps_sparsegpts_mask(monkeypatch, caplog):
     assert torch.equal(W_r, W_f) and r.refined_loss == fixed.refined_loss
 
 
+def test_a_mask_that_loses_falls_back_to_sparsegpts(monkeypatch):
+    """If the weights on ADMM's mask do not lower the loss, phase B runs on SparseGPT's mask instead: the result is
+    the fixed-mask refinement's, kept, and the mask is SparseGPT's."""
+    H = hessian_of(correlated_inputs(512, 32, seed=4))
+    W = torch.randn(16, 32)
+    W_f, W_r = W.clone(), W.clone()
+    fixed = sk.prune_layer(W_f, H, sparsity=0.5, backend="torch", refine="admm", refine_mask="fixed",
+                           refine_iters=0, refine_cg_iters=8)
+    spec_seen = []
+
+    def worst_mask(W0, Hd, Z, spec, **kw):  # keeps the smallest weights: a pattern far worse than SparseGPT's
+        spec_seen.append(spec)
+        keep = refine.keep_mask(-W0.abs(), spec)
+        return W0 * keep, keep, 3, W0 @ Hd
+
+    monkeypatch.setattr(refine, "admm", worst_mask)
+    r = sk.prune_layer(W_r, H, sparsity=0.5, backend="torch", refine="admm", refine_cg_iters=8)
+    assert len(spec_seen) == 1 and r.refine["admm_iters"] == 3
+    assert r.refine["kept"] and r.refine["mask_changed"] == 0 and r.refined_loss < r.loss
+    assert torch.equal(W_r, W_f) and r.refined_loss == fixed.refined_loss
+    assert_exact_sparsity(W_r, block_size=128, sparsity=0.5)
+
+
 def test_a_worse_refinement_is_not_kept(monkeypatch):
     """If the refined weights had a higher loss, SparseGPT's are returned unchanged."""
     H = hessian_of(correlated_inputs(512, 32, seed=4))
