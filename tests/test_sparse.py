@@ -3,6 +3,8 @@ validation, and the compiled sparse linear kernel against a dense product of the
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import math
 import os
@@ -467,6 +469,33 @@ def test_kernel_on_a_whole_empty_layer_and_leading_dimensions(ext):
     assert sl.LAST_PATH["kernel"] >= 1
 
 
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_kernels_on_large_and_strided_inputs(ext, xdtype, monkeypatch):
+    """Inputs beyond the per-thread buffers of a decode call (float32 rows of x and y in tensors then), strided and
+    3-D inputs, zero tokens: the values and the codes kernels against dense products of the same weights."""
+    monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", "avx2")  # the float32 rows path at every token count
+    W = _kernel_problem(80, 1040, torch.bfloat16, seed=5)
+    lin = SparseLinear(CompressedWeight.compress(W), torch.randn(80))
+    Wq, grid = _quantized(rows=80, cols=1024, dtype=torch.bfloat16)
+    q = SparseLinear(CompressedWeight.compress(Wq, quant=grid))
+    for layer, dense in ((lin, W), (q, Wq)):
+        cols = dense.shape[1]
+        args = ((layer.weight_mask, layer.weight_values, layer.weight_offsets, layer.bias) if not layer.bits else
+                (layer.weight_mask, layer.weight_codes, layer.weight_code_offsets,
+                 layer.weight_scale_bits.view(torch.float32), layer.weight_zero, layer.bits, layer.group_size,
+                 layer.codes_dtype, None))
+        op = ext.ext_sparse_codes_linear if layer.bits else ext.ext_sparse_linear
+        bias = layer.bias.float() if layer.bias is not None else None
+        big = torch.randn(2, 40, cols).to(xdtype)  # 80 tokens: 83200 floats of x, more than a thread's buffer
+        strided = torch.randn(cols, 3).to(xdtype).T  # 3 tokens, not contiguous
+        for x in (big, strided, big[:, :1], torch.randn(0, cols).to(xdtype)):
+            y = op(x, *args)
+            ref = F.linear(x.float(), dense.float(), bias)
+            assert y.dtype == xdtype and y.shape == (*x.shape[:-1], 80)
+            slack = 0 if bias is None else 2.0**-8 * bias.abs()
+            assert bool(((y.float() - ref).abs() <= _bound(x, dense, xdtype) + slack).all())
+
+
 def test_kernel_refuses_offsets_that_disagree_with_the_mask(ext):
     lin = SparseLinear(CompressedWeight.compress(_kernel_problem(5, 16, torch.float32)))
     bad = lin.weight_offsets.clone()
@@ -494,10 +523,45 @@ def test_sparse_linear_picks_the_kernel_for_decode_and_dense_for_prefill(ext, mo
             torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-5)
     assert lin._dense_copy is None  # decode and prefill keep no dense copy
     monkeypatch.setattr(sl, "_kernel_available", lambda: False)  # no extension: a dense copy, made once
+    lin._plans.clear()  # (the decode plans outlive a patch like this one; a real extension does not go away)
     before = sl.LAST_PATH["copy"]
     x = torch.randn(1, 48)
     assert torch.equal(lin(x), dense(x)) and torch.equal(lin(x), dense(x))
     assert sl.LAST_PATH["copy"] == before + 2 and lin._dense_copy is not None
+
+
+def test_the_decode_plan_follows_the_module(ext):
+    """The decode call kept per input dtype (SparseLinear.forward) gives the checked path's result, and is dropped
+    when the module is cast or moved, when an attribute or buffer is replaced, and when decode_max_tokens changes."""
+    W = _kernel_problem(20, 48, torch.bfloat16)
+    lin = SparseLinear(CompressedWeight.compress(W), torch.randn(20))
+    x = torch.randn(1, 48)
+    first = lin(x)
+    assert set(lin._plans) == {torch.float32}
+    assert torch.equal(lin(x), first) and torch.equal(lin._forward(x), first)
+    lin.to(torch.float32)  # the values are cast: the plan must not hold the bfloat16 ones
+    assert not lin._plans and lin.weight_values.dtype == torch.float32
+    y32 = lin(x)
+    ref = F.linear(x, W.float(), lin.bias)
+    torch.testing.assert_close(y32, ref, rtol=1e-5, atol=1e-5)
+    assert lin._plans[torch.float32][2][1] is lin.weight_values
+    lin.bias = torch.nn.Parameter(torch.zeros(20), requires_grad=False)  # a replaced parameter
+    assert not lin._plans
+    torch.testing.assert_close(lin(x), F.linear(x, W.float()), rtol=1e-5, atol=1e-5)
+    before = sl.LAST_PATH["prefill"]
+    lin.decode_max_tokens = 0  # every call is a prefill now
+    assert torch.equal(lin(x), F.linear(x, W.float())) and sl.LAST_PATH["prefill"] == before + 1
+    assert not lin._plans
+    lin.decode_max_tokens = 8
+    lin(x)
+    lin.weight_values = lin.weight_values * 2  # a replaced buffer
+    assert not lin._plans
+    torch.testing.assert_close(lin(x), 2 * F.linear(x, W.float()), rtol=1e-5, atol=1e-5)
+    buf = io.BytesIO()
+    torch.save(lin, buf)  # a module with a plan pickles (without it) and the copy computes the same
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), lin(x)) and torch.equal(copy.deepcopy(lin)(x), lin(x))
 
 
 def test_layers_no_kernel_takes_run_from_a_dense_copy_and_say_so(caplog):

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <cstdlib>
 #include <functional>
 #include <limits>
@@ -471,6 +472,86 @@ int64_t for_checked_rows(const W& w, sgk::Simd simd, int64_t grain, Fn&& fn) {
   return bad_row.load();
 }
 
+// The float32 rows of x and of y for a decode call, without the dispatcher's temporaries (x.to(float), an empty y,
+// y.to(x's dtype): about 1-4 us of a call that is a few us of kernel at the decode shapes of a small model). Small
+// calls use buffers of the calling thread (the worker threads of at::parallel_for write into y through the pointer);
+// larger ones, which a buffer kept per thread would make resident for good, use tensors.
+constexpr int64_t kThreadBufferFloats = 1 << 16;
+
+class Float32Rows {
+ public:
+  // x (..., cols) float32 or bfloat16; y gets shape (..., rows) in x's dtype
+  Float32Rows(const at::Tensor& x, int64_t rows) : rows_(rows) {
+    const int64_t n = x.numel();
+    tokens_ = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) tokens_ *= x.size(d);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = rows;
+    out_ = at::empty(shape, x.options());
+    if (x.scalar_type() == at::kFloat) {
+      xt_ = x.contiguous();
+      x_ = xt_.const_data_ptr<float>();
+      y_ = out_.data_ptr<float>();
+      return;
+    }
+    const at::Tensor xb = x.contiguous();
+    const auto* p = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
+    float* xf = buffer(x_buf_, xt_, n);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+      std::memcpy(xf + i, &u, sizeof(u));
+    }
+    x_ = xf;
+    y_ = buffer(y_buf_, yt_, tokens_ * rows);
+  }
+  const float* x() const { return x_; }
+  float* y() const { return y_; }
+  int64_t tokens() const { return tokens_; }
+  // y in x's dtype (bfloat16: rounded to nearest even, as Tensor.to rounds)
+  at::Tensor finish() {
+    if (out_.scalar_type() == at::kBFloat16) {
+      auto* o = out_.data_ptr<at::BFloat16>();
+      const int64_t n = tokens_ * rows_;
+      for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(y_[i]);
+    }
+    return out_;
+  }
+
+ private:
+  static float* buffer(std::vector<float>& buf, at::Tensor& t, int64_t n) {
+    if (n > kThreadBufferFloats) {
+      t = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+      return t.data_ptr<float>();
+    }
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+    return buf.data();
+  }
+  static thread_local std::vector<float> x_buf_, y_buf_;
+  int64_t rows_, tokens_ = 0;
+  at::Tensor out_, xt_, yt_;
+  const float* x_ = nullptr;
+  float* y_ = nullptr;
+};
+thread_local std::vector<float> Float32Rows::x_buf_, Float32Rows::y_buf_;
+
+// The row check's verdict (for_checked_rows): what = "the number of bits set in" or "the code bytes of".
+void check_rows(int64_t bad_row, const char* op, const char* what) {
+  TORCH_CHECK(bad_row < 0, op, ": offsets[", bad_row, " + 1] - offsets[", bad_row, "] is not ", what, " mask row ",
+              bad_row);
+}
+
+// The bfloat16 dot-product path of a kernel: x read as it is; fn(x bits, tokens, y) fills y in float32, which is then
+// rounded to x's dtype, shape (..., rows).
+template <typename Fn>
+at::Tensor bf16_dot_call(const at::Tensor& x, int64_t rows, Fn&& fn) {
+  const at::Tensor xf = x.contiguous().view({-1, x.size(-1)});
+  at::Tensor yf = at::empty({xf.size(0), rows}, xf.options().dtype(at::kFloat));
+  fn(reinterpret_cast<const uint16_t*>(xf.const_data_ptr<at::BFloat16>()), xf.size(0), yf.data_ptr<float>());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = rows;
+  return yf.to(x.scalar_type()).view(shape);
+}
+
 // y = x Wᵀ + b from a compressed weight (csrc/core/sparse_linear.h; docs/sparse_format.md): x (..., cols) float32 or
 // bfloat16, mask (rows, ceil(cols / 8)) uint8, values float32 or bfloat16 with at least offsets[rows] + kPadValues
 // entries, offsets (rows + 1) int64 with offsets[r + 1] - offsets[r] the number of bits set in mask row r (checked as
@@ -510,40 +591,35 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& mask, const 
   // float32 path measured as fast, and it sums in float32 from the start)
   const bool bf16_dot = x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
                         simd == sgk::Simd::kAvx512 && sgk::cpu_has_bf16_dot() && x.numel() >= 2 * cols;
-  const at::Tensor xf = (bf16_dot ? x : x.to(at::kFloat)).contiguous().view({-1, cols});
-  const int64_t T = xf.size(0);
   const int64_t* o = off.const_data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0 && o[rows] + sgk::kPadValues <= v.numel(), "ext_sparse_linear: values hold ", v.numel(),
               " entries, the offsets need ", o[rows], " + ", sgk::kPadValues, " (padding)");
   std::optional<at::Tensor> bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-  at::Tensor yf = at::empty({T, rows}, xf.options().dtype(at::kFloat));
   const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
-  float* yp = yf.data_ptr<float>();
   const auto* vb = reinterpret_cast<const uint16_t*>(v.scalar_type() == at::kBFloat16
                                                         ? v.const_data_ptr<at::BFloat16>() : nullptr);
-  int64_t bad_row;
+  const char* what = "the number of bits set in";
   if (bf16_dot) {
-    const auto* xb = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<at::BFloat16>());
     const auto w = sparse_rows_view(m, vb, o, cols);
-    bad_row = for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
-      sgk::sparse_rows_bf16(w, xb, T, cols, bp, yp, rows, b, e);
+    return bf16_dot_call(x, rows, [&](const uint16_t* xb, int64_t T, float* yp) {
+      check_rows(for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+                   sgk::sparse_rows_bf16(w, xb, T, cols, bp, yp, rows, b, e);
+                 }), "ext_sparse_linear", what);
     });
-  } else {
-    const float* xp = xf.const_data_ptr<float>();
-    auto run = [&](auto* vals) {
-      const auto w = sparse_rows_view(m, vals, o, cols);
-      return for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
-        sgk::sparse_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
-      });
-    };
-    bad_row = vb == nullptr ? run(v.const_data_ptr<float>()) : run(vb);
   }
-  TORCH_CHECK(bad_row < 0, "ext_sparse_linear: offsets[", bad_row, " + 1] - offsets[", bad_row,
-              "] is not the number of bits set in mask row ", bad_row);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = rows;
-  return yf.to(x.scalar_type()).view(shape);
+  Float32Rows io(x, rows);
+  const float* xp = io.x();
+  float* yp = io.y();
+  const int64_t T = io.tokens();
+  auto run = [&](auto* vals) {
+    const auto w = sparse_rows_view(m, vals, o, cols);
+    return for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+      sgk::sparse_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
+    });
+  };
+  check_rows(vb == nullptr ? run(v.const_data_ptr<float>()) : run(vb), "ext_sparse_linear", what);
+  return io.finish();
 }
 
 // The dense (rows, cols) weight of a compressed one, in the values' dtype (float32 or bfloat16), bit for bit: what
@@ -575,8 +651,7 @@ at::Tensor sparse_to_dense_cpu(const at::Tensor& mask, const at::Tensor& values,
                               ? run(v.const_data_ptr<float>(), out.data_ptr<float>())
                               : run(reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::BFloat16>()),
                                     reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-  TORCH_CHECK(bad_row < 0, "ext_sparse_to_dense: offsets[", bad_row, " + 1] - offsets[", bad_row,
-              "] is not the number of bits set in mask row ", bad_row);
+  check_rows(bad_row, "ext_sparse_to_dense", "the number of bits set in");
   return out;
 }
 
@@ -664,30 +739,26 @@ at::Tensor sparse_codes_linear_cpu(const at::Tensor& x, const at::Tensor& mask, 
   const sgk::Simd simd = sgk::simd_used(simd_allowed());
   // bfloat16 activations of a bfloat16 model from 2 tokens on: the bfloat16 dot products, as for values
   const bool bf16_dot = x.scalar_type() == at::kBFloat16 && x.numel() >= 2 * cols && sgk::code_bf16_dot_takes(simd, w);
-  const at::Tensor xf = (bf16_dot ? x : x.to(at::kFloat)).contiguous().view({-1, cols});
-  const int64_t T = xf.size(0), rows = w.rows;
+  const int64_t rows = w.rows;
   std::optional<at::Tensor> bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-  at::Tensor yf = at::empty({T, rows}, xf.options().dtype(at::kFloat));
   const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
-  float* yp = yf.data_ptr<float>();
-  int64_t bad_row;
+  const char* what = "the code bytes of";
   if (bf16_dot) {
-    const auto* xb = reinterpret_cast<const uint16_t*>(xf.const_data_ptr<at::BFloat16>());
-    bad_row = for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
-      sgk::sparse_code_rows_bf16(w, xb, T, cols, bp, yp, rows, b, e);
-    });
-  } else {
-    const float* xp = xf.const_data_ptr<float>();
-    bad_row = for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
-      sgk::sparse_code_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
+    return bf16_dot_call(x, rows, [&](const uint16_t* xb, int64_t T, float* yp) {
+      check_rows(for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+                   sgk::sparse_code_rows_bf16(w, xb, T, cols, bp, yp, rows, b, e);
+                 }), "ext_sparse_codes_linear", what);
     });
   }
-  TORCH_CHECK(bad_row < 0, "ext_sparse_codes_linear: offsets[", bad_row, " + 1] - offsets[", bad_row,
-              "] is not the code bytes of mask row ", bad_row);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = rows;
-  return yf.to(x.scalar_type()).view(shape);
+  Float32Rows io(x, rows);
+  const float* xp = io.x();
+  float* yp = io.y();
+  const int64_t T = io.tokens();
+  check_rows(for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+               sgk::sparse_code_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
+             }), "ext_sparse_codes_linear", what);
+  return io.finish();
 }
 
 // The dense (rows, cols) weight of a quantized compressed one in `dtype`, bit for bit the values the codes stand for.
@@ -709,8 +780,7 @@ at::Tensor sparse_codes_to_dense_cpu(const at::Tensor& mask, const at::Tensor& c
     bad_row = for_checked_rows(w, simd, 64,
                                [&](int64_t b, int64_t e) { sgk::sparse_code_rows_to_dense(w, dst, b, e); });
   }
-  TORCH_CHECK(bad_row < 0, "ext_sparse_codes_to_dense: offsets[", bad_row, " + 1] - offsets[", bad_row,
-              "] is not the code bytes of mask row ", bad_row);
+  check_rows(bad_row, "ext_sparse_codes_to_dense", "the code bytes of");
   return out;
 }
 

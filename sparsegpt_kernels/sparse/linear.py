@@ -21,6 +21,10 @@ the kernel up to float32 rounding (it sums in another order). :meth:`SparseLinea
 the specification of the weight.
 
 :data:`LAST_PATH` counts which way each call went (for tests and benchmarks): "kernel", "prefill" or "copy".
+
+A decode call at a small model's shapes is a few microseconds of kernel, so the checks that choose the path are done
+once per input dtype and kept as a plan (the op and its arguments); the plan is dropped when the module is cast or
+moved, when an attribute or a buffer is set, and is not pickled.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ class SparseLinear(nn.Module):
         self.nnz = int(offsets[-1])
         self.decode_max_tokens = DECODE_MAX_TOKENS
         self._dense_copy: torch.Tensor | None = None
+        #: input dtype -> (the largest input numel of the decode call, the op, its arguments after x): see forward
+        self._plans: dict = {}
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     # ------------------------------------------------------------------------------------------------ conversion
@@ -156,24 +162,49 @@ class SparseLinear(nn.Module):
         """Whether :meth:`forward` runs the compressed kernel on ``x`` (see the module docstring)."""
         return x.numel() <= self.decode_max_tokens * self.in_features and self._compiled(x) is None
 
+    # The decode plans (module docstring): the checks of :meth:`_forward` (buffer look-ups, device and dtype checks)
+    # took about 5 us a call, as long as the kernel at SmolLM2's k/v projections.
+    def __setattr__(self, name: str, value) -> None:
+        plans = self.__dict__.get("_plans")
+        if plans:
+            plans.clear()
+        super().__setattr__(name, value)
+
+    def __getstate__(self):  # pickling (torch.save of the module) keeps no plan: ops are not picklable
+        return {**self.__dict__, "_plans": {}}
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.get("_plans", {}).clear()
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = None if torch.compiler.is_compiling() or not x.is_cpu else self._plans.get(x.dtype)
+        if plan is not None and x.numel() <= plan[0]:
+            LAST_PATH["kernel"] += 1
+            return plan[1](x, *plan[2])
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         why_not = self._compiled(x)
+        decode = x.numel() <= self.decode_max_tokens * self.in_features
         if why_not is None and self.bits:
             ops = torch.ops.sparsegpt_kernels
             args = (self.weight_mask, self.weight_codes, self.weight_code_offsets,
                     self.weight_scale_bits.view(torch.float32), self.weight_zero, self.bits, self.group_size,
                     self.codes_dtype)
-            if x.numel() <= self.decode_max_tokens * self.in_features:
+            if decode:
                 LAST_PATH["kernel"] += 1
+                self._plan(x, ops.ext_sparse_codes_linear, (*args, self.bias))
                 return ops.ext_sparse_codes_linear(x, *args, self.bias)
             LAST_PATH["prefill"] += 1
             W = ops.ext_sparse_codes_to_dense(*args, self.in_features)
             return F.linear(x, W.to(x.dtype), self._bias_as(x))
         if why_not is None:
-            if x.numel() <= self.decode_max_tokens * self.in_features:
+            if decode:
                 LAST_PATH["kernel"] += 1
-                return torch.ops.sparsegpt_kernels.ext_sparse_linear(x, self.weight_mask, self.weight_values,
-                                                                     self.weight_offsets, self.bias)
+                args = (self.weight_mask, self.weight_values, self.weight_offsets, self.bias)
+                self._plan(x, torch.ops.sparsegpt_kernels.ext_sparse_linear, args)
+                return torch.ops.sparsegpt_kernels.ext_sparse_linear(x, *args)
             LAST_PATH["prefill"] += 1
             W = torch.ops.sparsegpt_kernels.ext_sparse_to_dense(self.weight_mask, self.weight_values,
                                                                 self.weight_offsets, self.in_features)
@@ -188,6 +219,11 @@ class SparseLinear(nn.Module):
                                why_not)
             copy = self._dense_copy = self.dense_weight().to(x.device)
         return F.linear(x, copy.to(x.dtype), self._bias_as(x))
+
+    def _plan(self, x: torch.Tensor, op, args: tuple) -> None:
+        """Keep the decode call for inputs of ``x``'s dtype (on the CPU: the only place the kernels run)."""
+        if not torch.compiler.is_compiling():
+            self._plans[x.dtype] = (self.decode_max_tokens * self.in_features, op, args)
 
     def _bias_as(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)
