@@ -166,7 +166,7 @@ def refine(W0: torch.Tensor, W_s: torch.Tensor, Hd: torch.Tensor, spec: SweepSpe
     iterations). With ``spec.quant`` the result is then rounded onto the grid through ``U`` (the upper Cholesky factor
     of Hd⁻¹, needed then). ``dead`` columns (bool, per column) are pruned first and set to 0. ``select`` chooses the
     masks (:func:`keep_mask`). If the weights on ADMM's mask do not lower f, phase B runs again on SparseGPT's mask
-(from ``W_s``). The refined weights are returned if they lower f, else ``W_s``.
+    (from ``W_s``). The refined weights are returned if they lower f, else ``W_s``.
 
     Stats: ``loss_before`` (f of ``W_s``), ``loss_after`` (f of the weights returned), ``admm_iters`` and
     ``cg_iters`` (run), ``mask_changed`` (the fraction of the weights whose kept/pruned status the returned weights
@@ -182,19 +182,22 @@ def refine(W0: torch.Tensor, W_s: torch.Tensor, Hd: torch.Tensor, spec: SweepSpe
             logger.warning("sparsegpt_kernels: refine: %s; keeping SparseGPT's mask", e)
     else:
         cg_iters += 2 * iters
-    W, n_cg = solve_on_support(W0, Hd, keep, Z, iters=cg_iters, tol=tol, G0=G0)
-    if spec.quant is not None:
-        round_on_mask(W, U, keep, spec.quant, spec.block_size)
-    if dead is not None:
-        W[:, dead] = 0
+
+    def phase_b(keep: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+        W, n = solve_on_support(W0, Hd, keep, X, iters=cg_iters, tol=tol, G0=G0)
+        if spec.quant is not None:
+            round_on_mask(W, U, keep, spec.quant, spec.block_size)
+        if dead is not None:
+            W[:, dead] = 0
+        return W, n
+
+    W, n_cg = phase_b(keep, Z)
     before, after = objective(W0, W_s, Hd), objective(W0, W, Hd)
     if after >= before and n_admm > 0:
         # the moved mask lost (ADMM stopped far from a good pattern): phase B on SparseGPT's mask, which lowers f
         # wherever SparseGPT's weights are not already the least-squares ones on their support
         keep = sparsegpt_keep
-        W, n_fixed = solve_on_support(W0, Hd, keep, W_s, iters=cg_iters, tol=tol, G0=G0)
-        if dead is not None:
-            W[:, dead] = 0
+        W, n_fixed = phase_b(keep, W_s)
         n_cg += n_fixed
         after = objective(W0, W, Hd)
     kept = after < before

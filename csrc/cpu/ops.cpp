@@ -478,6 +478,13 @@ int64_t for_checked_rows(const W& w, sgk::Simd simd, int64_t grain, Fn&& fn) {
 // larger ones, which a buffer kept per thread would make resident for good, use tensors.
 constexpr int64_t kThreadBufferFloats = 1 << 16;
 
+// The shape of y = x Wᵀ: x's, with `rows` for its last dimension.
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t rows) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = rows;
+  return shape;
+}
+
 class Float32Rows {
  public:
   // x (..., cols) float32 or bfloat16; y gets shape (..., rows) in x's dtype
@@ -485,9 +492,7 @@ class Float32Rows {
     const int64_t n = x.numel();
     tokens_ = 1;
     for (int64_t d = 0; d + 1 < x.dim(); ++d) tokens_ *= x.size(d);
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = rows;
-    out_ = at::empty(shape, x.options());
+    out_ = at::empty(out_shape(x, rows), x.options());
     if (x.scalar_type() == at::kFloat) {
       xt_ = x.contiguous();
       x_ = xt_.const_data_ptr<float>();
@@ -547,9 +552,16 @@ at::Tensor bf16_dot_call(const at::Tensor& x, int64_t rows, Fn&& fn) {
   const at::Tensor xf = x.contiguous().view({-1, x.size(-1)});
   at::Tensor yf = at::empty({xf.size(0), rows}, xf.options().dtype(at::kFloat));
   fn(reinterpret_cast<const uint16_t*>(xf.const_data_ptr<at::BFloat16>()), xf.size(0), yf.data_ptr<float>());
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = rows;
-  return yf.to(x.scalar_type()).view(shape);
+  return yf.to(x.scalar_type()).view(out_shape(x, rows));
+}
+
+// The float32 path of a kernel: fn(x as float32 rows, tokens, y) fills y in float32 (Float32Rows), returned in x's
+// dtype, shape (..., rows).
+template <typename Fn>
+at::Tensor float32_call(const at::Tensor& x, int64_t rows, Fn&& fn) {
+  Float32Rows io(x, rows);
+  fn(io.x(), io.tokens(), io.y());
+  return io.finish();
 }
 
 // y = x Wᵀ + b from a compressed weight (csrc/core/sparse_linear.h; docs/sparse_format.md): x (..., cols) float32 or
@@ -608,18 +620,15 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& mask, const 
                  }), "ext_sparse_linear", what);
     });
   }
-  Float32Rows io(x, rows);
-  const float* xp = io.x();
-  float* yp = io.y();
-  const int64_t T = io.tokens();
-  auto run = [&](auto* vals) {
-    const auto w = sparse_rows_view(m, vals, o, cols);
-    return for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
-      sgk::sparse_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
-    });
-  };
-  check_rows(vb == nullptr ? run(v.const_data_ptr<float>()) : run(vb), "ext_sparse_linear", what);
-  return io.finish();
+  return float32_call(x, rows, [&](const float* xp, int64_t T, float* yp) {
+    auto run = [&](auto* vals) {
+      const auto w = sparse_rows_view(m, vals, o, cols);
+      return for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+        sgk::sparse_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
+      });
+    };
+    check_rows(vb == nullptr ? run(v.const_data_ptr<float>()) : run(vb), "ext_sparse_linear", what);
+  });
 }
 
 // The dense (rows, cols) weight of a compressed one, in the values' dtype (float32 or bfloat16), bit for bit: what
@@ -751,14 +760,11 @@ at::Tensor sparse_codes_linear_cpu(const at::Tensor& x, const at::Tensor& mask, 
                  }), "ext_sparse_codes_linear", what);
     });
   }
-  Float32Rows io(x, rows);
-  const float* xp = io.x();
-  float* yp = io.y();
-  const int64_t T = io.tokens();
-  check_rows(for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
-               sgk::sparse_code_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
-             }), "ext_sparse_codes_linear", what);
-  return io.finish();
+  return float32_call(x, rows, [&](const float* xp, int64_t T, float* yp) {
+    check_rows(for_checked_rows(w, simd, 16, [&](int64_t b, int64_t e) {
+                 sgk::sparse_code_rows(simd, w, xp, T, cols, bp, yp, rows, b, e);
+               }), "ext_sparse_codes_linear", what);
+  });
 }
 
 // The dense (rows, cols) weight of a quantized compressed one in `dtype`, bit for bit the values the codes stand for.
