@@ -4,6 +4,7 @@ Reads, from one directory, whichever of these exist and writes a PNG beside each
   prune_layer_<device>.csv   -> prune_time_<device>.png     prune time vs layer size per backend (log-log)
   sparse_matmul_<device>.csv -> sparse_matmul_<device>.png  2:4 speedup vs token count per layer shape
   e2e_<device>.csv           -> e2e_<device>.png            prefill/decode latency, dense vs 2:4
+  sparse_linear_<device>.csv -> sparse_linear_<device>.png  compressed kernel's speedup over dense vs token count
 
     python benchmarks/plot.py                       # benchmarks/results, every device found
     python benchmarks/plot.py --dir benchmarks/out --device cpu
@@ -179,6 +180,56 @@ def plot_e2e(rows: list[dict], out: str) -> str:
     return out
 
 
+def plot_sparse_linear(rows: list[dict], out: str) -> str:
+    """One panel per layer shape; a line per setting: the compressed kernel's speedup over the better of torch's
+    dense float32 and bfloat16 products against the token count (bench_sparse_linear.py's CSV)."""
+    plt = _plt()
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    tokens = sorted({int(r["tokens"]) for r in rows})
+    vals = [float(r["speedup"]) for r in rows]
+    ncol = min(3, len(shapes))
+    nrow = (len(shapes) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow), squeeze=False, sharex=True, sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, shape in enumerate(shapes):
+        ax = axes[k // ncol][k % ncol]
+        srows = [r for r in rows if r["shape"] == shape]
+        for c, setting in enumerate(settings):
+            pts = sorted((int(r["tokens"]), float(r["speedup"])) for r in srows if r["setting"] == setting)
+            if pts:
+                ax.plot([t for t, _ in pts], [y for _, y in pts], marker="o", ms=4, lw=1.6,
+                        linestyle="--" if "bit" in setting else "-", color=colors[c % len(colors)], label=setting)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(tokens))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(tokens, [str(t) for t in tokens], fontsize=8)
+        ax.axhline(1.0, color="k", lw=1)
+        lo = min(vals + [1.0]) * 0.95
+        ax.axhspan(lo, 1.0, color="red", alpha=0.06, lw=0)
+        ax.set_ylim(lo, max(vals + [1.0]) * 1.05)
+        r0 = srows[0]
+        ax.set_title(f"{shape} ({r0['rows']}×{r0['cols']})", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="best", framealpha=0.7, ncol=2)
+        if k % ncol == 0:
+            ax.set_ylabel("speedup over dense (×)")
+        if k // ncol == nrow - 1 or k + ncol >= len(shapes):
+            ax.set_xlabel("tokens (rows of the activation)")
+    for k in range(len(shapes), nrow * ncol):
+        axes[k // ncol][k % ncol].axis("off")
+    r = rows[0]
+    fig.suptitle("compressed sparse linear (ext_sparse_linear / ext_sparse_codes_linear) vs the better of dense "
+                 f"float32 and bfloat16\n{_subtitle(rows)} · {r.get('simd', '?')}, read {r.get('read_gbps', '?')} "
+                 "GB/s · above 1 = sparse faster; dashed = 4-bit codes", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_dir(directory: str, devices: list[str] | None = None) -> list[str]:
     """Write every plot whose CSV exists in ``directory``; returns the PNG paths."""
     written = []
@@ -187,7 +238,8 @@ def plot_dir(directory: str, devices: list[str] | None = None) -> list[str]:
     for dev in found:
         for csv_name, png_name, fn in (("prune_layer", "prune_time", plot_prune),
                                        ("sparse_matmul", "sparse_matmul", plot_sparse_matmul),
-                                       ("e2e", "e2e", plot_e2e)):
+                                       ("e2e", "e2e", plot_e2e),
+                                       ("sparse_linear", "sparse_linear", plot_sparse_linear)):
             path = os.path.join(directory, f"{csv_name}_{dev}.csv")
             if not os.path.exists(path):
                 continue

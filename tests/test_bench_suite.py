@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import require_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_ALL = os.path.join(ROOT, "benchmarks", "run_all.py")
@@ -59,3 +60,23 @@ def test_run_all_quick(tmp_path):
     for needle in ("### 1.", "### 2.", "### 3.", "### 4.", "torch 2", "prune_time_cpu.png", "_missing: absent.md",
                    "No 2:4 sparse matmul on this device"):
         assert needle in text, needle
+
+
+def test_the_sparse_linear_plot_is_drawn_from_the_benchmarks_csv(tmp_path, monkeypatch):
+    """bench_sparse_linear.py --quick's CSV (a tiny layer, its three settings, 1 and 5 tokens) gives a PNG beside it,
+    and plot_dir draws nothing else from that directory."""
+    pytest.importorskip("matplotlib")
+    require_extension()
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_sparse_linear
+    import plot
+
+    csv_path = tmp_path / "sparse_linear_cpu.csv"
+    assert bench_sparse_linear.main(["--quick", "--csv", str(csv_path)]) == 0
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["setting"], r["tokens"]) for r in rows} == {(s, t) for s in ("50%", "2:4", "50%+4bit") for t in "15"}
+    assert all(float(r["speedup"]) > 0 and float(r["sparse_vs_floor"]) > 0 for r in rows)
+    written = plot.plot_dir(str(tmp_path))
+    assert written == [str(tmp_path / "sparse_linear_cpu.png")]
+    assert (tmp_path / "sparse_linear_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -436,22 +436,22 @@ inline bool cpu_has_codes_bf16_dot() {
 // group's 16 weights as bfloat16 words (vpermw, 0 where not kept). Those are the words sparse_row_bf16 expands from
 // the dequantized values, and the dot products and sums are its own, so the two agree bit for bit.
 template <int TB>
-__attribute__((target(SGK_CODES_BF16_TARGET))) inline void sparse_code_row_bf16(const SparseCodes& w,
-                                                                                const uint16_t* x, int64_t ldx,
-                                                                                int64_t r, float* out) {
+__attribute__((target(SGK_CODES_BF16_TARGET), flatten)) inline void sparse_code_row_bf16(
+    const SparseCodes& w, const uint16_t* x, int64_t ldx, int64_t r, float* out) {
   const VbmiConsts& vc = vbmi_consts();
   const __m512i seq = _mm512_load_si512(vc.seq);  // byte i: i % 8; with bcast, i below
   const __m512i iota = _mm512_add_epi8(seq, _mm512_slli_epi64(_mm512_load_si512(vc.bcast), 3));  // byte i: i
   const __m512i low4 = _mm512_set1_epi16(0x000F), high4 = _mm512_set1_epi16(0x00F0);
-  __m512 acc[TB];
-  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  constexpr int U = kDotChains<TB>;
+  __m512 acc[U][TB];
+  zero_dot_chains(acc);
   const uint8_t* m = w.mask + r * w.ldm;
   const uint8_t* p = w.codes + w.offsets[r];
   const uint8_t* const end = w.codes + w.offsets[w.rows] + kPadCodeBytes;  // what the buffer holds
   const int64_t steps = w.cols / 32, per_group = w.group / 32;
   int64_t k = 0, gi = r * (w.cols / w.group), left = 0;
   __m512i table = _mm512_setzero_si512();
-  for (int64_t s = 0; s < steps; ++s) {
+  for_dot_chains<U>(steps, [&](int u, int64_t s) __attribute__((target(SGK_CODES_BF16_TARGET))) {
     if (left == 0) {  // the first step of a group: its 16 weights (exact bfloat16 values) as words
       __m256 lo, hi;
       load_group<true, Rounding::kBFloat16>(w, gi++, lo, hi);
@@ -478,12 +478,91 @@ __attribute__((target(SGK_CODES_BF16_TARGET))) inline void sparse_code_row_bf16(
     const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(static_cast<__mmask32>(q), idx,
                                                                                   table));
     k += total;
-    for (int t = 0; t < TB; ++t) {
-      const __m512i xv = _mm512_loadu_si512(x + t * ldx + 32 * s);
-      acc[t] = _mm512_dpbf16_ps(acc[t], wv, reinterpret_cast<__m512bh>(xv));
+    dot_tokens<TB>(acc[u], wv, x + 32 * s, ldx);
+  });
+  sum_dot_chains<U, TB>(acc, out);
+}
+
+// The byte constants of sparse_code_row_bf16_64, for a step whose first code is a low (o = 0) or a high (o = 1)
+// nibble of its first byte: byte j of idx[o] is the window byte that holds the step's code j, (j + o) / 2; byte i of
+// each qword of shift[o] the bit offset of that nibble within its qword after the byte permutation, 8i + 4((i + o) % 2)
+// (vpmultishiftqb then leaves the code in the byte's low 4 bits; the 4 above belong to the next code).
+struct NibbleConsts {
+  alignas(64) uint8_t idx[2][64];
+  alignas(64) uint8_t shift[2][64];
+  NibbleConsts() {
+    for (int o = 0; o < 2; ++o) {
+      for (int j = 0; j < 64; ++j) {
+        idx[o][j] = static_cast<uint8_t>((j + o) / 2);
+        shift[o][j] = static_cast<uint8_t>(8 * (j % 8) + 4 * ((j + o) % 2));
+      }
     }
   }
-  for (int t = 0; t < TB; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+};
+
+inline const NibbleConsts& nibble_consts() {
+  static const NibbleConsts c;
+  return c;
+}
+
+// sparse_code_row_bf16 64 columns a step (groups a multiple of 64 columns): the step's (up to 64) codes unpacked to
+// one a byte by one byte permutation and one vpmultishiftqb from the (up to 33) bytes they lie in, expanded into the
+// 64 columns at once (vpexpandb), doubled, then per 32 columns widened to words and looked up in the group's 16
+// weights (vpermw on a table whose dword c holds code c's weight in its low word, built in float32 lanes once per
+// group: index 2c, the bits above the fifth, left over from the next code, ignored by vpermw; 0 where not kept).
+// About 9 byte-lane instructions per 64 columns against 14 for two 32-column steps. The
+// same words into the same chains (32-column step 2s + h into chain (2s + h) % U) as sparse_code_row_bf16, so the
+// same bits.
+template <int TB>
+__attribute__((target(SGK_CODES_BF16_TARGET), flatten)) inline void sparse_code_row_bf16_64(
+    const SparseCodes& w, const uint16_t* x, int64_t ldx, int64_t r, float* out) {
+  const NibbleConsts& nc = nibble_consts();
+  constexpr int U = kDotChains<TB>;
+  static_assert(U == 1 || U % 2 == 0, "a 64-column step feeds two chains");
+  __m512 acc[U][TB];
+  zero_dot_chains(acc);
+  const uint8_t* m = w.mask + r * w.ldm;
+  const uint8_t* p = w.codes + w.offsets[r];
+  const uint8_t* const end = w.codes + w.offsets[w.rows] + kPadCodeBytes;  // what the buffer holds
+  const int64_t steps = w.cols / 64, per_group = w.group / 64;
+  int64_t k = 0, gi = r * (w.cols / w.group), left = 0;
+  __m512i table = _mm512_setzero_si512();
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr int kSteps = U == 1 ? 1 : U / 2;  // 64-column steps per round of the chains
+  // step s (64 columns, i = s % kSteps) into chains h0 = 2i and h0 + 1 (both 0 when U = 1)
+  for_dot_chains<kSteps>(steps, [&](int i, int64_t s) __attribute__((target(SGK_CODES_BF16_TARGET))) {
+    if (left == 0) {  // the first step of a group: dword c holds code c's weight as bfloat16 bits (load_group's)
+      const __m512 f = _mm512_mul_ps(_mm512_set1_ps(w.scale[gi]),
+                                     _mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(w.zero[gi]))));
+      ++gi;
+      const __m512i u = _mm512_castps_si512(f);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      table = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+      left = per_group;
+    }
+    --left;
+    uint64_t q;
+    std::memcpy(&q, m + 8 * s, sizeof q);
+    const int total = static_cast<int>(_mm_popcnt_u64(q));
+    const int o = static_cast<int>(k & 1);
+    const auto nbytes = static_cast<unsigned>((o + total + 1) >> 1);  // at most 33
+    const uint8_t* const at = p + (k >> 1);
+    // a plain load where the buffer holds 64 bytes from here (masked loads measured slower from memory)
+    const __m512i win = at + 64 <= end ? _mm512_loadu_si512(at) : _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, nbytes), at);
+    const __m512i codes = _mm512_multishift_epi64_epi8(
+        _mm512_load_si512(nc.shift[o]), _mm512_permutexvar_epi8(_mm512_load_si512(nc.idx[o]), win));
+    const __m512i placed = _mm512_maskz_expand_epi8(static_cast<__mmask64>(q), codes);  // byte j: column j's code
+    const __m512i twice = _mm512_add_epi8(placed, placed);  // the word of code c in the table is 2c
+    k += total;
+    const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(
+        static_cast<__mmask32>(q), _mm512_cvtepu8_epi16(_mm512_castsi512_si256(twice)), table));
+    const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(
+        static_cast<__mmask32>(q >> 32), _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(twice, 1)), table));
+    const int h0 = U == 1 ? 0 : 2 * i, h1 = U == 1 ? 0 : h0 + 1;
+    dot_tokens<TB>(acc[h0], w0, x + 64 * s, ldx);
+    dot_tokens<TB>(acc[h1], w1, x + 64 * s + 32, ldx);
+  });
+  sum_dot_chains<U, TB>(acc, out);
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -515,15 +594,19 @@ inline bool code_bf16_dot_takes(Simd simd, const SparseCodes& w) {
 }
 
 // Rows [r0, r1) for T tokens of bfloat16 x (leading dimension ldx) on the bfloat16 dot products (callers check
-// code_bf16_dot_takes); tokens go in groups of up to 8.
+// code_bf16_dot_takes); tokens go in groups of up to 8. Groups of a multiple of 64 columns take the 64-column steps
+// unless allow_64 is false (the tests compare the two: the same bits).
 inline void sparse_code_rows_bf16(const SparseCodes& w, const uint16_t* x, int64_t T, int64_t ldx, const float* bias,
-                                  float* y, int64_t ldy, int64_t r0, int64_t r1) {
+                                  float* y, int64_t ldy, int64_t r0, int64_t r1, bool allow_64 = true) {
 #ifdef SGK_HAVE_SPARSE_SIMD
   by_token_groups<8>(x, T, ldx, bias, y, ldy, r0, r1, [&](const uint16_t* xt, int64_t tb, int64_t r, float* out) {
-    with_token_count<8>(tb, [&](auto TB) { sparse_code_row_bf16<decltype(TB)::value>(w, xt, ldx, r, out); });
+    with_token_count<8>(tb, [&](auto TB) {
+      if (w.group % 64 == 0 && allow_64) return sparse_code_row_bf16_64<decltype(TB)::value>(w, xt, ldx, r, out);
+      sparse_code_row_bf16<decltype(TB)::value>(w, xt, ldx, r, out);
+    });
   });
 #else
-  (void)w, (void)x, (void)T, (void)ldx, (void)bias, (void)y, (void)ldy, (void)r0, (void)r1;
+  (void)w, (void)x, (void)T, (void)ldx, (void)bias, (void)y, (void)ldy, (void)r0, (void)r1, (void)allow_64;
 #endif
 }
 

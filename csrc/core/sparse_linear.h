@@ -415,19 +415,76 @@ __attribute__((target("avx2"))) inline __m256i expand16_words(const uint16_t* v0
   return _mm256_shuffle_epi8(vals, ctl);
 }
 
+// Accumulator chains per token of the bfloat16 dot-product copies (sparse_row_bf16, sparse_row_bf16_vbmi2 and
+// sparse_code_row_bf16 of sparse_codes.h): 32-column step s adds into chain s % U, and the chains are summed in order
+// at the end. At 1 token four chains hide the instruction's latency (one chain measured 1.2-1.5x slower); from 2
+// tokens on the tokens' own chains do.
+template <int TB>
+constexpr int kDotChains = TB == 1 ? 4 : 1;
+
+template <int U, int TB>
+__attribute__((target("avx512f"))) inline void zero_dot_chains(__m512 (&acc)[U][TB]) {
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < TB; ++t) acc[u][t] = _mm512_setzero_ps();
+}
+
+// acc[t] += the dot products of the 32 words wv with token t's 32 bfloat16 x from xs on (one vdpbf16ps each).
+template <int TB>
+__attribute__((target("avx512f,avx512bf16"))) inline void dot_tokens(__m512 (&acc)[TB], __m512bh wv, const uint16_t* xs,
+                                                                    int64_t ldx) {
+  for (int t = 0; t < TB; ++t) {
+    acc[t] = _mm512_dpbf16_ps(acc[t], wv, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs + t * ldx)));
+  }
+}
+
+// step(u, c) for steps c = 0..n-1, step c on chain u = c % U, U steps at a time (u a constant in each call once
+// the caller, marked flatten, has inlined this and step).
+template <int U, typename Step>
+inline void for_dot_chains(int64_t n, Step&& step) {
+  int64_t c = 0;
+  for (; c + U <= n; c += U)
+    for (int u = 0; u < U; ++u) step(u, c + u);
+  for (int u = 0; c < n; ++c, ++u) step(u, c);
+}
+
+template <int U, int TB>
+__attribute__((target("avx512f"))) inline void sum_dot_chains(const __m512 (&acc)[U][TB], float* out) {
+  for (int t = 0; t < TB; ++t) {
+    __m512 a = acc[0][t];
+    for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][t]);
+    out[t] = _mm512_reduce_add_ps(a);
+  }
+}
+
+// The columns of a row after its last whole 32-column step (from column `from`, values from v on), one at a time.
+template <int TB>
+inline void bf16_dot_tail(const SparseRows<uint16_t>& w, const uint8_t* m, const uint16_t* v, const uint16_t* x,
+                          int64_t ldx, int64_t from, float* out) {
+  for (int64_t j = from; j < w.cols; ++j) {
+    if ((m[j >> 3] >> (j & 7)) & 1) {
+      const float wj = value_of(*v++);
+      for (int t = 0; t < TB; ++t) out[t] += wj * bf16_to_float(x[t * ldx + j]);
+    }
+  }
+}
+
 // Up to 8 tokens of one row of bfloat16 values against bfloat16 x (AVX512-BF16), 32 columns a step: the step's values
 // expanded into 32 words and one vdpbf16ps per token (16 lanes, each the sum of two adjacent columns' products:
-// exact products, float32 sums; the instruction treats subnormal inputs as 0).
+// exact products, float32 sums; the instruction treats subnormal inputs as 0), into the step's chain (kDotChains).
+// The expansion here: two byte shuffles of two 8-column chunks each (AVX-512 CPUs without VBMI2).
+#define SGK_BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,avx2,popcnt"
 template <int TB>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,popcnt"))) inline void sparse_row_bf16(
-    const SparseRows<uint16_t>& w, const uint16_t* x, int64_t ldx, int64_t r, float* out) {
+__attribute__((target(SGK_BF16_TARGET), flatten)) inline void sparse_row_bf16(const SparseRows<uint16_t>& w,
+                                                                             const uint16_t* x, int64_t ldx,
+                                                                             int64_t r, float* out) {
+  constexpr int U = kDotChains<TB>;
   const ExpandTable& tab = expand_table();
-  __m512 acc[TB];
-  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  __m512 acc[U][TB];
+  zero_dot_chains(acc);
   const uint8_t* m = w.mask + r * w.ldm;
   const uint16_t* v = w.values + w.offsets[r];
   const int64_t full = w.cols / 32;
-  for (int64_t c = 0; c < full; ++c) {
+  for_dot_chains<U>(full, [&](int u, int64_t c) __attribute__((target(SGK_BF16_TARGET))) {
     const uint8_t* mb = m + 4 * c;
     const uint16_t* v1 = v + _mm_popcnt_u32(mb[0]);
     const uint16_t* v2 = v1 + _mm_popcnt_u32(mb[1]);
@@ -436,18 +493,46 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,popcnt"))) inli
     const __m256i hi = expand16_words(v2, v3, mb[2], mb[3], tab);
     v = v3 + _mm_popcnt_u32(mb[3]);
     const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
-    for (int t = 0; t < TB; ++t) {
-      const __m512i xv = _mm512_loadu_si512(x + t * ldx + 32 * c);
-      acc[t] = _mm512_dpbf16_ps(acc[t], wv, reinterpret_cast<__m512bh>(xv));
-    }
-  }
-  for (int t = 0; t < TB; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
-  for (int64_t j = full * 32; j < w.cols; ++j) {  // a partial last step
-    if ((m[j >> 3] >> (j & 7)) & 1) {
-      const float wj = value_of(*v++);
-      for (int t = 0; t < TB; ++t) out[t] += wj * bf16_to_float(x[t * ldx + j]);
-    }
-  }
+    dot_tokens<TB>(acc[u], wv, x + 32 * c, ldx);
+  });
+  sum_dot_chains<U, TB>(acc, out);
+  bf16_dot_tail<TB>(w, m, v, x, ldx, full * 32, out);
+}
+
+#define SGK_VBMI2_BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi2,avx2,popcnt,bmi2"
+
+// Whether this CPU has what sparse_row_bf16_vbmi2 uses: the bfloat16 dot products and VBMI2's word expansion.
+inline bool cpu_has_bf16_expand() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2");
+  return has;
+}
+
+// sparse_row_bf16 on CPUs with VBMI2: the step's 32 words by one vpexpandw of the (up to 32) values that follow
+// under the step's 32 mask bits, instead of two table look-ups and two byte shuffles. The same words and the same
+// dot products and chains, so the same bits. A plain 32-value load where the buffer holds them (a masked load from
+// memory defeats the prefetcher), else only the step's values.
+template <int TB>
+__attribute__((target(SGK_VBMI2_BF16_TARGET), flatten)) inline void sparse_row_bf16_vbmi2(
+    const SparseRows<uint16_t>& w, const uint16_t* x, int64_t ldx, int64_t r, float* out) {
+  constexpr int U = kDotChains<TB>;
+  __m512 acc[U][TB];
+  zero_dot_chains(acc);
+  const uint8_t* m = w.mask + r * w.ldm;
+  const uint16_t* v = w.values + w.offsets[r];
+  const uint16_t* const end = w.values + w.offsets[w.rows] + kPadValues;  // what the buffer holds
+  const int64_t full = w.cols / 32;
+  for_dot_chains<U>(full, [&](int u, int64_t c) __attribute__((target(SGK_VBMI2_BF16_TARGET))) {
+    uint32_t q;
+    std::memcpy(&q, m + 4 * c, sizeof q);
+    const unsigned count = _mm_popcnt_u32(q);
+    const __m512i vals = v + 32 <= end ? _mm512_loadu_si512(v) : _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, count), v);
+    v += count;
+    dot_tokens<TB>(acc[u], reinterpret_cast<__m512bh>(_mm512_maskz_expand_epi16(q, vals)), x + 32 * c, ldx);
+  });
+  sum_dot_chains<U, TB>(acc, out);
+  bf16_dot_tail<TB>(w, m, v, x, ldx, full * 32, out);
 }
 
 // Whether this CPU has the bfloat16 dot products of sparse_rows_bf16.
@@ -479,6 +564,7 @@ inline void sparse_row_simd(Simd simd, const SparseRows<V>& w, const float* x, i
 
 #ifndef SGK_HAVE_SPARSE_SIMD
 inline bool cpu_has_bf16_dot() { return false; }
+inline bool cpu_has_bf16_expand() { return false; }
 #endif
 
 // f(j) for every kept column j of a mask row of `ldm` bytes, left to right.
@@ -559,15 +645,21 @@ void sparse_rows(Simd simd, const SparseRows<V>& w, const float* x, int64_t T, i
 }
 
 // Rows [r0, r1) for T tokens of bfloat16 x (leading dimension ldx) with bfloat16 values, on the bfloat16 dot
-// products (callers check cpu_has_bf16_dot()); tokens go in groups of up to 8.
+// products (callers check cpu_has_bf16_dot()); tokens go in groups of up to 8. The VBMI2 copy where the CPU has it
+// and allow_expand (false: the byte-shuffle copy, for the tests; both give the same bits).
 inline void sparse_rows_bf16(const SparseRows<uint16_t>& w, const uint16_t* x, int64_t T, int64_t ldx,
-                             const float* bias, float* y, int64_t ldy, int64_t r0, int64_t r1) {
+                             const float* bias, float* y, int64_t ldy, int64_t r0, int64_t r1,
+                             bool allow_expand = true) {
 #ifdef SGK_HAVE_SPARSE_SIMD
+  const bool expand = allow_expand && cpu_has_bf16_expand();
   by_token_groups<8>(x, T, ldx, bias, y, ldy, r0, r1, [&](const uint16_t* xt, int64_t tb, int64_t r, float* out) {
-    with_token_count<8>(tb, [&](auto TB) { sparse_row_bf16<decltype(TB)::value>(w, xt, ldx, r, out); });
+    with_token_count<8>(tb, [&](auto TB) {
+      if (expand) return sparse_row_bf16_vbmi2<decltype(TB)::value>(w, xt, ldx, r, out);
+      sparse_row_bf16<decltype(TB)::value>(w, xt, ldx, r, out);
+    });
   });
 #else
-  (void)w, (void)x, (void)T, (void)ldx, (void)bias, (void)y, (void)ldy, (void)r0, (void)r1;
+  (void)w, (void)x, (void)T, (void)ldx, (void)bias, (void)y, (void)ldy, (void)r0, (void)r1, (void)allow_expand;
 #endif
 }
 

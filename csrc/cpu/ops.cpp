@@ -485,6 +485,23 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t rows) {
   return shape;
 }
 
+// n floats: a buffer of the calling thread (`buf`) for small calls, else a fresh tensor kept in t.
+float* scratch_floats(std::vector<float>& buf, at::Tensor& t, int64_t n) {
+  if (n > kThreadBufferFloats) {
+    t = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    return t.data_ptr<float>();
+  }
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+thread_local std::vector<float> x_floats, y_floats;
+
+// out (bfloat16, n entries) = y rounded to nearest even, as Tensor.to rounds.
+void write_bf16(at::Tensor& out, const float* y, int64_t n) {
+  auto* o = out.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(y[i]);
+}
+
 class Float32Rows {
  public:
   // x (..., cols) float32 or bfloat16; y gets shape (..., rows) in x's dtype
@@ -501,43 +518,29 @@ class Float32Rows {
     }
     const at::Tensor xb = x.contiguous();
     const auto* p = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
-    float* xf = buffer(x_buf_, xt_, n);
+    float* xf = scratch_floats(x_floats, xt_, n);
     for (int64_t i = 0; i < n; ++i) {
       const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
       std::memcpy(xf + i, &u, sizeof(u));
     }
     x_ = xf;
-    y_ = buffer(y_buf_, yt_, tokens_ * rows);
+    y_ = scratch_floats(y_floats, yt_, tokens_ * rows);
   }
   const float* x() const { return x_; }
   float* y() const { return y_; }
   int64_t tokens() const { return tokens_; }
-  // y in x's dtype (bfloat16: rounded to nearest even, as Tensor.to rounds)
+  // y in x's dtype
   at::Tensor finish() {
-    if (out_.scalar_type() == at::kBFloat16) {
-      auto* o = out_.data_ptr<at::BFloat16>();
-      const int64_t n = tokens_ * rows_;
-      for (int64_t i = 0; i < n; ++i) o[i] = c10::BFloat16(y_[i]);
-    }
+    if (out_.scalar_type() == at::kBFloat16) write_bf16(out_, y_, tokens_ * rows_);
     return out_;
   }
 
  private:
-  static float* buffer(std::vector<float>& buf, at::Tensor& t, int64_t n) {
-    if (n > kThreadBufferFloats) {
-      t = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-      return t.data_ptr<float>();
-    }
-    if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
-    return buf.data();
-  }
-  static thread_local std::vector<float> x_buf_, y_buf_;
   int64_t rows_, tokens_ = 0;
   at::Tensor out_, xt_, yt_;
   const float* x_ = nullptr;
   float* y_ = nullptr;
 };
-thread_local std::vector<float> Float32Rows::x_buf_, Float32Rows::y_buf_;
 
 // The row check's verdict (for_checked_rows): what = "the number of bits set in" or "the code bytes of".
 void check_rows(int64_t bad_row, const char* op, const char* what) {
@@ -545,14 +548,17 @@ void check_rows(int64_t bad_row, const char* op, const char* what) {
               bad_row);
 }
 
-// The bfloat16 dot-product path of a kernel: x read as it is; fn(x bits, tokens, y) fills y in float32, which is then
-// rounded to x's dtype, shape (..., rows).
+// The bfloat16 dot-product path of a kernel: x read as it is; fn(x bits, tokens, y) fills y in float32 (a buffer of
+// the calling thread for small calls, as in Float32Rows), which is then rounded to x's dtype, shape (..., rows).
 template <typename Fn>
 at::Tensor bf16_dot_call(const at::Tensor& x, int64_t rows, Fn&& fn) {
-  const at::Tensor xf = x.contiguous().view({-1, x.size(-1)});
-  at::Tensor yf = at::empty({xf.size(0), rows}, xf.options().dtype(at::kFloat));
-  fn(reinterpret_cast<const uint16_t*>(xf.const_data_ptr<at::BFloat16>()), xf.size(0), yf.data_ptr<float>());
-  return yf.to(x.scalar_type()).view(out_shape(x, rows));
+  const at::Tensor xc = x.contiguous();
+  const int64_t tokens = xc.numel() / x.size(-1);  // callers take this path from 1 token on (x.size(-1) > 0)
+  at::Tensor out = at::empty(out_shape(x, rows), x.options()), yt;
+  float* y = scratch_floats(y_floats, yt, tokens * rows);
+  fn(reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>()), tokens, y);
+  write_bf16(out, y, tokens * rows);
+  return out;
 }
 
 // The float32 path of a kernel: fn(x as float32 rows, tokens, y) fills y in float32 (Float32Rows), returned in x's
@@ -599,10 +605,10 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& mask, const 
   const int64_t rows = mask.size(0), cols = x.size(-1);
   const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
   const sgk::Simd simd = sgk::simd_used(simd_allowed());
-  // bfloat16 x and values on a CPU with bfloat16 dot products: x is read as it is, from 2 tokens on (at 1 token the
-  // float32 path measured as fast, and it sums in float32 from the start)
+  // bfloat16 x and values on a CPU with bfloat16 dot products: x is read as it is (at 1 token too, with four
+  // accumulator chains: 2.0-2.8x the float32 path there on an AVX-512 Xeon, benchmarks/RESULTS.md)
   const bool bf16_dot = x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
-                        simd == sgk::Simd::kAvx512 && sgk::cpu_has_bf16_dot() && x.numel() >= 2 * cols;
+                        simd == sgk::Simd::kAvx512 && sgk::cpu_has_bf16_dot() && x.numel() >= cols && cols > 0;
   const int64_t* o = off.const_data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0 && o[rows] + sgk::kPadValues <= v.numel(), "ext_sparse_linear: values hold ", v.numel(),
               " entries, the offsets need ", o[rows], " + ", sgk::kPadValues, " (padding)");
@@ -746,8 +752,9 @@ at::Tensor sparse_codes_linear_cpu(const at::Tensor& x, const at::Tensor& mask, 
   const sgk::SparseCodes w = sparse_codes_view(mask, codes, offsets, scale, zero, bits, group_size, dtype, cols,
                                                sgk::kPadCodeBytes, "ext_sparse_codes_linear", keep);
   const sgk::Simd simd = sgk::simd_used(simd_allowed());
-  // bfloat16 activations of a bfloat16 model from 2 tokens on: the bfloat16 dot products, as for values
-  const bool bf16_dot = x.scalar_type() == at::kBFloat16 && x.numel() >= 2 * cols && sgk::code_bf16_dot_takes(simd, w);
+  // bfloat16 activations of a bfloat16 model: the bfloat16 dot products, as for values
+  const bool bf16_dot = x.scalar_type() == at::kBFloat16 && x.numel() >= cols && cols > 0 &&
+                        sgk::code_bf16_dot_takes(simd, w);
   const int64_t rows = w.rows;
   std::optional<at::Tensor> bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "core/sparse_codes.h"
 #include "core/sparse_linear.h"
 #include "core/sweep_core.h"
 
@@ -653,6 +654,10 @@ void check_sparse_rows(int64_t rows, int64_t cols, double keep, unsigned seed) {
       }
       CHECK(close);
       CHECK(got[0] == bias[0]);
+      // the byte-shuffle copy (CPUs without VBMI2) gives the VBMI2 copy's bits
+      std::vector<float> shuffled(ref.size());
+      sgk::sparse_rows_bf16(w, xb.data(), T, cols, bias.data(), shuffled.data(), rows, 0, rows, false);
+      CHECK(shuffled == got);
     }
   }
 }
@@ -668,6 +673,91 @@ void test_sparse_linear() {
   CHECK(sgk::count_bits(sgk::simd_used(sgk::Simd::kAvx512), bytes, 3) == 10);
 }
 
+// Codes of 4 bits or less against bfloat16 x on the bfloat16 dot products: the 64-column steps give the 32-column
+// steps' bits, both within the float32 bound of the loop on the dequantized weights (the format's definition), for
+// empty, full and random rows, groups of 32 to 256 columns, token counts 1..9 (the chains of 1 token and the groups
+// of 8), codes of 2, 3 and 4 bits.
+void check_code_rows_bf16(int64_t rows, int64_t cols, int64_t group, int bits, double keep, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  std::bernoulli_distribution kept(keep);
+  const int64_t ldm = cols / 8, groups = cols / group;
+  std::vector<uint8_t> mask(static_cast<size_t>(rows * ldm), 0), codes, zero(static_cast<size_t>(rows * groups));
+  std::vector<float> scale(zero.size());
+  std::vector<int64_t> offsets(static_cast<size_t>(rows + 1), 0);
+  for (size_t i = 0; i < zero.size(); ++i) {
+    scale[i] = 0.01f + 0.1f * std::fabs(uni(gen));
+    zero[i] = static_cast<uint8_t>(gen() % (1u << bits));
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const bool k = r == 0 ? false : r == 1 ? true : kept(gen);  // row 0 empty, row 1 full
+      if (!k) continue;
+      mask[static_cast<size_t>(r * ldm + j / 8)] |= static_cast<uint8_t>(1u << (j % 8));
+      const auto c = static_cast<uint8_t>(gen() % (1u << bits));
+      if (n++ % 2 == 0) {
+        codes.push_back(c);
+      } else {
+        codes.back() = static_cast<uint8_t>(codes.back() | (c << 4));
+      }
+    }
+    offsets[static_cast<size_t>(r + 1)] = static_cast<int64_t>(codes.size());
+  }
+  codes.resize(codes.size() + sgk::kPadCodeBytes, 0);
+  sgk::SparseCodes w;
+  w.rows = rows;
+  w.cols = cols;
+  w.mask = mask.data();
+  w.ldm = ldm;
+  w.codes = codes.data();
+  w.offsets = offsets.data();
+  w.scale = scale.data();
+  w.zero = zero.data();
+  w.group = group;
+  w.bits = bits;
+  w.rounding = sgk::Rounding::kBFloat16;
+  CHECK(sgk::code_bf16_dot_takes(sgk::Simd::kAvx512, w));
+  for (int64_t T = 1; T <= 9; ++T) {
+    std::vector<uint16_t> xb(static_cast<size_t>(T * cols));
+    std::vector<float> x(xb.size()), bias(static_cast<size_t>(rows));
+    for (size_t i = 0; i < xb.size(); ++i) {
+      const float f = uni(gen);
+      uint32_t u;
+      std::memcpy(&u, &f, sizeof u);
+      xb[i] = static_cast<uint16_t>(u >> 16);
+      x[i] = sgk::bf16_to_float(xb[i]);
+    }
+    for (auto& v : bias) v = uni(gen);
+    std::vector<float> ref(static_cast<size_t>(T * rows)), wide(ref.size()), narrow(ref.size());
+    sgk::sparse_code_rows_scalar(w, x.data(), T, cols, bias.data(), ref.data(), rows, 0, rows);
+    sgk::sparse_code_rows_bf16(w, xb.data(), T, cols, bias.data(), wide.data(), rows, 0, rows);
+    sgk::sparse_code_rows_bf16(w, xb.data(), T, cols, bias.data(), narrow.data(), rows, 0, rows, false);
+    CHECK(wide == narrow);
+    bool close = true;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      close = close && std::fabs(wide[i] - ref[i]) <= 1e-5f * static_cast<float>(cols) + 1e-6f;
+    }
+    CHECK(close);
+    CHECK(wide[0] == bias[0]);  // the empty row is its bias
+  }
+}
+
+void test_sparse_codes_bf16() {
+  if (!sgk::cpu_has_codes_bf16_dot()) {
+    std::printf("test_sparse_codes_bf16: this CPU has no bfloat16 dot products with VBMI2; not run\n");
+    return;
+  }
+  const int64_t shapes[][2] = {{32, 32}, {64, 64}, {128, 64}, {192, 64}, {256, 128}, {256, 256}, {96, 32}};
+  for (const auto& s : shapes) {
+    for (int bits : {2, 3, 4}) {
+      for (double keep : {0.03, 0.5, 0.97}) {
+        check_code_rows_bf16(7, s[0], s[1], bits, keep, static_cast<unsigned>(s[0] + s[1] + bits));
+      }
+    }
+  }
+}
+
 int main() {
   test_quantize();
   test_nm_group();
@@ -679,6 +769,7 @@ int main() {
   test_rules();
   test_params_rejected();
   test_sparse_linear();
+  test_sparse_codes_bf16();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
