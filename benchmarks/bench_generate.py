@@ -4,8 +4,9 @@
 The model is pruned once in bfloat16 (SparseGPT, 16 x 512 Shakespeare calibration tokens, the default backend),
 saved both ways into a temporary directory, and each checkpoint is loaded in float32 and in bfloat16 ("dense" is the
 faster of the two dense loads, as a user would pick). Tokens/s counts the decode steps after the prompt (batch x
-steps / time), the best of --repeats generations per model, dense and sparse interleaved. The first generated tokens of the sparse model must be the dense model's (same dtype): the CSV gives
-how many agree. Writes benchmarks/results/generate_cpu.csv.
+steps / time), the best of --repeats generations per model, dense and sparse interleaved. The first generated
+tokens of the sparse model must be the dense model's (same dtype): the CSV gives how many agree. Writes
+benchmarks/results/generate_cpu.csv.
 
     python benchmarks/bench_generate.py                          # SmolLM2-135M at 50%, batch 1 and 8, 128 tokens
     python benchmarks/bench_generate.py --model embedded-gemma3 --settings 50% 2:4

@@ -7,6 +7,8 @@ For every (shape, setting, token count) it times, in the same process and with t
   for the "+4bit" settings the weight is on a 4-bit grid with groups of 128 columns (64 where 128 does not divide
   the columns) and the kernel reads its packed
   codes and group scales (ext_sparse_codes_linear);
+- prefill: what SparseLinear runs above its decode limit, the weight decompressed for the call (ext_sparse_to_dense
+  / ext_sparse_codes_to_dense) and torch's dense product in the activations' dtype;
 - the floor: the bytes each must read (sparse: values + mask + offsets + x; dense: the bfloat16 weight + x) at the
   read bandwidth measured in the same run (the sum of a tensor far larger than the caches, the best of 5).
 The weights are random with random masks of the setting's sparsity (an exact N:M pattern for "2:4"). Writes CSV
@@ -80,6 +82,23 @@ def kernel_call(lin: SparseLinear, x: torch.Tensor):
     return partial(ops.ext_sparse_linear, x, lin.weight_mask, lin.weight_values, lin.weight_offsets, None)
 
 
+def prefill_call(lin: SparseLinear, x: torch.Tensor):
+    """SparseLinear's prefill path, called directly: the weight decompressed for the call, then a dense product."""
+    ops = torch.ops.sparsegpt_kernels
+    c = x.shape[-1]
+    if lin.bits:
+        def run():
+            W = ops.ext_sparse_codes_to_dense(lin.weight_mask, lin.weight_codes, lin.weight_code_offsets,
+                                              lin.weight_scale_bits.view(torch.float32), lin.weight_zero, lin.bits,
+                                              lin.group_size, lin.weight_dtype, c)
+            return F.linear(x, W.to(x.dtype))
+    else:
+        def run():
+            return F.linear(x, ops.ext_sparse_to_dense(lin.weight_mask, lin.weight_values, lin.weight_offsets,
+                                                       c).to(x.dtype))
+    return run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -117,6 +136,7 @@ def main(argv=None) -> int:
                 d32 = time_fn(partial(F.linear, x32, W32), cpu, repeats=repeats)[0]
                 d16 = time_fn(partial(F.linear, x, W), cpu, repeats=repeats)[0]
                 sp = time_fn(kernel_call(lin, x), cpu, repeats=repeats)[0]
+                pre = time_fn(prefill_call(lin, x), cpu, repeats=repeats)[0]
                 dense = min(d32, d16)
                 floor_sparse = (sparse_bytes + 2 * T * c) / (bw * 1e9)
                 floor_dense = (2 * r * c + 2 * T * c) / (bw * 1e9)
@@ -124,16 +144,17 @@ def main(argv=None) -> int:
                     "shape": name, "rows": r, "cols": c, "setting": setting, "tokens": T,
                     "dense_fp32_ms": f"{1e3 * d32:.3f}", "dense_bf16_ms": f"{1e3 * d16:.3f}",
                     "sparse_ms": f"{1e3 * sp:.3f}", "speedup": f"{dense / sp:.2f}",
+                    "prefill_ms": f"{1e3 * pre:.3f}", "prefill_vs_dense_bf16": f"{pre / d16:.2f}",
                     "sparse_floor_ms": f"{1e3 * floor_sparse:.3f}", "sparse_vs_floor": f"{sp / floor_sparse:.2f}",
                     "dense_floor_ms": f"{1e3 * floor_dense:.3f}", "bytes_vs_dense": f"{lin.nbytes() / (2 * r * c):.4f}",
                     "group": lin.group_size or "", "simd": simd, "read_gbps": f"{bw:.1f}", **info,
                 })
                 print(f"{name:>16} {setting:>4} T={T:<4} dense {1e3 * dense:8.3f} ms  sparse {1e3 * sp:8.3f} ms  "
-                      f"x{dense / sp:5.2f}  floor x{sp / floor_sparse:5.2f}", flush=True)
+                      f"x{dense / sp:5.2f}  floor x{sp / floor_sparse:5.2f}  prefill {1e3 * pre:8.3f} ms", flush=True)
     out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, "sparse_linear_cpu.csv")
     write_csv(out, rows)
     print_table(rows, ["shape", "setting", "tokens", "dense_fp32_ms", "dense_bf16_ms", "sparse_ms", "speedup",
-                       "sparse_vs_floor", "bytes_vs_dense"])
+                       "sparse_vs_floor", "prefill_ms", "prefill_vs_dense_bf16", "bytes_vs_dense"])
     print(f"wrote {out}")
     return 0
 

@@ -29,8 +29,9 @@ _MODEL_EXPORTS = (
 
 def empty_cache() -> int:
     """Free the big CPU buffers the cpp backend keeps idle between layers for reuse (the working copy of a weight,
-    the factor, the sweep's scratch; at most ``SPARSEGPT_KERNELS_CPU_CACHE_MB`` megabytes, default 2048). Returns
-    the bytes freed. :func:`prune_model` does this when it returns."""
+    the factor, the sweep's scratch) and that :class:`SparseLinear` decompresses its weights into for a prompt; at
+    most ``SPARSEGPT_KERNELS_CPU_CACHE_MB`` megabytes, default 2048. Returns the bytes freed. :func:`prune_model`
+    does this when it returns."""
     from .backends.extension import release_cpu_cache
 
     return release_cpu_cache()

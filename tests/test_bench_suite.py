@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -76,7 +77,9 @@ def test_the_sparse_linear_plot_is_drawn_from_the_benchmarks_csv(tmp_path, monke
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {(r["setting"], r["tokens"]) for r in rows} == {(s, t) for s in ("50%", "2:4", "50%+4bit") for t in "15"}
-    assert all(float(r["speedup"]) > 0 and float(r["sparse_vs_floor"]) > 0 for r in rows)
+    # times and ratios as numbers (their values depend on the machine's load: a stalled call prints a ratio of 0.00)
+    assert all(math.isfinite(float(r[k])) and float(r[k]) >= 0 for r in rows
+               for k in ("dense_fp32_ms", "dense_bf16_ms", "sparse_ms", "speedup", "sparse_vs_floor", "prefill_ms"))
     written = plot.plot_dir(str(tmp_path))
     assert written == [str(tmp_path / "sparse_linear_cpu.png")]
     assert (tmp_path / "sparse_linear_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

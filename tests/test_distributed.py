@@ -102,7 +102,8 @@ def _compare(a_state: dict, b_state: dict, transposed: set[str] = frozenset()) -
 def _check_against_one_process(family_model, ids, kw, dist_state, label):
     """The 2-process result must match one process as closely as one process matches itself with the calibration
     samples in another order (which changes only the order of the Hessian sums, as sharing them out does): masks equal
-    apart from near-ties, and the other weights within 1e-5 of the layer scale or within 3x that float32 noise. A
+    apart from near-ties (at most 0.1% of the weights, or twice as many as the reordered samples flip), and the other
+    weights within 1e-5 of the layer scale or within 3x that float32 noise. A
     near-tie decided the other way changes that block's output, so every later block sees other inputs and other
     Hessians: with flipped decisions the other weights are only held to 5% of the layer scale, and the caller's
     perplexity check bounds what the flips do to the model."""
@@ -116,11 +117,14 @@ def _check_against_one_process(family_model, ids, kw, dist_state, label):
     finally:
         torch.set_num_threads(threads)
     t = {f"{n}.weight" for n, m in one.named_modules() if is_conv1d(m)}
-    noise = _compare(one.state_dict(), perm.state_dict(), t)[2]
+    noise_flips, _, noise = _compare(one.state_dict(), perm.state_dict(), t)
     flipped, total, worst = _compare(one.state_dict(), dist_state, t)
-    print(f"{label}: {flipped} of {total} weights decided differently (near-ties); largest other difference "
-          f"{worst:.2e} of the layer scale (float32 noise from the sample order: {noise:.2e})")
-    assert flipped <= 1e-3 * total
+    print(f"{label}: {flipped} of {total} weights decided differently (near-ties; {noise_flips} with the samples in "
+          f"another order); largest other difference {worst:.2e} of the layer scale (float32 noise from the sample "
+          f"order: {noise:.2e})")
+    # the refinement's moving masks meet many near-ties: on an AVX-512 Xeon one process against itself with the
+    # samples reversed decides 132 of 86016 weights of the tiny llama at 70% differently, against 0 without it
+    assert flipped <= max(1e-3 * total, 2 * noise_flips)
     assert worst <= (max(1e-5, 3 * noise) if flipped == 0 else 5e-2), (worst, noise, flipped)
     return one
 

@@ -116,6 +116,21 @@ def test_codes_kernel_with_bfloat16_inputs_is_the_value_kernel(ext, bits, cols, 
             assert bool(((y32.double() - ref).abs() <= 2 * _bound(x, W).double() + 2.0**-8 * y32.double().abs()).all())
 
 
+@pytest.mark.parametrize("simd", ["avx512", "baseline"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("cols, group", BF16_SHAPES, ids=[f"{c}g{g}" for c, g in BF16_SHAPES])
+def test_compiled_bfloat16_decompression_is_the_formats_weight(ext, simd, bits, cols, group, monkeypatch):
+    """The dense bfloat16 weight of a bfloat16 model's codes (64 columns a step where the groups allow it and the
+    CPU has VBMI2 and BF16, one kept code at a time otherwise) is bit for bit the format's definition
+    (CompressedWeight.decompress), densities from an empty to a full layer, the last row ending at the buffer's end."""
+    monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", simd)
+    for keep in (0.0, 0.03, 0.5, 1.0):
+        cw = coded_weight(11, cols, bits, group, torch.bfloat16, seed=cols + bits, keep=keep, adversarial=keep == 0.5)
+        lin = SparseLinear(cw)
+        W = ext.ext_sparse_codes_to_dense(*kernel_args(lin), cols)
+        assert W.dtype == torch.bfloat16 and torch.equal(W.view(torch.int16), cw.decompress().view(torch.int16)), keep
+
+
 @pytest.mark.parametrize("simd", ["avx2", "baseline"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 def test_the_rounding_to_the_dtype_is_torchs_over_every_magnitude(ext, simd, dtype, monkeypatch):

@@ -505,32 +505,32 @@ inline const NibbleConsts& nibble_consts() {
   return c;
 }
 
-// sparse_code_row_bf16 64 columns a step (groups a multiple of 64 columns): the step's (up to 64) codes unpacked to
-// one a byte by one byte permutation and one vpmultishiftqb from the (up to 33) bytes they lie in, expanded into the
-// 64 columns at once (vpexpandb), doubled, then per 32 columns widened to words and looked up in the group's 16
-// weights (vpermw on a table whose dword c holds code c's weight in its low word, built in float32 lanes once per
-// group: index 2c, the bits above the fifth, left over from the next code, ignored by vpermw; 0 where not kept).
-// About 9 byte-lane instructions per 64 columns against 14 for two 32-column steps. The
-// same words into the same chains (32-column step 2s + h into chain (2s + h) % U) as sparse_code_row_bf16, so the
-// same bits.
-template <int TB>
-__attribute__((target(SGK_CODES_BF16_TARGET), flatten)) inline void sparse_code_row_bf16_64(
-    const SparseCodes& w, const uint16_t* x, int64_t ldx, int64_t r, float* out) {
+// The bfloat16 words of one row of codes of 4 bits or less (a bfloat16 model; groups a multiple of 64 columns, so a
+// step lies in one group), 64 columns a step, in order: the step's (up to 64) codes unpacked to one a byte by one byte
+// permutation and one vpmultishiftqb from the (up to 33) bytes they lie in, expanded into the 64 columns at once
+// (vpexpandb), doubled, then per 32 columns widened to words and looked up in the group's 16 weights (vpermw on a
+// table whose dword c holds code c's weight in its low word, built in float32 lanes once per group: index 2c, the
+// bits above the fifth, left over from the next code, ignored by vpermw; 0 where not kept). About 9 byte-lane
+// instructions per 64 columns against 14 for two 32-column steps of sparse_code_row_bf16, with the same words.
+// `end`: the end of the code bytes the buffer holds (loads that would pass it are masked to the step's bytes).
+struct CodeWords64 {
+  const SparseCodes& w;
   const NibbleConsts& nc = nibble_consts();
-  constexpr int U = kDotChains<TB>;
-  static_assert(U == 1 || U % 2 == 0, "a 64-column step feeds two chains");
-  __m512 acc[U][TB];
-  zero_dot_chains(acc);
-  const uint8_t* m = w.mask + r * w.ldm;
-  const uint8_t* p = w.codes + w.offsets[r];
-  const uint8_t* const end = w.codes + w.offsets[w.rows] + kPadCodeBytes;  // what the buffer holds
-  const int64_t steps = w.cols / 64, per_group = w.group / 64;
-  int64_t k = 0, gi = r * (w.cols / w.group), left = 0;
-  __m512i table = _mm512_setzero_si512();
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  constexpr int kSteps = U == 1 ? 1 : U / 2;  // 64-column steps per round of the chains
-  // step s (64 columns, i = s % kSteps) into chains h0 = 2i and h0 + 1 (both 0 when U = 1)
-  for_dot_chains<kSteps>(steps, [&](int i, int64_t s) __attribute__((target(SGK_CODES_BF16_TARGET))) {
+  const uint8_t* m;
+  const uint8_t* p;
+  const uint8_t* end;
+  int64_t k = 0, gi, left = 0;
+  const int64_t per_group;
+  __m512i table;
+  __m512 iota;
+
+  __attribute__((target(SGK_CODES_BF16_TARGET))) CodeWords64(const SparseCodes& w_, int64_t r, const uint8_t* end_)
+      : w(w_), m(w_.mask + r * w_.ldm), p(w_.codes + w_.offsets[r]), end(end_), gi(r * (w_.cols / w_.group)),
+        per_group(w_.group / 64), table(_mm512_setzero_si512()),
+        iota(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)) {}
+
+  // The words of columns 64s .. 64s + 31 (w0) and 64s + 32 .. 64s + 63 (w1); steps are taken in order.
+  __attribute__((target(SGK_CODES_BF16_TARGET))) void step(int64_t s, __m512i& w0, __m512i& w1) {
     if (left == 0) {  // the first step of a group: dword c holds code c's weight as bfloat16 bits (load_group's)
       const __m512 f = _mm512_mul_ps(_mm512_set1_ps(w.scale[gi]),
                                      _mm512_sub_ps(iota, _mm512_set1_ps(static_cast<float>(w.zero[gi]))));
@@ -554,15 +554,49 @@ __attribute__((target(SGK_CODES_BF16_TARGET), flatten)) inline void sparse_code_
     const __m512i placed = _mm512_maskz_expand_epi8(static_cast<__mmask64>(q), codes);  // byte j: column j's code
     const __m512i twice = _mm512_add_epi8(placed, placed);  // the word of code c in the table is 2c
     k += total;
-    const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(
-        static_cast<__mmask32>(q), _mm512_cvtepu8_epi16(_mm512_castsi512_si256(twice)), table));
-    const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_maskz_permutexvar_epi16(
-        static_cast<__mmask32>(q >> 32), _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(twice, 1)), table));
+    w0 = _mm512_maskz_permutexvar_epi16(static_cast<__mmask32>(q), _mm512_cvtepu8_epi16(_mm512_castsi512_si256(twice)),
+                                        table);
+    w1 = _mm512_maskz_permutexvar_epi16(static_cast<__mmask32>(q >> 32),
+                                        _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(twice, 1)), table);
+  }
+};
+
+// sparse_code_row_bf16 64 columns a step (CodeWords64): the same words into the same chains (32-column step 2s + h
+// into chain (2s + h) % U), so the same bits.
+template <int TB>
+__attribute__((target(SGK_CODES_BF16_TARGET), flatten)) inline void sparse_code_row_bf16_64(
+    const SparseCodes& w, const uint16_t* x, int64_t ldx, int64_t r, float* out) {
+  constexpr int U = kDotChains<TB>;
+  static_assert(U == 1 || U % 2 == 0, "a 64-column step feeds two chains");
+  __m512 acc[U][TB];
+  zero_dot_chains(acc);
+  CodeWords64 words(w, r, w.codes + w.offsets[w.rows] + kPadCodeBytes);
+  constexpr int kSteps = U == 1 ? 1 : U / 2;  // 64-column steps per round of the chains
+  // step s (64 columns, i = s % kSteps) into chains h0 = 2i and h0 + 1 (both 0 when U = 1)
+  for_dot_chains<kSteps>(w.cols / 64, [&](int i, int64_t s) __attribute__((target(SGK_CODES_BF16_TARGET))) {
+    __m512i w0, w1;
+    words.step(s, w0, w1);
     const int h0 = U == 1 ? 0 : 2 * i, h1 = U == 1 ? 0 : h0 + 1;
-    dot_tokens<TB>(acc[h0], w0, x + 64 * s, ldx);
-    dot_tokens<TB>(acc[h1], w1, x + 64 * s + 32, ldx);
+    dot_tokens<TB>(acc[h0], reinterpret_cast<__m512bh>(w0), x + 64 * s, ldx);
+    dot_tokens<TB>(acc[h1], reinterpret_cast<__m512bh>(w1), x + 64 * s + 32, ldx);
   });
   sum_dot_chains<U, TB>(acc, out);
+}
+
+// Rows [r0, r1) of the dense bfloat16 weight (sparse_code_rows_to_dense's bits): CodeWords64's words stored.
+// `end`: the end of the code bytes the buffer holds.
+__attribute__((target(SGK_CODES_BF16_TARGET), flatten)) inline void sparse_code_rows_to_dense_bf16_64(
+    const SparseCodes& w, const uint8_t* end, uint16_t* out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    CodeWords64 words(w, r, end);
+    uint16_t* o = out + r * w.cols;
+    for (int64_t s = 0; s < w.cols / 64; ++s) {
+      __m512i w0, w1;
+      words.step(s, w0, w1);
+      _mm512_storeu_si512(o + 64 * s, w0);
+      _mm512_storeu_si512(o + 64 * s + 32, w1);
+    }
+  }
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -591,6 +625,19 @@ inline bool code_bf16_dot_takes(Simd simd, const SparseCodes& w) {
   (void)simd, (void)w;
   return false;
 #endif
+}
+
+// sparse_code_rows_to_dense into bfloat16 (rounding kBFloat16), 64 columns a step where code_bf16_dot_takes the
+// weight and its groups are a multiple of 64 columns, else one kept code at a time; the same bits. The codes buffer
+// holds offsets[rows] bytes.
+inline void sparse_code_rows_to_dense(Simd simd, const SparseCodes& w, uint16_t* out, int64_t r0, int64_t r1) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  if (code_bf16_dot_takes(simd, w) && w.group % 64 == 0) {
+    return sparse_code_rows_to_dense_bf16_64(w, w.codes + w.offsets[w.rows], out, r0, r1);
+  }
+#endif
+  (void)simd;
+  sparse_code_rows_to_dense(w, out, r0, r1);
 }
 
 // Rows [r0, r1) for T tokens of bfloat16 x (leading dimension ldx) on the bfloat16 dot products (callers check

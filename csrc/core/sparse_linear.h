@@ -546,6 +546,45 @@ __attribute__((target("popcnt"))) inline int64_t count_bits_popcnt(const uint8_t
   return count_bits_portable(p, n);
 }
 
+// Row r of the dense weight (sparse_rows_to_dense's bits) from bfloat16 values on VBMI2: 32 columns a step, the
+// words of sparse_row_bf16_vbmi2 stored; `end` is the end of the values the buffer holds (no padding needed: the
+// loads that would pass it are masked to the step's values).
+__attribute__((target(SGK_VBMI2_BF16_TARGET))) inline void dense_row_vbmi2(const SparseRows<uint16_t>& w,
+                                                                           const uint16_t* end, int64_t r,
+                                                                           uint16_t* o) {
+  const uint8_t* m = w.mask + r * w.ldm;
+  const uint16_t* v = w.values + w.offsets[r];
+  const int64_t full = w.cols / 32;
+  for (int64_t c = 0; c < full; ++c) {
+    uint32_t q;
+    std::memcpy(&q, m + 4 * c, sizeof q);
+    const unsigned count = _mm_popcnt_u32(q);
+    const __m512i vals = v + 32 <= end ? _mm512_loadu_si512(v) : _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, count), v);
+    _mm512_storeu_si512(o + 32 * c, _mm512_maskz_expand_epi16(q, vals));
+    v += count;
+  }
+  for (int64_t j = full * 32; j < w.cols; ++j) o[j] = (m[j >> 3] >> (j & 7)) & 1 ? *v++ : uint16_t{0};
+}
+
+// The same for float32 values on AVX-512F, 16 columns a step (vexpandps from a register).
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt"))) inline void dense_row_avx512(const SparseRows<float>& w,
+                                                                                        const float* end, int64_t r,
+                                                                                        float* o) {
+  const uint8_t* m = w.mask + r * w.ldm;
+  const float* v = w.values + w.offsets[r];
+  const int64_t full = w.cols / 16;
+  for (int64_t c = 0; c < full; ++c) {
+    uint16_t q;
+    std::memcpy(&q, m + 2 * c, sizeof q);
+    const unsigned count = _mm_popcnt_u32(q);
+    const auto head = static_cast<__mmask16>((1u << count) - 1u);
+    const __m512 vals = v + 16 <= end ? _mm512_loadu_ps(v) : _mm512_maskz_loadu_ps(head, v);
+    _mm512_storeu_ps(o + 16 * c, _mm512_maskz_expand_ps(static_cast<__mmask16>(q), vals));
+    v += count;
+  }
+  for (int64_t j = full * 16; j < w.cols; ++j) o[j] = (m[j >> 3] >> (j & 7)) & 1 ? *v++ : 0.0f;
+}
+
 template <typename V, int TB>
 inline void sparse_row_simd(Simd simd, const SparseRows<V>& w, const float* x, int64_t ldx, int64_t r, float* out) {
   // bfloat16 values take the byte-shuffle expansion of the AVX2 copy on AVX-512 machines too: it measured faster
@@ -585,6 +624,28 @@ void sparse_rows_to_dense(const SparseRows<V>& w, V* out, int64_t r0, int64_t r1
     const V* v = w.values + w.offsets[r];
     each_kept(w.mask + r * w.ldm, w.ldm, [&](int64_t j) { o[j] = *v++; });
   }
+}
+
+// sparse_rows_to_dense with the widest copy `simd` and the CPU allow (AVX-512: float32 values 16 columns a step;
+// bfloat16 values 32 a step where the CPU has VBMI2), the same bits; the values buffer holds offsets[rows] entries.
+template <typename V>
+void sparse_rows_to_dense(Simd simd, const SparseRows<V>& w, V* out, int64_t r0, int64_t r1) {
+#ifdef SGK_HAVE_SPARSE_SIMD
+  const V* const end = w.values + w.offsets[w.rows];
+  if constexpr (sizeof(V) == 4) {
+    if (simd == Simd::kAvx512) {
+      for (int64_t r = r0; r < r1; ++r) dense_row_avx512(w, end, r, out + r * w.cols);
+      return;
+    }
+  } else {
+    if (simd == Simd::kAvx512 && cpu_has_bf16_expand()) {
+      for (int64_t r = r0; r < r1; ++r) dense_row_vbmi2(w, end, r, out + r * w.cols);
+      return;
+    }
+  }
+#endif
+  (void)simd;
+  sparse_rows_to_dense(w, out, r0, r1);
 }
 
 // Bits set in the `n` mask bytes at p (with the popcnt instruction where the SIMD copies run).

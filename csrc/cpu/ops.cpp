@@ -656,11 +656,14 @@ at::Tensor sparse_to_dense_cpu(const at::Tensor& mask, const at::Tensor& values,
   const int64_t* o = off.const_data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0 && o[rows] <= v.numel(), "ext_sparse_to_dense: values hold ", v.numel(),
               " entries, the offsets need ", o[rows]);
-  at::Tensor out = at::empty({rows, cols}, v.options());
+  // from the cache of big buffers (csrc/core/big_buffer.h): a prompt decompresses layer after layer of the same few
+  // shapes, and fresh memory costs a page fault per page (about as long as the decompression itself)
+  at::Tensor out = empty_big({rows, cols}, v.scalar_type());
   const sgk::Simd simd = sgk::simd_used(simd_allowed());
   auto run = [&](auto* vals, auto* dst) {
     const auto w = sparse_rows_view(m, vals, o, cols);
-    return for_checked_rows(w, simd, 64, [&](int64_t b, int64_t e) { sgk::sparse_rows_to_dense(w, dst, b, e); });
+    return for_checked_rows(w, simd, 64,
+                            [&](int64_t b, int64_t e) { sgk::sparse_rows_to_dense(simd, w, dst, b, e); });
   };
   const int64_t bad_row = v.scalar_type() == at::kFloat
                               ? run(v.const_data_ptr<float>(), out.data_ptr<float>())
@@ -781,7 +784,7 @@ at::Tensor sparse_codes_to_dense_cpu(const at::Tensor& mask, const at::Tensor& c
   std::vector<at::Tensor> keep;
   const sgk::SparseCodes w = sparse_codes_view(mask, codes, offsets, scale, zero, bits, group_size, dtype, cols, 0,
                                                "ext_sparse_codes_to_dense", keep);
-  at::Tensor out = at::empty({w.rows, cols}, mask.options().dtype(dtype));
+  at::Tensor out = empty_big({w.rows, cols}, dtype);  // from the cache of big buffers, as in sparse_to_dense_cpu
   const sgk::Simd simd = sgk::simd_used(simd_allowed());
   int64_t bad_row;
   if (dtype == at::kFloat) {
@@ -791,7 +794,7 @@ at::Tensor sparse_codes_to_dense_cpu(const at::Tensor& mask, const at::Tensor& c
   } else {
     auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
     bad_row = for_checked_rows(w, simd, 64,
-                               [&](int64_t b, int64_t e) { sgk::sparse_code_rows_to_dense(w, dst, b, e); });
+                               [&](int64_t b, int64_t e) { sgk::sparse_code_rows_to_dense(simd, w, dst, b, e); });
   }
   check_rows(bad_row, "ext_sparse_codes_to_dense", "the code bytes of");
   return out;

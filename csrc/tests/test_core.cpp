@@ -620,6 +620,14 @@ void check_sparse_rows(int64_t rows, int64_t cols, double keep, unsigned seed) {
   w.ldm = ldm;
   w.values = values.data();
   w.offsets = offsets.data();
+  // the dense weight: every SIMD copy gives the loop's bits (the last rows' loads masked at the values' end)
+  std::vector<V> dense(static_cast<size_t>(rows * cols)), wide(dense.size());
+  sgk::sparse_rows_to_dense(w, dense.data(), 0, rows);
+  for (sgk::Simd simd : {sgk::Simd::kBaseline, sgk::Simd::kAvx2, sgk::Simd::kAvx512}) {
+    std::fill(wide.begin(), wide.end(), V(1));
+    sgk::sparse_rows_to_dense(sgk::simd_used(simd), w, wide.data(), 0, rows);
+    CHECK(std::memcmp(wide.data(), dense.data(), sizeof(V) * dense.size()) == 0);
+  }
   for (int64_t T = 1; T <= 6; ++T) {
     std::vector<float> x(static_cast<size_t>(T * cols)), bias(static_cast<size_t>(rows));
     for (auto& v : x) v = uni(gen);
@@ -718,6 +726,11 @@ void check_code_rows_bf16(int64_t rows, int64_t cols, int64_t group, int bits, d
   w.bits = bits;
   w.rounding = sgk::Rounding::kBFloat16;
   CHECK(sgk::code_bf16_dot_takes(sgk::Simd::kAvx512, w));
+  // the dense bfloat16 weight: the 64-column steps (groups of a multiple of 64) give the loop's bits
+  std::vector<uint16_t> dense(static_cast<size_t>(rows * cols)), fast(dense.size(), 1);
+  sgk::sparse_code_rows_to_dense(w, dense.data(), 0, rows);
+  sgk::sparse_code_rows_to_dense(sgk::Simd::kAvx512, w, fast.data(), 0, rows);
+  CHECK(fast == dense);
   for (int64_t T = 1; T <= 9; ++T) {
     std::vector<uint16_t> xb(static_cast<size_t>(T * cols));
     std::vector<float> x(xb.size()), bias(static_cast<size_t>(rows));

@@ -11,7 +11,8 @@ to compute:
   codes and the group scales (csrc/core/sparse_codes.h), in any of the three dtypes;
 * prefill (more input vectors), where a dense matrix product is faster: the weight is decompressed for the call by
   the compiled ``ext_sparse_to_dense`` (``ext_sparse_codes_to_dense``) and dropped after it, so the layer stays small
-  in memory;
+  in memory (the buffer goes back to the extension's cache of big buffers, and the next layer of that shape reuses
+  it: fresh memory would cost a page fault per page, as long as the decompression itself; ``empty_cache`` frees it);
 * where no compiled kernel takes the layer (float16 values, a GPU, no compiled extension): the layer makes a dense
   copy of its weight once, says so in one log line, and runs from it; the checkpoint stays small, the memory does
   not.
@@ -40,8 +41,8 @@ from .format import CompressedWeight, code_bytes_per_row, row_counts
 
 #: input vectors up to which the compressed kernel runs: on a 2-core AVX2 machine it beat torch's dense product at 4
 #: tokens at every shape measured, and lost at 16 on the small ones; on a CPU with AVX512-BF16, whose dense bfloat16
-#: product uses it, the kernel wins at 1 token only, but below 8 tokens it is still faster than decompressing the
-#: weight for a dense product (benchmarks/RESULTS.md, bench_sparse_linear.py)
+#: product uses it, the kernel wins at 1-4 tokens, and at 8 it is still faster than decompressing the weight for a
+#: dense product; at 16 the two are level, from 32 on the dense product wins (benchmarks/RESULTS.md)
 DECODE_MAX_TOKENS = 8
 #: calls per path since the process started: "kernel", "prefill" or "copy"
 LAST_PATH: collections.Counter = collections.Counter()
