@@ -83,20 +83,10 @@ def kernel_call(lin: SparseLinear, x: torch.Tensor):
 
 
 def prefill_call(lin: SparseLinear, x: torch.Tensor):
-    """SparseLinear's prefill path, called directly: the weight decompressed for the call, then a dense product."""
-    ops = torch.ops.sparsegpt_kernels
-    c = x.shape[-1]
-    if lin.bits:
-        def run():
-            W = ops.ext_sparse_codes_to_dense(lin.weight_mask, lin.weight_codes, lin.weight_code_offsets,
-                                              lin.weight_scale_bits.view(torch.float32), lin.weight_zero, lin.bits,
-                                              lin.group_size, lin.weight_dtype, c)
-            return F.linear(x, W.to(x.dtype))
-    else:
-        def run():
-            return F.linear(x, ops.ext_sparse_to_dense(lin.weight_mask, lin.weight_values, lin.weight_offsets,
-                                                       c).to(x.dtype))
-    return run
+    """SparseLinear's own prefill path (the weight decompressed for the call, then a dense product), taken at any
+    token count: the layer's decode limit is set to 0 tokens."""
+    lin.decode_max_tokens = 0
+    return partial(lin, x)
 
 
 def main(argv=None) -> int:

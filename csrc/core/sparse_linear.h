@@ -509,10 +509,22 @@ inline bool cpu_has_bf16_expand() {
   return has;
 }
 
+// The 32 words of step c (columns 32c .. 32c + 31) of a row with mask m whose next values start at v, 0 where not
+// kept, by one vpexpandw (VBMI2); v moves past the step's values. A plain 32-value load where the buffer holds them
+// (`end`; a masked load from memory defeats the prefetcher), else only the step's values.
+__attribute__((target(SGK_VBMI2_BF16_TARGET))) inline __m512i expand_words32(const uint8_t* m, int64_t c,
+                                                                             const uint16_t*& v, const uint16_t* end) {
+  uint32_t q;
+  std::memcpy(&q, m + 4 * c, sizeof q);
+  const unsigned count = _mm_popcnt_u32(q);
+  const __m512i vals = v + 32 <= end ? _mm512_loadu_si512(v) : _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, count), v);
+  v += count;
+  return _mm512_maskz_expand_epi16(q, vals);
+}
+
 // sparse_row_bf16 on CPUs with VBMI2: the step's 32 words by one vpexpandw of the (up to 32) values that follow
-// under the step's 32 mask bits, instead of two table look-ups and two byte shuffles. The same words and the same
-// dot products and chains, so the same bits. A plain 32-value load where the buffer holds them (a masked load from
-// memory defeats the prefetcher), else only the step's values.
+// under the step's 32 mask bits (expand_words32), instead of two table look-ups and two byte shuffles. The same words
+// and the same dot products and chains, so the same bits.
 template <int TB>
 __attribute__((target(SGK_VBMI2_BF16_TARGET), flatten)) inline void sparse_row_bf16_vbmi2(
     const SparseRows<uint16_t>& w, const uint16_t* x, int64_t ldx, int64_t r, float* out) {
@@ -524,12 +536,7 @@ __attribute__((target(SGK_VBMI2_BF16_TARGET), flatten)) inline void sparse_row_b
   const uint16_t* const end = w.values + w.offsets[w.rows] + kPadValues;  // what the buffer holds
   const int64_t full = w.cols / 32;
   for_dot_chains<U>(full, [&](int u, int64_t c) __attribute__((target(SGK_VBMI2_BF16_TARGET))) {
-    uint32_t q;
-    std::memcpy(&q, m + 4 * c, sizeof q);
-    const unsigned count = _mm_popcnt_u32(q);
-    const __m512i vals = v + 32 <= end ? _mm512_loadu_si512(v) : _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, count), v);
-    v += count;
-    dot_tokens<TB>(acc[u], reinterpret_cast<__m512bh>(_mm512_maskz_expand_epi16(q, vals)), x + 32 * c, ldx);
+    dot_tokens<TB>(acc[u], reinterpret_cast<__m512bh>(expand_words32(m, c, v, end)), x + 32 * c, ldx);
   });
   sum_dot_chains<U, TB>(acc, out);
   bf16_dot_tail<TB>(w, m, v, x, ldx, full * 32, out);
@@ -547,22 +554,15 @@ __attribute__((target("popcnt"))) inline int64_t count_bits_popcnt(const uint8_t
 }
 
 // Row r of the dense weight (sparse_rows_to_dense's bits) from bfloat16 values on VBMI2: 32 columns a step, the
-// words of sparse_row_bf16_vbmi2 stored; `end` is the end of the values the buffer holds (no padding needed: the
-// loads that would pass it are masked to the step's values).
+// words of expand_words32 stored; `end` is the end of the values the buffer holds (no padding needed: the loads that
+// would pass it are masked to the step's values).
 __attribute__((target(SGK_VBMI2_BF16_TARGET))) inline void dense_row_vbmi2(const SparseRows<uint16_t>& w,
                                                                            const uint16_t* end, int64_t r,
                                                                            uint16_t* o) {
   const uint8_t* m = w.mask + r * w.ldm;
   const uint16_t* v = w.values + w.offsets[r];
   const int64_t full = w.cols / 32;
-  for (int64_t c = 0; c < full; ++c) {
-    uint32_t q;
-    std::memcpy(&q, m + 4 * c, sizeof q);
-    const unsigned count = _mm_popcnt_u32(q);
-    const __m512i vals = v + 32 <= end ? _mm512_loadu_si512(v) : _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, count), v);
-    _mm512_storeu_si512(o + 32 * c, _mm512_maskz_expand_epi16(q, vals));
-    v += count;
-  }
+  for (int64_t c = 0; c < full; ++c) _mm512_storeu_si512(o + 32 * c, expand_words32(m, c, v, end));
   for (int64_t j = full * 32; j < w.cols; ++j) o[j] = (m[j >> 3] >> (j & 7)) & 1 ? *v++ : uint16_t{0};
 }
 

@@ -553,7 +553,7 @@ void check_rows(int64_t bad_row, const char* op, const char* what) {
 template <typename Fn>
 at::Tensor bf16_dot_call(const at::Tensor& x, int64_t rows, Fn&& fn) {
   const at::Tensor xc = x.contiguous();
-  const int64_t tokens = xc.numel() / x.size(-1);  // callers take this path from 1 token on (x.size(-1) > 0)
+  const int64_t tokens = xc.numel() / x.size(-1);  // callers take this path for a non-empty x
   at::Tensor out = at::empty(out_shape(x, rows), x.options()), yt;
   float* y = scratch_floats(y_floats, yt, tokens * rows);
   fn(reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>()), tokens, y);
@@ -608,7 +608,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& mask, const 
   // bfloat16 x and values on a CPU with bfloat16 dot products: x is read as it is (at 1 token too, with four
   // accumulator chains: 2.0-2.8x the float32 path there on an AVX-512 Xeon, benchmarks/RESULTS.md)
   const bool bf16_dot = x.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
-                        simd == sgk::Simd::kAvx512 && sgk::cpu_has_bf16_dot() && x.numel() >= cols && cols > 0;
+                        simd == sgk::Simd::kAvx512 && sgk::cpu_has_bf16_dot() && x.numel() > 0;
   const int64_t* o = off.const_data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0 && o[rows] + sgk::kPadValues <= v.numel(), "ext_sparse_linear: values hold ", v.numel(),
               " entries, the offsets need ", o[rows], " + ", sgk::kPadValues, " (padding)");
@@ -756,8 +756,7 @@ at::Tensor sparse_codes_linear_cpu(const at::Tensor& x, const at::Tensor& mask, 
                                                sgk::kPadCodeBytes, "ext_sparse_codes_linear", keep);
   const sgk::Simd simd = sgk::simd_used(simd_allowed());
   // bfloat16 activations of a bfloat16 model: the bfloat16 dot products, as for values
-  const bool bf16_dot = x.scalar_type() == at::kBFloat16 && x.numel() >= cols && cols > 0 &&
-                        sgk::code_bf16_dot_takes(simd, w);
+  const bool bf16_dot = x.scalar_type() == at::kBFloat16 && x.numel() > 0 && sgk::code_bf16_dot_takes(simd, w);
   const int64_t rows = w.rows;
   std::optional<at::Tensor> bf;
   if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
