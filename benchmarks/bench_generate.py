@@ -5,7 +5,9 @@ The model is pruned once in bfloat16 (SparseGPT, 16 x 512 Shakespeare calibratio
 saved both ways into a temporary directory, and each checkpoint is loaded in float32 and in bfloat16 ("dense" is the
 faster of the two dense loads, as a user would pick). Tokens/s counts the decode steps after the prompt (batch x
 steps / time), the best of --repeats generations per model, dense and sparse interleaved. The first generated
-tokens of the sparse model must be the dense model's (same dtype): the CSV gives how many agree. Writes
+tokens of the sparse model must be the dense model's (same dtype): the CSV gives how many agree. Prompts: the
+forward of a --prompt-tokens prompt per sequence of the batch (the sparse model's layers on the panel kernel where
+the CPU has AVX-512, else their decompressed weights), the best of --repeats, in ms. Writes
 benchmarks/results/generate_cpu.csv.
 
     python benchmarks/bench_generate.py                          # SmolLM2-135M at 50%, batch 1 and 8, 128 tokens
@@ -53,6 +55,15 @@ def decode_rate(model, tok, batch: int, new_tokens: int) -> tuple[float, torch.T
     return batch * steps / (stamps[-1] - stamps[0]), out[:, enc["input_ids"].shape[1]:]
 
 
+def prompt_ms(model, tok, batch: int, tokens: int) -> float:
+    """ms of one forward of a batch of `tokens`-token prompts (the prefill of a generation)."""
+    ids = tok([PROMPT * (tokens // 8 + 1)] * batch, return_tensors="pt")["input_ids"][:, :tokens]
+    with torch.no_grad():
+        t = time.perf_counter()
+        model(ids)
+        return 1e3 * (time.perf_counter() - t)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
@@ -60,6 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="generations per model; the best rate is kept")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="tokens per sequence of the timed prompt")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
@@ -89,7 +101,8 @@ def main(argv=None) -> int:
             dense_total = sum(os.path.getsize(os.path.join(dense_dir, f)) for f in os.listdir(dense_dir)
                               if f.endswith(".safetensors"))
             for batch in batches:
-                rates, ids = {}, {}
+                rates, ids, prompts = {}, {}, {}
+                prompt_tokens = 16 if args.quick else args.prompt_tokens
                 for dtype in (torch.float32, torch.bfloat16):
                     dn = str(dtype).replace("torch.", "")
                     dense, _ = load_model(dense_dir, dtype=dtype)
@@ -99,16 +112,21 @@ def main(argv=None) -> int:
                             rate, out = decode_rate(m, tok, batch, new_tokens)
                             rates[f"{kind}_{dn}"] = max(rates.get(f"{kind}_{dn}", 0.0), rate)
                             ids[f"{kind}_{dn}"] = out
+                            ms = prompt_ms(m, tok, batch, prompt_tokens)
+                            prompts[f"{kind}_{dn}"] = min(prompts.get(f"{kind}_{dn}", float("inf")), ms)
                     del dense, sparse
                 best_dense = max(rates["dense_float32"], rates["dense_bfloat16"])
                 best_sparse = max(rates["sparse_float32"], rates["sparse_bfloat16"])
+                best_prompt = {k: min(prompts[f"{k}_float32"], prompts[f"{k}_bfloat16"]) for k in ("dense", "sparse")}
                 same = {dn: int((ids[f"sparse_{dn}"] == ids[f"dense_{dn}"]).all(0).long().cumprod(0).sum())
                         for dn in ("float32", "bfloat16")}
                 rows.append({
                     "model": args.model, "setting": label, "batch": batch, "new_tokens": new_tokens,
                     "repeats": 1 if args.quick else args.repeats,
                     **{f"{k}_tok_s": f"{v:.2f}" for k, v in rates.items()},
-                    "speedup": f"{best_sparse / best_dense:.2f}",
+                    "speedup": f"{best_sparse / best_dense:.2f}", "prompt_tokens": prompt_tokens,
+                    **{f"{k}_prompt_ms": f"{v:.1f}" for k, v in prompts.items()},
+                    "prompt_speedup": f"{best_prompt['dense'] / best_prompt['sparse']:.2f}",
                     "same_first_tokens_fp32": same["float32"], "same_first_tokens_bf16": same["bfloat16"],
                     "pruned_layers_vs_dense": f"{sizes['compressed'] / sizes['dense_equivalent']:.4f}",
                     "checkpoint_mb": f"{sizes['total'] / 1e6:.1f}", "dense_checkpoint_mb": f"{dense_total / 1e6:.1f}",
@@ -118,7 +136,8 @@ def main(argv=None) -> int:
     out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, "generate_cpu.csv")
     write_csv(out, rows)
     print_table(rows, ["model", "setting", "batch", "dense_float32_tok_s", "dense_bfloat16_tok_s",
-                       "sparse_float32_tok_s", "sparse_bfloat16_tok_s", "speedup", "same_first_tokens_bf16",
+                       "sparse_float32_tok_s", "sparse_bfloat16_tok_s", "speedup", "prompt_speedup",
+                       "same_first_tokens_bf16",
                        "pruned_layers_vs_dense", "checkpoint_mb", "dense_checkpoint_mb"])
     print(f"wrote {out}")
     return 0

@@ -7,13 +7,19 @@ For every (shape, setting, token count) it times, in the same process and with t
   for the "+4bit" settings the weight is on a 4-bit grid with groups of 128 columns (64 where 128 does not divide
   the columns) and the kernel reads its packed
   codes and group scales (ext_sparse_codes_linear);
-- prefill: what SparseLinear runs above its decode limit, the weight decompressed for the call (ext_sparse_to_dense
-  / ext_sparse_codes_to_dense) and torch's dense product in the activations' dtype;
+- panel: the panel kernel for prompts (ext_sparse_linear_panel / ext_sparse_codes_linear_panel,
+  csrc/core/sparse_panel.h), called directly, on CPUs whose SIMD it has (AVX-512; empty elsewhere);
+- prefill: SparseLinear's other prefill path, the weight decompressed for the call (ext_sparse_to_dense /
+  ext_sparse_codes_to_dense) and torch's dense product in the activations' dtype (prefill_kernel = False: what CPUs
+  without AVX-512 run);
+- layer: the SparseLinear module as a model calls it, on the path it picks for the token count ("path": kernel,
+  panel or prefill); layer_speedup is the better dense product's time over it (what bench_generate's users get);
 - the floor: the bytes each must read (sparse: values + mask + offsets + x; dense: the bfloat16 weight + x) at the
   read bandwidth measured in the same run (the sum of a tensor far larger than the caches, the best of 5).
 The weights are random with random masks of the setting's sparsity (an exact N:M pattern for "2:4"). Writes CSV
 (benchmarks/results/sparse_linear_cpu.csv) and prints a table; SparseLinear runs the kernel up to
-sparsegpt_kernels.sparse.linear.DECODE_MAX_TOKENS tokens, and the rows above it show why.
+its decode limit (DECODE_MAX_TOKENS, DECODE_MAX_TOKENS_BF16 in sparsegpt_kernels.sparse.linear), the panel above it,
+and the rows show why.
 
     python benchmarks/bench_sparse_linear.py            # the embedded model's and LLaMA-7B's shapes
     python benchmarks/bench_sparse_linear.py --quick    # tiny smoke run
@@ -82,18 +88,37 @@ def kernel_call(lin: SparseLinear, x: torch.Tensor):
     return partial(ops.ext_sparse_linear, x, lin.weight_mask, lin.weight_values, lin.weight_offsets, None)
 
 
+def panel_call(lin: SparseLinear, x: torch.Tensor):
+    """The panel kernel SparseLinear runs for prefill on AVX-512 CPUs, called directly."""
+    ops = torch.ops.sparsegpt_kernels
+    if lin.bits:
+        return partial(ops.ext_sparse_codes_linear_panel, x, lin.weight_mask, lin.weight_codes,
+                       lin.weight_code_offsets, lin.weight_scale_bits.view(torch.float32), lin.weight_zero, lin.bits,
+                       lin.group_size, lin.weight_dtype, None)
+    return partial(ops.ext_sparse_linear_panel, x, lin.weight_mask, lin.weight_values, lin.weight_offsets, None)
+
+
 def prefill_call(lin: SparseLinear, x: torch.Tensor):
-    """SparseLinear's own prefill path (the weight decompressed for the call, then a dense product), taken at any
-    token count: the layer's decode limit is set to 0 tokens."""
-    lin.decode_max_tokens = 0
-    return partial(lin, x)
+    """SparseLinear's decompressing prefill path (the weight decompressed for the call, then a dense product), taken
+    at any token count: a copy of the layer with decode limit 0 and without the panel kernel."""
+    import copy
+
+    pre = copy.copy(lin)  # shares the buffers
+    pre._plans = {}
+    pre.decode_max_tokens = 0
+    pre.prefill_kernel = False
+    return partial(pre, x)
+
+
+def layer_path(lin: SparseLinear, x: torch.Tensor) -> str:
+    return "kernel" if lin.uses_kernel(x) else "panel" if lin.uses_panel(x) else "prefill"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 128])
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 32, 128, 512])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--csv", default=None)
@@ -104,13 +129,15 @@ def main(argv=None) -> int:
     ops = torch.ops.sparsegpt_kernels
     cpu = torch.device("cpu")
     shapes = {"tiny": (40, 72)} if args.quick else {k: SHAPES[k] for k in args.shapes}
-    tokens = [1, 5] if args.quick else args.tokens
+    tokens = [1, 5, 40] if args.quick else args.tokens
     settings = ["50%", "2:4", "50%+4bit"] if args.quick else args.settings
     repeats = 2 if args.quick else args.repeats
     bw = read_gbps(1 << 22 if args.quick else 1 << 28)
     info = meta(cpu)
     simd = ops.ext_cpu_simd()
-    print(f"# {info['device']}, {simd}, read bandwidth {bw:.1f} GB/s, torch {info['torch']}")
+    has_panel = bool(ops.ext_cpu_has_panel())
+    print(f"# {info['device']}, {simd}, panel kernel {'yes' if has_panel else 'no'}, read bandwidth {bw:.1f} GB/s, "
+          f"torch {info['torch']}")
     rows = []
     for name, (r, c) in shapes.items():
         for setting in settings:
@@ -126,7 +153,10 @@ def main(argv=None) -> int:
                 d32 = time_fn(partial(F.linear, x32, W32), cpu, repeats=repeats)[0]
                 d16 = time_fn(partial(F.linear, x, W), cpu, repeats=repeats)[0]
                 sp = time_fn(kernel_call(lin, x), cpu, repeats=repeats)[0]
+                pan = time_fn(panel_call(lin, x), cpu, repeats=repeats)[0] if has_panel else None
                 pre = time_fn(prefill_call(lin, x), cpu, repeats=repeats)[0]
+                path = layer_path(lin, x)
+                layer = time_fn(partial(lin, x), cpu, repeats=repeats)[0]
                 dense = min(d32, d16)
                 floor_sparse = (sparse_bytes + 2 * T * c) / (bw * 1e9)
                 floor_dense = (2 * r * c + 2 * T * c) / (bw * 1e9)
@@ -134,17 +164,22 @@ def main(argv=None) -> int:
                     "shape": name, "rows": r, "cols": c, "setting": setting, "tokens": T,
                     "dense_fp32_ms": f"{1e3 * d32:.3f}", "dense_bf16_ms": f"{1e3 * d16:.3f}",
                     "sparse_ms": f"{1e3 * sp:.3f}", "speedup": f"{dense / sp:.2f}",
+                    "panel_ms": "" if pan is None else f"{1e3 * pan:.3f}",
+                    "panel_speedup": "" if pan is None else f"{dense / pan:.2f}",
                     "prefill_ms": f"{1e3 * pre:.3f}", "prefill_vs_dense_bf16": f"{pre / d16:.2f}",
+                    "path": path, "layer_ms": f"{1e3 * layer:.3f}", "layer_speedup": f"{dense / layer:.2f}",
                     "sparse_floor_ms": f"{1e3 * floor_sparse:.3f}", "sparse_vs_floor": f"{sp / floor_sparse:.2f}",
                     "dense_floor_ms": f"{1e3 * floor_dense:.3f}", "bytes_vs_dense": f"{lin.nbytes() / (2 * r * c):.4f}",
                     "group": lin.group_size or "", "simd": simd, "read_gbps": f"{bw:.1f}", **info,
                 })
+                ptxt = "" if pan is None else f"  panel {1e3 * pan:8.3f} ms"
                 print(f"{name:>16} {setting:>4} T={T:<4} dense {1e3 * dense:8.3f} ms  sparse {1e3 * sp:8.3f} ms  "
-                      f"x{dense / sp:5.2f}  floor x{sp / floor_sparse:5.2f}  prefill {1e3 * pre:8.3f} ms", flush=True)
+                      f"x{dense / sp:5.2f}  floor x{sp / floor_sparse:5.2f}{ptxt}  prefill {1e3 * pre:8.3f} ms  "
+                      f"layer ({path}) x{dense / layer:5.2f}", flush=True)
     out = args.csv or os.path.join(OUT_DIR if args.quick else RESULTS_DIR, "sparse_linear_cpu.csv")
     write_csv(out, rows)
     print_table(rows, ["shape", "setting", "tokens", "dense_fp32_ms", "dense_bf16_ms", "sparse_ms", "speedup",
-                       "sparse_vs_floor", "prefill_ms", "prefill_vs_dense_bf16", "bytes_vs_dense"])
+                       "sparse_vs_floor", "panel_ms", "prefill_ms", "path", "layer_speedup", "bytes_vs_dense"])
     print(f"wrote {out}")
     return 0
 

@@ -181,15 +181,17 @@ def plot_e2e(rows: list[dict], out: str) -> str:
 
 
 def plot_sparse_linear(rows: list[dict], out: str) -> str:
-    """One panel per layer shape; a line per setting: the compressed kernel's speedup over the better of torch's
-    dense float32 and bfloat16 products against the token count (bench_sparse_linear.py's CSV)."""
+    """One panel per layer shape; a line per setting: the SparseLinear layer's speedup (its row kernel, panel kernel
+    or decompressed weight, as it picks; the row kernel's in CSVs from before the panel kernel) over the better of
+    torch's dense float32 and bfloat16 products against the token count (bench_sparse_linear.py's CSV)."""
     plt = _plt()
     from matplotlib.ticker import FixedLocator, NullLocator
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     tokens = sorted({int(r["tokens"]) for r in rows})
-    vals = [float(r["speedup"]) for r in rows]
+    key = "layer_speedup" if rows and rows[0].get("layer_speedup") else "speedup"
+    vals = [float(r[key]) for r in rows]
     ncol = min(3, len(shapes))
     nrow = (len(shapes) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow), squeeze=False, sharex=True, sharey=True)
@@ -198,7 +200,7 @@ def plot_sparse_linear(rows: list[dict], out: str) -> str:
         ax = axes[k // ncol][k % ncol]
         srows = [r for r in rows if r["shape"] == shape]
         for c, setting in enumerate(settings):
-            pts = sorted((int(r["tokens"]), float(r["speedup"])) for r in srows if r["setting"] == setting)
+            pts = sorted((int(r["tokens"]), float(r[key])) for r in srows if r["setting"] == setting)
             if pts:
                 ax.plot([t for t, _ in pts], [y for _, y in pts], marker="o", ms=4, lw=1.6,
                         linestyle="--" if "bit" in setting else "-", color=colors[c % len(colors)], label=setting)

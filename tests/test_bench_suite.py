@@ -64,8 +64,8 @@ def test_run_all_quick(tmp_path):
 
 
 def test_the_sparse_linear_plot_is_drawn_from_the_benchmarks_csv(tmp_path, monkeypatch):
-    """bench_sparse_linear.py --quick's CSV (a tiny layer, its three settings, 1 and 5 tokens) gives a PNG beside it,
-    and plot_dir draws nothing else from that directory."""
+    """bench_sparse_linear.py --quick's CSV (a tiny layer, its three settings, 1, 5 and 40 tokens) gives a PNG beside
+    it, and plot_dir draws nothing else from that directory."""
     pytest.importorskip("matplotlib")
     require_extension()
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
@@ -76,10 +76,19 @@ def test_the_sparse_linear_plot_is_drawn_from_the_benchmarks_csv(tmp_path, monke
     assert bench_sparse_linear.main(["--quick", "--csv", str(csv_path)]) == 0
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["setting"], r["tokens"]) for r in rows} == {(s, t) for s in ("50%", "2:4", "50%+4bit") for t in "15"}
+    assert {(r["setting"], r["tokens"]) for r in rows} == {(s, t) for s in ("50%", "2:4", "50%+4bit")
+                                                           for t in ("1", "5", "40")}
     # times and ratios as numbers (their values depend on the machine's load: a stalled call prints a ratio of 0.00)
+    keys = ["dense_fp32_ms", "dense_bf16_ms", "sparse_ms", "speedup", "sparse_vs_floor", "prefill_ms", "layer_ms",
+            "layer_speedup"]
+    from sparsegpt_kernels.backends import extension
+
+    panel = bool(extension.ops().ext_cpu_has_panel())
     assert all(math.isfinite(float(r[k])) and float(r[k]) >= 0 for r in rows
-               for k in ("dense_fp32_ms", "dense_bf16_ms", "sparse_ms", "speedup", "sparse_vs_floor", "prefill_ms"))
+               for k in keys + (["panel_ms", "panel_speedup"] if panel else []))
+    # the layer's path: the row kernel for decode, the panel (or the decompressed weight without it) for 40 tokens
+    assert {r["path"] for r in rows if r["tokens"] == "1"} == {"kernel"}
+    assert {r["path"] for r in rows if r["tokens"] == "40"} == {"panel" if panel else "prefill"}
     written = plot.plot_dir(str(tmp_path))
     assert written == [str(tmp_path / "sparse_linear_cpu.png")]
     assert (tmp_path / "sparse_linear_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -220,7 +220,11 @@ def test_quantized_sparse_linear_runs_the_codes_kernel_and_keeps_no_copy(ext, dt
     lin = SparseLinear(cw, torch.randn(20))
     dense = lin.to_linear()
     xdtype = torch.float32 if dtype != torch.bfloat16 else torch.bfloat16
-    for T, path in ((1, "kernel"), (sl.DECODE_MAX_TOKENS, "kernel"), (sl.DECODE_MAX_TOKENS + 1, "prefill")):
+    limit = lin.decode_limit(xdtype)
+    prefill = "panel" if ext.ext_cpu_has_panel() else "prefill"
+    for T, path, panel in ((1, "kernel", True), (limit, "kernel", True), (limit + 1, prefill, True),
+                           (limit + 1, "prefill", False)):
+        lin.prefill_kernel = panel
         before = sl.LAST_PATH[path]
         x = torch.randn(T, 64).to(xdtype)
         y = lin(x)

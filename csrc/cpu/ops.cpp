@@ -24,6 +24,7 @@
 
 #include "../core/sparse_codes.h"
 #include "../core/sparse_linear.h"
+#include "../core/sparse_panel.h"
 #include "../core/sweep_core.h"
 #include "../aten/aten_ops.h"
 
@@ -210,6 +211,13 @@ sgk::Simd simd_allowed() {
   if (simd == "baseline") return sgk::Simd::kBaseline;
   TORCH_CHECK(false, "SPARSEGPT_KERNELS_CPU_SIMD=", simd, " is not one of avx512, avx2, baseline");
 }
+
+// Whether the panel kernel runs its SIMD copy here (AVX-512 allowed and present); without it the op computes the
+// same bits one product at a time, which SparseLinear does not use for speed.
+bool panel_simd() { return sgk::simd_used(simd_allowed()) == sgk::Simd::kAvx512 && sgk::cpu_has_panel(); }
+
+// Whether the row kernels take bfloat16 x and values as they are (AVX512-BF16 dot products, AVX-512 allowed).
+bool bf16_dot_simd() { return sgk::simd_used(simd_allowed()) == sgk::Simd::kAvx512 && sgk::cpu_has_bf16_dot(); }
 
 std::string cpu_simd() { return sgk::simd_name(sgk::simd_used(simd_allowed())); }
 
@@ -799,6 +807,214 @@ at::Tensor sparse_codes_to_dense_cpu(const at::Tensor& mask, const at::Tensor& c
   return out;
 }
 
+// ---- the panel kernel: many tokens (csrc/core/sparse_panel.h) ----
+// Tokens a panel call transposes at once (float32 panels of x and yT of this many tokens live at the same time).
+constexpr int64_t kPanelCallTokens = 1024;
+
+// The tokens of x (T, cols) as float32 panels of up to kPanelMaxTokens tokens (P: panel i is (cols, width[i]), its
+// token t at lane t - t0[i], the lanes beyond the tokens 0), and yT for their outputs ((rows, width[i]) each).
+class Panels {
+ public:
+  // x2d: (T, cols) contiguous, float32 or bfloat16
+  Panels(const at::Tensor& x2d, int64_t rows) : rows_(rows), cols_(x2d.size(1)) {
+    const int64_t T = x2d.size(0);
+    int64_t p = 0, y = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += sgk::kPanelMaxTokens) {
+      const int64_t tt = std::min(sgk::kPanelMaxTokens, T - t0);
+      t0_.push_back(t0);
+      tokens_.push_back(tt);
+      width_.push_back(sgk::panel_width(tt));
+      p_off_.push_back(p);
+      y_off_.push_back(y);
+      p += cols_ * width_.back();
+      y += rows_ * width_.back();
+    }
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    P_ = at::empty({p}, f32);
+    yT_ = at::empty({y}, f32);
+    // transposed 64 columns at a time (one pass over x's rows per block; the block's panel rows stay in cache)
+    const bool bf16 = x2d.scalar_type() == at::kBFloat16;
+    const auto* xb = bf16 ? reinterpret_cast<const uint16_t*>(x2d.const_data_ptr<at::BFloat16>()) : nullptr;
+    const float* xf = bf16 ? nullptr : x2d.const_data_ptr<float>();
+    float* P = P_.data_ptr<float>();
+    const int64_t cols = cols_;
+    at::parallel_for(0, (cols + 63) / 64, 1, [&](int64_t b, int64_t e) {
+      for (size_t i = 0; i < t0_.size(); ++i) {
+        const int64_t S = width_[i], tt = tokens_[i];
+        float* Pi = P + p_off_[i];
+        for (int64_t c0 = 64 * b; c0 < std::min(cols, 64 * e); c0 += 64) {
+          const int64_t c1 = std::min(cols, c0 + 64);
+          for (int64_t t = 0; t < tt; ++t) {
+            const int64_t row = (t0_[i] + t) * cols;
+            if (bf16) {
+              for (int64_t c = c0; c < c1; ++c) Pi[c * S + t] = sgk::bf16_to_float(xb[row + c]);
+            } else {
+              for (int64_t c = c0; c < c1; ++c) Pi[c * S + t] = xf[row + c];
+            }
+          }
+          for (int64_t c = c0; c < c1; ++c) std::fill(Pi + c * S + tt, Pi + (c + 1) * S, 0.0f);
+        }
+      }
+    });
+  }
+  size_t count() const { return t0_.size(); }
+  int64_t width(size_t i) const { return width_[i]; }
+  const float* P(size_t i) const { return P_.const_data_ptr<float>() + p_off_[i]; }
+  float* yT(size_t i) const { return yT_.data_ptr<float>() + y_off_[i]; }
+  // out (T, rows), contiguous, float32 or bfloat16 (rounded to nearest even, as Tensor.to) = the panels' outputs
+  void write(at::Tensor& out) const {
+    const bool bf16 = out.scalar_type() == at::kBFloat16;
+    auto* ob = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
+    float* of = bf16 ? nullptr : out.data_ptr<float>();
+    const float* Y = yT_.const_data_ptr<float>();
+    const int64_t rows = rows_;
+    at::parallel_for(0, (rows + 63) / 64, 1, [&](int64_t b, int64_t e) {
+      for (size_t i = 0; i < t0_.size(); ++i) {
+        const int64_t S = width_[i];
+        const float* Yi = Y + y_off_[i];
+        for (int64_t t = 0; t < tokens_[i]; ++t) {
+          const int64_t row = (t0_[i] + t) * rows;
+          for (int64_t r = 64 * b; r < std::min(rows, 64 * e); ++r) {
+            if (bf16) {
+              ob[row + r] = c10::BFloat16(Yi[r * S + t]);
+            } else {
+              of[row + r] = Yi[r * S + t];
+            }
+          }
+        }
+      }
+    });
+  }
+
+ private:
+  int64_t rows_, cols_;
+  std::vector<int64_t> t0_, tokens_, width_, p_off_, y_off_;
+  at::Tensor P_, yT_;
+};
+
+// A panel call: x (..., cols) in calls of up to kPanelCallTokens tokens; run(panels) fills each panel's yT (rows
+// [0, rows), bias included), which y (x's dtype, shape (..., rows)) then gets.
+template <typename Run>
+at::Tensor panel_call(const at::Tensor& x, int64_t rows, Run&& run) {
+  const int64_t cols = x.size(-1);
+  at::Tensor out = at::empty(out_shape(x, rows), x.options());
+  if (out.numel() == 0) return out;
+  const int64_t T = out.numel() / rows;
+  const at::Tensor x2d = x.reshape({T, cols}).contiguous();
+  for (int64_t t0 = 0; t0 < T; t0 += kPanelCallTokens) {
+    const int64_t tt = std::min(kPanelCallTokens, T - t0);
+    const Panels panels(x2d.narrow(0, t0, tt), rows);
+    run(panels);
+    at::Tensor part = out.view({T, rows}).narrow(0, t0, tt);
+    panels.write(part);
+  }
+  return out;
+}
+
+// The values of rows [b, e) as float32 for the panel kernel: float32 values as they are, bfloat16 ones widened into a
+// buffer of the calling thread.
+thread_local std::vector<float> panel_floats;
+
+// The panel kernel's view of a weight (rows, cols) with mask rows of ldm bytes; its values and their offsets are set
+// per block of rows.
+sgk::PanelRows panel_rows_of(int64_t rows, int64_t cols, const uint8_t* mask, int64_t ldm) {
+  sgk::PanelRows w;
+  w.rows = rows;
+  w.cols = cols;
+  w.mask = mask;
+  w.ldm = ldm;
+  return w;
+}
+
+// Rows [b, e) of every panel's yT.
+void run_panels(sgk::Simd simd, const sgk::PanelRows& w, const Panels& panels, const float* bias, int64_t b,
+                int64_t e) {
+  for (size_t i = 0; i < panels.count(); ++i) {
+    sgk::panel_rows(simd, w, panels.P(i), panels.width(i), bias, panels.yT(i), b, e);
+  }
+}
+
+// y = x Wᵀ + b from a compressed weight with the panel kernel: the arguments, checks and result of ext_sparse_linear;
+// for prompts (from about 16 tokens on it is faster than the row kernels, and than decompressing the weight for a
+// dense product: benchmarks/RESULTS.md). Every entry of y sums its row's products in column order with fused
+// multiply-adds (sgk::panel_rows_scalar), on AVX-512 in 16-lane registers, elsewhere one at a time.
+at::Tensor sparse_linear_panel_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
+                                   const at::Tensor& offsets, const std::optional<at::Tensor>& bias) {
+  check_sparse_linear_args(x, mask, values, offsets, bias);
+  for (const at::Tensor* t : {&x, &mask, &values, &offsets}) {
+    TORCH_CHECK(t->device().is_cpu(), "ext_sparse_linear_panel (CPU): every tensor must be on the CPU");
+  }
+  const int64_t rows = mask.size(0), cols = x.size(-1);
+  const at::Tensor m = mask.contiguous(), v = values.contiguous(), off = offsets.contiguous();
+  const int64_t* o = off.const_data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[rows] <= v.numel(), "ext_sparse_linear_panel: values hold ", v.numel(),
+              " entries, the offsets need ", o[rows]);
+  std::optional<at::Tensor> bf;
+  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+  const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
+  const sgk::Simd simd = sgk::simd_used(simd_allowed());
+  const bool widen = v.scalar_type() == at::kBFloat16;
+  return panel_call(x, rows, [&](const Panels& panels) {
+    const int64_t block = sgk::panel_block_rows(rows > 0 ? o[rows] / rows : 0, panels.width(0));
+    auto run = [&](auto* vals) {
+      const auto w = sparse_rows_view(m, vals, o, cols);
+      return for_checked_rows(w, simd, block, [&](int64_t b, int64_t e) {
+        sgk::PanelRows pr = panel_rows_of(rows, cols, m.const_data_ptr<uint8_t>(), m.size(1));
+        pr.kept = o;
+        if (widen) {
+          const int64_t n = o[e] - o[b];
+          if (static_cast<int64_t>(panel_floats.size()) < n) panel_floats.resize(static_cast<size_t>(n));
+          sgk::widen_bf16(reinterpret_cast<const uint16_t*>(vals) + o[b], n, panel_floats.data());
+          pr.values = panel_floats.data();
+          pr.base = o[b];
+        } else {
+          pr.values = reinterpret_cast<const float*>(vals);
+        }
+        run_panels(simd, pr, panels, bp, b, e);
+      });
+    };
+    const int64_t bad_row = widen ? run(reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::BFloat16>()))
+                                  : run(v.const_data_ptr<float>());
+    check_rows(bad_row, "ext_sparse_linear_panel", "the number of bits set in");
+  });
+}
+
+// The same from a jointly quantized weight (the arguments, checks and result of ext_sparse_codes_linear): each block
+// of rows decoded to its float32 weights (sgk::decode_code_rows, bit for bit the format's), then the panel kernel.
+at::Tensor sparse_codes_linear_panel_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& codes,
+                                         const at::Tensor& offsets, const at::Tensor& scale, const at::Tensor& zero,
+                                         int64_t bits, int64_t group_size, at::ScalarType dtype,
+                                         const std::optional<at::Tensor>& bias) {
+  check_codes_x(x, mask, bias);
+  TORCH_CHECK(x.device().is_cpu(), "ext_sparse_codes_linear_panel (CPU): every tensor must be on the CPU");
+  const int64_t cols = x.size(-1);
+  std::vector<at::Tensor> keep;
+  const sgk::SparseCodes w = sparse_codes_view(mask, codes, offsets, scale, zero, bits, group_size, dtype, cols,
+                                               sgk::kPadCodeBytes, "ext_sparse_codes_linear_panel", keep);
+  const int64_t rows = w.rows;
+  std::optional<at::Tensor> bf;
+  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+  const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
+  const sgk::Simd simd = sgk::simd_used(simd_allowed());
+  const int64_t per_byte = bits <= 4 ? 2 : 1;
+  return panel_call(x, rows, [&](const Panels& panels) {
+    const int64_t block = sgk::panel_block_rows(rows > 0 ? w.offsets[rows] * per_byte / rows : 0, panels.width(0));
+    const int64_t bad_row = for_checked_rows(w, simd, block, [&](int64_t b, int64_t e) {
+      // at most per_byte weights per code byte, and the decoder's 8-wide stores past the last one
+      const int64_t n = (w.offsets[e] - w.offsets[b]) * per_byte + 8;
+      if (static_cast<int64_t>(panel_floats.size()) < n) panel_floats.resize(static_cast<size_t>(n));
+      int64_t kept[sgk::kPanelMaxRows + 1];
+      sgk::decode_code_rows(simd, w, b, e, panel_floats.data(), kept);
+      sgk::PanelRows pr = panel_rows_of(rows, cols, w.mask, w.ldm);
+      pr.kept = kept;
+      pr.first = b;
+      pr.values = panel_floats.data();
+      run_panels(simd, pr, panels, bp, b, e);
+    });
+    check_rows(bad_row, "ext_sparse_codes_linear_panel", "the code bytes of");
+  });
+}
+
 at::Tensor sparse_codes_linear_meta(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& codes,
                                     const at::Tensor& offsets, const at::Tensor& scale, const at::Tensor& zero,
                                     int64_t bits, int64_t group_size, at::ScalarType dtype,
@@ -904,6 +1120,13 @@ TORCH_LIBRARY_FRAGMENT(sparsegpt_kernels, m) {
   m.def(
       "ext_sparse_codes_to_dense(Tensor mask, Tensor codes, Tensor offsets, Tensor scale, Tensor zero, int bits, "
       "int group_size, ScalarType dtype, int cols) -> Tensor");
+  // the same for many tokens (prompts), by the panel kernel (csrc/core/sparse_panel.h)
+  m.def("ext_sparse_linear_panel(Tensor x, Tensor mask, Tensor values, Tensor offsets, Tensor? bias) -> Tensor");
+  m.def(
+      "ext_sparse_codes_linear_panel(Tensor x, Tensor mask, Tensor codes, Tensor offsets, Tensor scale, Tensor zero, "
+      "int bits, int group_size, ScalarType dtype, Tensor? bias) -> Tensor");
+  m.def("ext_cpu_has_panel() -> bool", &panel_simd);
+  m.def("ext_cpu_has_bf16_dot() -> bool", &bf16_dot_simd);
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
@@ -919,6 +1142,8 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, CPU, m) {
   m.impl("ext_sparse_to_dense", &sparse_to_dense_cpu);
   m.impl("ext_sparse_codes_linear", &sparse_codes_linear_cpu);
   m.impl("ext_sparse_codes_to_dense", &sparse_codes_to_dense_cpu);
+  m.impl("ext_sparse_linear_panel", &sparse_linear_panel_cpu);
+  m.impl("ext_sparse_codes_linear_panel", &sparse_codes_linear_panel_cpu);
 }
 
 TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {
@@ -932,4 +1157,6 @@ TORCH_LIBRARY_IMPL(sparsegpt_kernels, Meta, m) {
   m.impl("ext_sparse_to_dense", &sparse_to_dense_meta);
   m.impl("ext_sparse_codes_linear", &sparse_codes_linear_meta);
   m.impl("ext_sparse_codes_to_dense", &sparse_codes_to_dense_meta);
+  m.impl("ext_sparse_linear_panel", &sparse_linear_meta);
+  m.impl("ext_sparse_codes_linear_panel", &sparse_codes_linear_meta);
 }

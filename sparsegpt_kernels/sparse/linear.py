@@ -9,19 +9,27 @@ to compute:
   ``torch.ops.sparsegpt_kernels.ext_sparse_linear`` reads the mask and the values and never forms the dense weight
   (csrc/core/sparse_linear.h); for jointly quantized layers ``ext_sparse_codes_linear`` reads the mask, the packed
   codes and the group scales (csrc/core/sparse_codes.h), in any of the three dtypes;
-* prefill (more input vectors), where a dense matrix product is faster: the weight is decompressed for the call by
-  the compiled ``ext_sparse_to_dense`` (``ext_sparse_codes_to_dense``) and dropped after it, so the layer stays small
-  in memory (the buffer goes back to the extension's cache of big buffers, and the next layer of that shape reuses
-  it: fresh memory would cost a page fault per page, as long as the decompression itself; ``empty_cache`` frees it);
+* prefill (more input vectors) on a CPU with AVX-512: the compiled panel kernel ``ext_sparse_linear_panel``
+  (``ext_sparse_codes_linear_panel``) reads the compressed weight once per 128 tokens, x transposed into float32
+  panels, and never forms the dense weight either (csrc/core/sparse_panel.h); from 16 tokens on it is faster than
+  torch's dense product of the same zeros (benchmarks/RESULTS.md);
+* prefill elsewhere (a CPU without AVX-512, ``prefill_kernel = False``, or float32 inputs of more than
+  :data:`PANEL_FLOAT32_MAX_TOKENS` tokens with more than :data:`PANEL_FLOAT32_MAX_DENSITY` of the weights kept, where
+  torch's float32 product is faster), where a dense matrix product is faster: the weight is decompressed for the call
+  by the compiled ``ext_sparse_to_dense`` (``ext_sparse_codes_to_dense``) and dropped after it, so the layer stays
+  small in memory (the buffer goes back to the extension's cache of big buffers, and the next layer of that shape
+  reuses it: fresh memory would cost a page fault per page, as long as the decompression itself; ``empty_cache``
+  frees it);
 * where no compiled kernel takes the layer (float16 values, a GPU, no compiled extension): the layer makes a dense
   copy of its weight once, says so in one log line, and runs from it; the checkpoint stays small, the memory does
   not.
 
 Every path computes what an ``nn.Linear`` with the same zeros computes: the dense paths exactly (the same product),
-the kernel up to float32 rounding (it sums in another order). :meth:`SparseLinear.dense_weight` in pure PyTorch is
+the kernels up to float32 rounding (they sum in another order). :meth:`SparseLinear.dense_weight` in pure PyTorch is
 the specification of the weight.
 
-:data:`LAST_PATH` counts which way each call went (for tests and benchmarks): "kernel", "prefill" or "copy".
+:data:`LAST_PATH` counts which way each call went (for tests and benchmarks): "kernel", "panel", "prefill" or
+"copy".
 
 A decode call at a small model's shapes is a few microseconds of kernel, so the checks that choose the path are done
 once per input dtype and kept as a plan (the op and its arguments); the plan is dropped when the module is cast or
@@ -39,11 +47,23 @@ from torch import nn
 
 from .format import CompressedWeight, code_bytes_per_row, row_counts
 
-#: input vectors up to which the compressed kernel runs: on a 2-core AVX2 machine it beat torch's dense product at 4
-#: tokens at every shape measured, and lost at 16 on the small ones; on a CPU with AVX512-BF16, whose dense bfloat16
-#: product uses it, the kernel wins at 1-4 tokens, and at 8 it is still faster than decompressing the weight for a
-#: dense product; at 16 the two are level, from 32 on the dense product wins (benchmarks/RESULTS.md)
+#: input vectors up to which the compressed row kernel runs for float32 inputs: on a 2-core AVX2 machine it beat
+#: torch's dense product at 4 tokens at every shape measured, and lost at 16 on the small ones; on an AVX-512 Xeon the
+#: panel kernel is level with it at 8 float32 tokens and twice as fast at 16 (benchmarks/RESULTS.md)
 DECODE_MAX_TOKENS = 8
+#: the same for bfloat16 inputs of a layer of values keeping more than ROWS_BF16_MIN_DENSITY of its weights, on a CPU
+#: with AVX512-BF16, whose row kernel takes them as they are: at half the weights kept it is level with torch's
+#: bfloat16 product at 16 tokens and the panel 5% behind (the panel's time barely grows below 16 tokens and falls
+#: with the weights kept, the row kernel's grows with the tokens and hardly depends on the weights kept: at 30% kept
+#: the panel is 1.3x ahead at 16 tokens). Quantized layers take the panel from 9 tokens on: their row kernel is the
+#: slower one at 16 (benchmarks/RESULTS.md)
+DECODE_MAX_TOKENS_BF16 = 16
+ROWS_BF16_MIN_DENSITY = 0.4
+#: float32 inputs of more tokens than this decompress the weight for torch's product instead of the panel kernel when
+#: more than PANEL_FLOAT32_MAX_DENSITY of the weights are kept: torch's float32 product, near the machine's FMA peak
+#: on long prompts, then wins (bfloat16 inputs stay on the panel: torch's bfloat16 product is slower than both)
+PANEL_FLOAT32_MAX_TOKENS = 256
+PANEL_FLOAT32_MAX_DENSITY = 0.4
 #: calls per path since the process started: "kernel", "prefill" or "copy"
 LAST_PATH: collections.Counter = collections.Counter()
 logger = logging.getLogger("sparsegpt_kernels")
@@ -60,6 +80,11 @@ PAD_CODE_BYTES = 8
 class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W kept compressed. Build one with :meth:`from_linear` (or
     :func:`sparsegpt_kernels.to_sparse` for a whole model); :meth:`to_linear` gives the plain layer back."""
+
+    #: whether prefill takes the panel kernel where the CPU has it; False (on a layer, or on the class for every
+    #: layer): the weight decompressed for torch's dense product, as on CPUs without AVX-512, whose results are
+    #: those of the dense model bit for bit
+    prefill_kernel: bool = True
 
     def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None):
         """``dtype``: the layer's dtype when it is not the weight's (a quantized weight keeps the dtype its
@@ -95,7 +120,9 @@ class SparseLinear(nn.Module):
         torch.cumsum(counts, 0, out=offsets[1:])
         self.register_buffer("weight_offsets", offsets, persistent=False)
         self.nnz = int(offsets[-1])
-        self.decode_max_tokens = DECODE_MAX_TOKENS
+        #: input vectors up to which the row kernel runs (``None``: DECODE_MAX_TOKENS; DECODE_MAX_TOKENS_BF16 for
+        #: bfloat16 inputs of values with more than ROWS_BF16_MIN_DENSITY kept, on a CPU with AVX512-BF16)
+        self.decode_max_tokens: int | None = None
         self._dense_copy: torch.Tensor | None = None
         #: input dtype -> (the largest input numel of the decode call, the op, its arguments after x): see forward
         self._plans: dict = {}
@@ -159,9 +186,29 @@ class SparseLinear(nn.Module):
             return "no compiled extension"
         return None
 
+    def decode_limit(self, dtype: torch.dtype) -> int:
+        """Input vectors up to which inputs of ``dtype`` take the row kernel (:attr:`decode_max_tokens`)."""
+        if self.decode_max_tokens is not None:
+            return self.decode_max_tokens
+        dense_enough = self.nnz > ROWS_BF16_MIN_DENSITY * self.out_features * self.in_features
+        if dtype == torch.bfloat16 and not self.bits and dense_enough and _cpu_has("bf16_dot"):
+            return DECODE_MAX_TOKENS_BF16
+        return DECODE_MAX_TOKENS
+
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`forward` runs the compressed kernel on ``x`` (see the module docstring)."""
-        return x.numel() <= self.decode_max_tokens * self.in_features and self._compiled(x) is None
+        """Whether :meth:`forward` runs the compressed row kernel on ``x`` (see the module docstring)."""
+        return x.numel() <= self.decode_limit(x.dtype) * self.in_features and self._compiled(x) is None
+
+    def uses_panel(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` runs the panel kernel on ``x`` (a prefill on a CPU with AVX-512)."""
+        return (not self.uses_kernel(x) and self._compiled(x) is None and self._panel_takes(x))
+
+    def _panel_takes(self, x: torch.Tensor) -> bool:
+        if not self.prefill_kernel or not _cpu_has("panel"):
+            return False
+        if x.dtype != torch.float32 or x.numel() <= PANEL_FLOAT32_MAX_TOKENS * self.in_features:
+            return True
+        return self.nnz <= PANEL_FLOAT32_MAX_DENSITY * self.out_features * self.in_features
 
     # The decode plans (module docstring): the checks of :meth:`_forward` (buffer look-ups, device and dtype checks)
     # took about 5 us a call, as long as the kernel at SmolLM2's k/v projections.
@@ -187,7 +234,8 @@ class SparseLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         why_not = self._compiled(x)
-        decode = x.numel() <= self.decode_max_tokens * self.in_features
+        decode = x.numel() <= self.decode_limit(x.dtype) * self.in_features
+        panel = why_not is None and not decode and self._panel_takes(x)
         if why_not is None and self.bits:
             ops = torch.ops.sparsegpt_kernels
             args = (self.weight_mask, self.weight_codes, self.weight_code_offsets,
@@ -197,18 +245,24 @@ class SparseLinear(nn.Module):
                 LAST_PATH["kernel"] += 1
                 self._plan(x, ops.ext_sparse_codes_linear, (*args, self.bias))
                 return ops.ext_sparse_codes_linear(x, *args, self.bias)
+            if panel:
+                LAST_PATH["panel"] += 1
+                return ops.ext_sparse_codes_linear_panel(x, *args, self.bias)
             LAST_PATH["prefill"] += 1
             W = ops.ext_sparse_codes_to_dense(*args, self.in_features)
             return F.linear(x, W.to(x.dtype), self._bias_as(x))
         if why_not is None:
+            ops = torch.ops.sparsegpt_kernels
+            args = (self.weight_mask, self.weight_values, self.weight_offsets, self.bias)
             if decode:
                 LAST_PATH["kernel"] += 1
-                args = (self.weight_mask, self.weight_values, self.weight_offsets, self.bias)
-                self._plan(x, torch.ops.sparsegpt_kernels.ext_sparse_linear, args)
-                return torch.ops.sparsegpt_kernels.ext_sparse_linear(x, *args)
+                self._plan(x, ops.ext_sparse_linear, args)
+                return ops.ext_sparse_linear(x, *args)
+            if panel:
+                LAST_PATH["panel"] += 1
+                return ops.ext_sparse_linear_panel(x, *args)
             LAST_PATH["prefill"] += 1
-            W = torch.ops.sparsegpt_kernels.ext_sparse_to_dense(self.weight_mask, self.weight_values,
-                                                                self.weight_offsets, self.in_features)
+            W = ops.ext_sparse_to_dense(self.weight_mask, self.weight_values, self.weight_offsets, self.in_features)
             return F.linear(x, W.to(x.dtype), self._bias_as(x))
         LAST_PATH["copy"] += 1
         copy = self._dense_copy
@@ -224,7 +278,7 @@ class SparseLinear(nn.Module):
     def _plan(self, x: torch.Tensor, op, args: tuple) -> None:
         """Keep the decode call for inputs of ``x``'s dtype (on the CPU: the only place the kernels run)."""
         if not torch.compiler.is_compiling():
-            self._plans[x.dtype] = (self.decode_max_tokens * self.in_features, op, args)
+            self._plans[x.dtype] = (self.decode_limit(x.dtype) * self.in_features, op, args)
 
     def _bias_as(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)
@@ -266,3 +320,16 @@ def _kernel_available() -> bool:
     from ..backends import extension
 
     return extension.load() is not None
+
+
+_CPU: dict[str, bool] = {}
+
+
+def _cpu_has(what: str) -> bool:
+    """What the compiled kernels run here: "panel" (the panel kernel's AVX-512 copy) or "bf16_dot" (the row kernels'
+    bfloat16 dot products); asked once (the SIMD choice is fixed per process), False without the extension."""
+    if what not in _CPU:
+        ops = torch.ops.sparsegpt_kernels
+        _CPU[what] = _kernel_available() and bool(ops.ext_cpu_has_panel() if what == "panel"
+                                                  else ops.ext_cpu_has_bf16_dot())
+    return _CPU[what]
