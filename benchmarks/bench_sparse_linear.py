@@ -13,7 +13,9 @@ For every (shape, setting, token count) it times, in the same process and with t
   ext_sparse_codes_to_dense) and torch's dense product in the activations' dtype (prefill_kernel = False: what CPUs
   without AVX-512 run);
 - layer: the SparseLinear module as a model calls it, on the path it picks for the token count ("path": kernel,
-  panel or prefill); layer_speedup is the better dense product's time over it (what bench_generate's users get);
+  panel or prefill; between the last two as the process measured them, prefill_probe_ratio: the panel's time over
+  the dense product's at the probe, sparsegpt_kernels.sparse.linear.prefill_ratio); layer_speedup is the better
+  dense product's time over it (what bench_generate's users get);
 - the floor: the bytes each must read (sparse: values + mask + offsets + x; dense: the bfloat16 weight + x) at the
   read bandwidth measured in the same run (the sum of a tensor far larger than the caches, the best of 5).
 The weights are random with random masks of the setting's sparsity (an exact N:M pattern for "2:4"). Writes CSV
@@ -136,8 +138,11 @@ def main(argv=None) -> int:
     info = meta(cpu)
     simd = ops.ext_cpu_simd()
     has_panel = bool(ops.ext_cpu_has_panel())
+    from sparsegpt_kernels.sparse.linear import prefill_ratio
+
+    ratio = prefill_ratio(torch.bfloat16)  # what SparseLinear measured to choose its prefill path
     print(f"# {info['device']}, {simd}, panel kernel {'yes' if has_panel else 'no'}, read bandwidth {bw:.1f} GB/s, "
-          f"torch {info['torch']}")
+          f"torch {info['torch']}, bfloat16 prompts: panel / dense product {ratio:.2f} at the probe")
     rows = []
     for name, (r, c) in shapes.items():
         for setting in settings:
@@ -170,7 +175,8 @@ def main(argv=None) -> int:
                     "path": path, "layer_ms": f"{1e3 * layer:.3f}", "layer_speedup": f"{dense / layer:.2f}",
                     "sparse_floor_ms": f"{1e3 * floor_sparse:.3f}", "sparse_vs_floor": f"{sp / floor_sparse:.2f}",
                     "dense_floor_ms": f"{1e3 * floor_dense:.3f}", "bytes_vs_dense": f"{lin.nbytes() / (2 * r * c):.4f}",
-                    "group": lin.group_size or "", "simd": simd, "read_gbps": f"{bw:.1f}", **info,
+                    "group": lin.group_size or "", "simd": simd, "read_gbps": f"{bw:.1f}",
+                    "prefill_probe_ratio": f"{ratio:.2f}", **info,
                 })
                 ptxt = "" if pan is None else f"  panel {1e3 * pan:8.3f} ms"
                 print(f"{name:>16} {setting:>4} T={T:<4} dense {1e3 * dense:8.3f} ms  sparse {1e3 * sp:8.3f} ms  "

@@ -86,9 +86,10 @@ def test_the_sparse_linear_plot_is_drawn_from_the_benchmarks_csv(tmp_path, monke
     panel = bool(extension.ops().ext_cpu_has_panel())
     assert all(math.isfinite(float(r[k])) and float(r[k]) >= 0 for r in rows
                for k in keys + (["panel_ms", "panel_speedup"] if panel else []))
-    # the layer's path: the row kernel for decode, the panel (or the decompressed weight without it) for 40 tokens
+    # the layer's path: the row kernel for decode; for 40 tokens the panel or the decompressed weight, as this
+    # process measured them (only the decompressed weight without the panel)
     assert {r["path"] for r in rows if r["tokens"] == "1"} == {"kernel"}
-    assert {r["path"] for r in rows if r["tokens"] == "40"} == {"panel" if panel else "prefill"}
+    assert {r["path"] for r in rows if r["tokens"] == "40"} <= ({"panel", "prefill"} if panel else {"prefill"})
     written = plot.plot_dir(str(tmp_path))
     assert written == [str(tmp_path / "sparse_linear_cpu.png")]
     assert (tmp_path / "sparse_linear_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

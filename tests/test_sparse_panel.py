@@ -5,6 +5,9 @@ SparseLinear's choice between the row kernel, the panel and the decompressed wei
 
 from __future__ import annotations
 
+import logging
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,20 +160,20 @@ def test_codes_panel_refuses_bad_weights(ext):
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["values", "codes"])
 def test_sparse_linear_chooses_row_kernel_panel_or_dense(ext, quantized):
-    """Up to the decode limit the row kernel; beyond it the panel where the CPU has it (else the decompressed weight,
-    bit for bit torch's product); prefill_kernel = False decompresses; float32 prompts of many tokens with half the
-    weights kept decompress (torch's float32 product is faster there), sparser ones stay on the panel."""
+    """Up to the decode limit the row kernel; beyond it, with prefill_kernel = True, the panel where the CPU has it
+    (else the decompressed weight, bit for bit torch's product); prefill_kernel = False decompresses."""
     if quantized:
         cw = coded_weight(24, 64, 4, 32, torch.float32)
     else:
         cw = CompressedWeight.compress(_kernel_problem(24, 64, torch.float32))
     lin = SparseLinear(cw, torch.randn(24))
+    lin.prefill_kernel = True
     dense = lin.to_linear()
     panel = bool(ext.ext_cpu_has_panel())
     limit = lin.decode_limit(torch.float32)
     assert limit == sl.DECODE_MAX_TOKENS
     for T, path in ((1, "kernel"), (limit, "kernel"), (limit + 1, "panel" if panel else "prefill"),
-                    (200, "panel" if panel else "prefill"), (300, "prefill")):
+                    (300, "panel" if panel else "prefill")):
         x = torch.randn(T, 64)
         assert lin.uses_panel(x) == (path == "panel")
         before = sl.LAST_PATH[path]
@@ -183,22 +186,114 @@ def test_sparse_linear_chooses_row_kernel_panel_or_dense(ext, quantized):
     lin.prefill_kernel = False
     before = sl.LAST_PATH["prefill"]
     x = torch.randn(40, 64)
+    assert not lin.uses_panel(x)
     assert torch.equal(lin(x), dense(x)) and sl.LAST_PATH["prefill"] == before + 1
     lin.prefill_kernel = True
-    x = torch.randn(40, 64).bfloat16()  # bfloat16 prompts: the panel at any length, where the CPU has it
     bf_limit = lin.decode_limit(torch.bfloat16)  # quantized layers: the panel from 9 tokens on
     bf16_rows = bool(ext.ext_cpu_has_bf16_dot()) and not quantized
     assert bf_limit == (sl.DECODE_MAX_TOKENS_BF16 if bf16_rows else sl.DECODE_MAX_TOKENS)
     assert lin.uses_panel(torch.randn(300, 64).bfloat16()) == panel
-    if not quantized:  # a sparser layer keeps the panel on long float32 prompts, and takes it from 9 tokens on
+    if not quantized:  # a sparser layer takes the panel from 9 bfloat16 tokens on
         sparse = SparseLinear(CompressedWeight.compress(_kernel_problem(24, 64, torch.float32, keep=0.2)))
-        assert sparse.uses_panel(torch.randn(300, 64)) == panel
         assert sparse.decode_limit(torch.bfloat16) == sl.DECODE_MAX_TOKENS
     assert lin._dense_copy is None
 
 
-def test_panel_under_torch_compile(ext):
+@pytest.mark.parametrize("quantized", [False, True], ids=["values", "codes"])
+def test_measured_prefill_choice_follows_the_ratio_and_the_density(ext, quantized, monkeypatch):
+    """prefill_kernel = None: the panel when the measured ratio (panel time over the dense product's at the probe's
+    density) scaled by the layer's density is below 1, per input dtype; on a CPU without the panel, never."""
+    monkeypatch.delenv(sl.PREFILL_ENV, raising=False)
+    panel = bool(ext.ext_cpu_has_panel())
+
+    def layer(keep):
+        if quantized:
+            return SparseLinear(coded_weight(24, 64, 4, 32, torch.float32, keep=keep))
+        return SparseLinear(CompressedWeight.compress(_kernel_problem(24, 64, torch.float32, keep=keep)))
+
+    half, sparse = layer(0.5), layer(0.2)
+    assert half.prefill_kernel is None  # the default
+    density = half.nnz / (24 * 64)
+    x32, x16 = torch.randn(40, 64), torch.randn(40, 64).bfloat16()
+    # the panel 1.5x slower than the dense product at 50%: only layers keeping under a third take it
+    monkeypatch.setattr(sl, "_PREFILL_RATIO", {torch.float32: 1.5, torch.bfloat16: 0.5})
+    assert half.uses_panel(x32) == (panel and 1.5 * density / sl.PROBE_DENSITY < 1)
+    assert sparse.uses_panel(x32) == panel  # 1.5 * 0.2 / 0.5 < 1
+    assert half.uses_panel(x16) == panel and sparse.uses_panel(x16) == panel
+    monkeypatch.setattr(sl, "_PREFILL_RATIO", {torch.float32: 1.5, torch.bfloat16: 3.0})
+    assert not half.uses_panel(x16) and not sparse.uses_panel(x16)  # 3 * 0.2 / 0.5 > 1
+    for T in (40, 300):  # what forward takes is what uses_panel says
+        path = "panel" if sparse.uses_panel(torch.randn(T, 64)) else "prefill"
+        before = sl.LAST_PATH[path]
+        sparse(torch.randn(T, 64))
+        assert sl.LAST_PATH[path] == before + 1
+    # fixed choices win over the measurement
+    half.prefill_kernel = True
+    assert half.uses_panel(x16) == panel
+    sparse.prefill_kernel = False
+    monkeypatch.setattr(sl, "_PREFILL_RATIO", {torch.float32: 0.0, torch.bfloat16: 0.0})
+    assert not sparse.uses_panel(x32)
+
+
+def test_prefill_ratio_is_measured_once_and_can_be_fixed(ext, monkeypatch, caplog):
+    monkeypatch.delenv(sl.PREFILL_ENV, raising=False)
+    monkeypatch.setattr(sl, "_PREFILL_RATIO", {})
+    calls = []
+    real = sl._measure_prefill
+    monkeypatch.setattr(sl, "_measure_prefill", lambda d: calls.append(d) or real(d))
+    with caplog.at_level(logging.INFO, logger="sparsegpt_kernels"):
+        r = sl.prefill_ratio(torch.bfloat16)
+        assert sl.prefill_ratio(torch.bfloat16) == r and calls == [torch.bfloat16]  # kept for the process
+    if ext.ext_cpu_has_panel():
+        assert 0 < r < math.inf
+        assert "bfloat16 prompts on this CPU: the panel kernel" in caplog.text
+    else:  # nothing to measure: prefill decompresses
+        assert r == math.inf
+    for value, expected in (("panel", 0.0), ("dense", math.inf), (" Dense ", math.inf)):
+        monkeypatch.setenv(sl.PREFILL_ENV, value)
+        assert sl.prefill_ratio(torch.float32) == expected
+    monkeypatch.setenv(sl.PREFILL_ENV, "auto")
+    assert sl.prefill_ratio(torch.bfloat16) == r
+    monkeypatch.setenv(sl.PREFILL_ENV, "fastest")
+    with pytest.raises(ValueError, match="SPARSEGPT_KERNELS_PREFILL='fastest': expected panel, dense or auto"):
+        sl.prefill_ratio(torch.bfloat16)
+    assert calls == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("slow_pair", [None, 2], ids=["steady", "one-slow-spell"])
+def test_prefill_probe_takes_the_median_of_paired_runs(ext, monkeypatch, slow_pair):
+    """The probe's clock scripted: the panel 2 units, the dense product 1, except one pair whose dense run was slowed
+    10x (another tenant of the machine): the ratio is still 2; steady pairs stop after one round."""
+    if not ext.ext_cpu_has_panel():  # nothing to measure: prefill decompresses, and the clock is not read
+        monkeypatch.setattr(sl.time, "perf_counter", lambda: pytest.fail("timed without a panel kernel"))
+        assert sl._measure_prefill(torch.bfloat16) == math.inf
+        return
+    durations = []
+    for i in range(sl.PROBE_MAX_PAIRS):
+        durations += [2.0, 10.0 if i == slow_pair else 1.0]
+    reads = []
+    for d in durations:  # two clock reads per timed run
+        start = reads[-1] + 1.0 if reads else 0.0
+        reads += [start, start + d]
+    clock = iter(reads)
+    monkeypatch.setattr(sl.time, "perf_counter", lambda: next(clock))
+    assert sl._measure_prefill(torch.bfloat16) == 2.0
+    left = sum(1 for _ in clock)
+    used_pairs = sl.PROBE_MAX_PAIRS - left // 4
+    assert used_pairs == (sl.PROBE_PAIRS if slow_pair is None else sl.PROBE_MAX_PAIRS)
+    monkeypatch.setattr(sl, "_cpu_has", lambda what: False)  # as on a CPU without the panel kernel
+    assert sl._measure_prefill(torch.bfloat16) == math.inf
+
+
+@pytest.mark.parametrize("measured", [False, True], ids=["cold", "measured"])
+def test_panel_under_torch_compile(ext, measured, monkeypatch):
+    """A prompt under torch.compile, fullgraph: nothing is measured inside the trace (before the first eager prompt
+    the panel is taken where the CPU has it), after a measurement its choice."""
+    monkeypatch.delenv(sl.PREFILL_ENV, raising=False)
+    monkeypatch.setattr(sl, "_PREFILL_RATIO", {torch.float32: 3.0} if measured else {})
     lin = SparseLinear(CompressedWeight.compress(_kernel_problem(10, 40, torch.float32)), torch.randn(10))
     x = torch.randn(50, 40)
+    torch._dynamo.reset()
     compiled = torch.compile(lambda a: lin(a), backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), lin(x))
+    torch.testing.assert_close(compiled(x), lin.to_linear()(x), rtol=1e-5, atol=1e-5)
+    assert sl._PREFILL_RATIO == ({torch.float32: 3.0} if measured else {})

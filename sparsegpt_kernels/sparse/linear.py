@@ -9,17 +9,24 @@ to compute:
   ``torch.ops.sparsegpt_kernels.ext_sparse_linear`` reads the mask and the values and never forms the dense weight
   (csrc/core/sparse_linear.h); for jointly quantized layers ``ext_sparse_codes_linear`` reads the mask, the packed
   codes and the group scales (csrc/core/sparse_codes.h), in any of the three dtypes;
-* prefill (more input vectors) on a CPU with AVX-512: the compiled panel kernel ``ext_sparse_linear_panel``
-  (``ext_sparse_codes_linear_panel``) reads the compressed weight once per 128 tokens, x transposed into float32
-  panels, and never forms the dense weight either (csrc/core/sparse_panel.h); from 16 tokens on it is faster than
-  torch's dense product of the same zeros (benchmarks/RESULTS.md);
-* prefill elsewhere (a CPU without AVX-512, ``prefill_kernel = False``, or float32 inputs of more than
-  :data:`PANEL_FLOAT32_MAX_TOKENS` tokens with more than :data:`PANEL_FLOAT32_MAX_DENSITY` of the weights kept, where
-  torch's float32 product is faster), where a dense matrix product is faster: the weight is decompressed for the call
-  by the compiled ``ext_sparse_to_dense`` (``ext_sparse_codes_to_dense``) and dropped after it, so the layer stays
-  small in memory (the buffer goes back to the extension's cache of big buffers, and the next layer of that shape
-  reuses it: fresh memory would cost a page fault per page, as long as the decompression itself; ``empty_cache``
-  frees it);
+* prefill (more input vectors) on a CPU with AVX-512, where it is the faster of the two ways: the compiled panel
+  kernel ``ext_sparse_linear_panel`` (``ext_sparse_codes_linear_panel``) reads the compressed weight once per 128
+  tokens, x transposed into float32 panels, and never forms the dense weight either (csrc/core/sparse_panel.h);
+* prefill otherwise: the weight is decompressed for the call by the compiled ``ext_sparse_to_dense``
+  (``ext_sparse_codes_to_dense``) for torch's dense product and dropped after it, so the layer stays small in memory
+  (the buffer goes back to the extension's cache of big buffers, and the next layer of that shape reuses it: fresh
+  memory would cost a page fault per page, as long as the decompression itself; ``empty_cache`` frees it).
+
+  Which of the two is faster depends on the CPU more than on anything else: the panel does float32 FMAs on the kept
+  weights only, torch's product does every weight, at the rate of the CPU's dense kernels for the dtype. On an
+  AVX-512 Xeon whose bfloat16 products run at a third of float32's rate the panel was 1.5-1.8x faster than torch's
+  bfloat16 product at 50%; on a Zen 5, whose bfloat16 dot products run twice as fast as its float32 FMAs, torch's
+  product of the decompressed weight was 1.8x faster than the panel (benchmarks/RESULTS.md). So by default
+  (``prefill_kernel = None``) the process measures the two once per input dtype (:func:`prefill_ratio`: a
+  1024x2048 layer keeping half its weights, 50-150 ms) and a layer takes the panel when the panel's time, scaled
+  by the weights the layer keeps, is below the dense product's; ``prefill_kernel = True`` / ``False`` (on a layer,
+  or on the class) or ``SPARSEGPT_KERNELS_PREFILL=panel`` / ``dense`` fixes the choice, so that results do not
+  depend on a measurement;
 * where no compiled kernel takes the layer (float16 values, a GPU, no compiled extension): the layer makes a dense
   copy of its weight once, says so in one log line, and runs from it; the checkpoint stays small, the memory does
   not.
@@ -40,6 +47,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +70,17 @@ DECODE_MAX_TOKENS = 8
 #: slower one at 16 (benchmarks/RESULTS.md)
 DECODE_MAX_TOKENS_BF16 = 16
 ROWS_BF16_MIN_DENSITY = 0.4
-#: float32 inputs of more tokens than this decompress the weight for torch's product instead of the panel kernel when
-#: more than PANEL_FLOAT32_MAX_DENSITY of the weights are kept: torch's float32 product, near the machine's FMA peak
-#: on long prompts, then wins (bfloat16 inputs stay on the panel: torch's bfloat16 product is slower than both)
-PANEL_FLOAT32_MAX_TOKENS = 256
-PANEL_FLOAT32_MAX_DENSITY = 0.4
+#: the probe of :func:`prefill_ratio`: a (rows, cols) layer keeping PROBE_DENSITY of its weights, and the tokens of
+#: the prompt per input dtype (float32: longer, where torch's float32 product is nearest its peak)
+PROBE_SHAPE = (1024, 2048)
+PROBE_DENSITY = 0.5
+PROBE_TOKENS = {torch.bfloat16: 128, torch.float32: 256}
+#: pairs of probe runs per round, rounds until the pairs' ratios lie within a factor PROBE_SPREAD, at most
+#: PROBE_MAX_PAIRS pairs
+PROBE_PAIRS = 5
+PROBE_SPREAD = 1.5
+PROBE_MAX_PAIRS = 20
+PREFILL_ENV = "SPARSEGPT_KERNELS_PREFILL"
 #: calls per path since the process started: "kernel", "prefill" or "copy"
 LAST_PATH: collections.Counter = collections.Counter()
 logger = logging.getLogger("sparsegpt_kernels")
@@ -81,10 +98,11 @@ class SparseLinear(nn.Module):
     """y = x Wᵀ + b with W kept compressed. Build one with :meth:`from_linear` (or
     :func:`sparsegpt_kernels.to_sparse` for a whole model); :meth:`to_linear` gives the plain layer back."""
 
-    #: whether prefill takes the panel kernel where the CPU has it; False (on a layer, or on the class for every
-    #: layer): the weight decompressed for torch's dense product, as on CPUs without AVX-512, whose results are
-    #: those of the dense model bit for bit
-    prefill_kernel: bool = True
+    #: how prefill is computed on a CPU that has the panel kernel (module docstring): ``None``, the faster way as
+    #: measured by this process (:func:`prefill_ratio`); True, the panel kernel; False, the weight decompressed for
+    #: torch's dense product, as on CPUs without AVX-512, whose results are those of the dense model bit for bit.
+    #: Set on a layer, or on the class for every layer.
+    prefill_kernel: bool | None = None
 
     def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None):
         """``dtype``: the layer's dtype when it is not the weight's (a quantized weight keeps the dtype its
@@ -204,11 +222,15 @@ class SparseLinear(nn.Module):
         return (not self.uses_kernel(x) and self._compiled(x) is None and self._panel_takes(x))
 
     def _panel_takes(self, x: torch.Tensor) -> bool:
-        if not self.prefill_kernel or not _cpu_has("panel"):
+        if self.prefill_kernel is False or not _cpu_has("panel"):
             return False
-        if x.dtype != torch.float32 or x.numel() <= PANEL_FLOAT32_MAX_TOKENS * self.in_features:
+        if self.prefill_kernel is True:
             return True
-        return self.nnz <= PANEL_FLOAT32_MAX_DENSITY * self.out_features * self.in_features
+        ratio = prefill_ratio(x.dtype)
+        if ratio is None:  # under torch.compile before any eager prompt: no measurement inside a trace
+            return True
+        density = self.nnz / max(1, self.out_features * self.in_features)
+        return ratio * density / PROBE_DENSITY < 1.0
 
     # The decode plans (module docstring): the checks of :meth:`_forward` (buffer look-ups, device and dtype checks)
     # took about 5 us a call, as long as the kernel at SmolLM2's k/v projections.
@@ -333,3 +355,72 @@ def _cpu_has(what: str) -> bool:
         _CPU[what] = _kernel_available() and bool(ops.ext_cpu_has_panel() if what == "panel"
                                                   else ops.ext_cpu_has_bf16_dot())
     return _CPU[what]
+
+
+#: input dtype -> the panel kernel's time over the decompressed dense product's on the probe (prefill_ratio)
+_PREFILL_RATIO: dict[torch.dtype, float] = {}
+
+
+def prefill_ratio(dtype: torch.dtype) -> float | None:
+    """The panel kernel's time over that of the decompressed weight's dense product for a prompt of ``dtype`` on
+    this CPU, measured once per process and dtype (``PROBE_SHAPE`` keeping ``PROBE_DENSITY``, ``PROBE_TOKENS``
+    tokens: the median ratio of pairs of runs, one of each, more pairs while they disagree); a layer keeping a
+    fraction ``d`` of its weights takes the panel when ``ratio * d / PROBE_DENSITY < 1``.
+    ``SPARSEGPT_KERNELS_PREFILL=panel`` gives 0 and ``dense`` infinity without measuring; ``None`` under
+    torch.compile before the first measurement (nothing is timed inside a trace)."""
+    forced = os.environ.get(PREFILL_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("panel", "dense", "auto"):
+            raise ValueError(f"{PREFILL_ENV}={forced!r}: expected panel, dense or auto")
+        if forced != "auto":
+            return 0.0 if forced == "panel" else math.inf
+    if dtype not in _PREFILL_RATIO:
+        if torch.compiler.is_compiling():
+            return None
+        _PREFILL_RATIO[dtype] = _measure_prefill(dtype)
+    return _PREFILL_RATIO[dtype]
+
+
+def _measure_prefill(dtype: torch.dtype) -> float:
+    if not _cpu_has("panel"):
+        return math.inf  # nothing to measure: prefill decompresses
+    dt = dtype if dtype in _KERNEL_DTYPES else torch.float32
+    rows, cols = PROBE_SHAPE
+    T = PROBE_TOKENS.get(dt, 128)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(rows, cols, generator=g) < PROBE_DENSITY
+    W = (torch.randn(rows, cols, generator=g) * keep).to(dt)
+    lin = SparseLinear(CompressedWeight.compress(W))
+    x = torch.randn(T, cols, generator=g).to(dt)
+    ops = torch.ops.sparsegpt_kernels
+    args = (lin.weight_mask, lin.weight_values, lin.weight_offsets)
+
+    def panel():
+        return ops.ext_sparse_linear_panel(x, *args, None)
+
+    def dense():
+        return F.linear(x, ops.ext_sparse_to_dense(*args, cols).to(dt))
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    panel(), dense()  # warm-up: the caches, the extension's big buffer for the dense weight
+    # pairs of runs, one right after the other, and the median of their ratios: a slow spell of a shared machine
+    # (another tenant, a preempted thread) slows both of a pair or stays one outlier; more pairs while they disagree
+    pairs: list[tuple[float, float]] = []
+    while len(pairs) < PROBE_MAX_PAIRS:
+        pairs += [(timed(panel), timed(dense)) for _ in range(PROBE_PAIRS)]
+        ratios = sorted(p / d for p, d in pairs)
+        if ratios[-1] <= PROBE_SPREAD * ratios[0]:
+            break
+    ratio = statistics.median(ratios)
+    best = (statistics.median(p for p, _ in pairs), statistics.median(d for _, d in pairs))
+    name = str(dt).replace("torch.", "")
+    logger.info("sparsegpt_kernels: %s prompts on this CPU: the panel kernel %.2f ms, the decompressed weight's dense "
+                "product %.2f ms (%dx%d keeping %.0f%%, %d tokens): layers keeping up to %.0f%% of their weights take "
+                "the panel, denser ones the dense product (SparseLinear.prefill_kernel, %s fix the choice)",
+                name, 1e3 * best[0], 1e3 * best[1], rows, cols, 100 * PROBE_DENSITY, T,
+                min(100.0, 100 * PROBE_DENSITY / ratio), PREFILL_ENV)
+    return ratio
