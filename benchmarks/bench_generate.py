@@ -7,9 +7,8 @@ faster of the two dense loads, as a user would pick). Tokens/s counts the decode
 steps / time), the best of --repeats generations per model, dense and sparse interleaved. The first generated
 tokens of the sparse model must be the dense model's (same dtype): the CSV gives how many agree. Prompts: the
 forward of a --prompt-tokens prompt per sequence of the batch (the sparse model's layers on the panel kernel where
-the CPU has AVX-512 and the process measured it faster than their decompressed weights' dense product, else on the
-latter), the best of --repeats, in ms. Writes
-benchmarks/results/generate_cpu.csv.
+the CPU has AVX2 or AVX-512 and the process measured it faster than their decompressed weights' dense product, else
+on the latter), the best of --repeats, in ms. Writes benchmarks/results/generate_cpu.csv.
 
     python benchmarks/bench_generate.py                          # SmolLM2-135M at 50%, batch 1 and 8, 128 tokens
     python benchmarks/bench_generate.py --model embedded-gemma3 --settings 50% 2:4

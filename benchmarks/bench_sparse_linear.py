@@ -8,10 +8,10 @@ For every (shape, setting, token count) it times, in the same process and with t
   the columns) and the kernel reads its packed
   codes and group scales (ext_sparse_codes_linear);
 - panel: the panel kernel for prompts (ext_sparse_linear_panel / ext_sparse_codes_linear_panel,
-  csrc/core/sparse_panel.h), called directly, on CPUs whose SIMD it has (AVX-512; empty elsewhere);
+  csrc/core/sparse_panel.h), called directly, on CPUs whose SIMD it has (AVX-512 or AVX2; empty elsewhere);
 - prefill: SparseLinear's other prefill path, the weight decompressed for the call (ext_sparse_to_dense /
   ext_sparse_codes_to_dense) and torch's dense product in the activations' dtype (prefill_kernel = False: what CPUs
-  without AVX-512 run);
+  without AVX2 run, and the others where it measured faster than the panel);
 - layer: the SparseLinear module as a model calls it, on the path it picks for the token count ("path": kernel,
   panel or prefill; between the last two as the process measured them, prefill_probe_ratio: the panel's time over
   the dense product's at the probe, sparsegpt_kernels.sparse.linear.prefill_ratio); layer_speedup is the better
@@ -91,7 +91,7 @@ def kernel_call(lin: SparseLinear, x: torch.Tensor):
 
 
 def panel_call(lin: SparseLinear, x: torch.Tensor):
-    """The panel kernel SparseLinear runs for prefill on AVX-512 CPUs, called directly."""
+    """The panel kernel SparseLinear runs for prefill where it measured faster, called directly."""
     ops = torch.ops.sparsegpt_kernels
     if lin.bits:
         return partial(ops.ext_sparse_codes_linear_panel, x, lin.weight_mask, lin.weight_codes,

@@ -1,7 +1,7 @@
 """The panel kernel (csrc/core/sparse_panel.h): y = x Wᵀ + b for prompts straight from the compressed weight, x
-transposed into float32 panels of up to 128 tokens. Its AVX-512 copy against its specification (the scalar loop,
-bit for bit), both against dense products of the same zeros, the quantized form against the values form, and
-SparseLinear's choice between the row kernel, the panel and the decompressed weight."""
+transposed into float32 panels of up to 128 tokens. Its AVX-512 and AVX2 copies against its specification (the
+scalar loop, bit for bit), all against dense products of the same zeros, the quantized form against the values form,
+and SparseLinear's choice between the row kernel, the panel and the decompressed weight."""
 
 from __future__ import annotations
 
@@ -45,25 +45,26 @@ def _x(T, cols, dtype, seed):
 @pytest.mark.parametrize("xdtype, vdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                             (torch.float32, torch.bfloat16)], ids=["fp32", "bf16", "fp32-bf16w"])
 def test_panel_is_its_specification_and_a_dense_product(ext, cols, xdtype, vdtype, monkeypatch):
-    """The AVX-512 copy gives the scalar specification's bits (where this CPU has it), at every panel width and
-    column blocking; both are within the float32 bound of a dense product of the same zeros; the empty row is the
-    bias alone."""
+    """The AVX-512 and AVX2 copies give the scalar specification's bits (where this CPU has them), at every panel
+    width and column blocking; all are within the float32 bound of a dense product of the same zeros; the empty row
+    is the bias alone."""
     W = _kernel_problem(11, cols, vdtype, seed=cols)
     lin = SparseLinear(CompressedWeight.compress(W), torch.randn(11).to(xdtype))
-    simd = bool(ext.ext_cpu_has_panel())
     for T in TOKENS:
         x = _x(T, cols, xdtype, T)
         monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", "baseline")
+        assert not ext.ext_cpu_has_panel()
         spec = ext.ext_sparse_linear_panel(x, *_values_args(lin))
-        monkeypatch.delenv("SPARSEGPT_KERNELS_CPU_SIMD")
-        y = ext.ext_sparse_linear_panel(x, *_values_args(lin))
-        if simd:
-            assert torch.equal(y, spec), (T, float((y.float() - spec.float()).abs().max()))
-        assert y.dtype == xdtype and y.shape == (T, 11)
-        ref = F.linear(x.float(), W.float(), lin.bias.float())
-        err = (y.float() - ref).abs()
-        assert bool((err <= _bound(x, W, xdtype) + 2.0**-8 * lin.bias.float().abs()).all()), (T, float(err.max()))
-        assert bool((y[:, 0] == lin.bias[0]).all())  # the empty row
+        for simd in ("avx2", "avx512"):
+            monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", simd)
+            y = ext.ext_sparse_linear_panel(x, *_values_args(lin))
+            if ext.ext_cpu_has_panel():  # this SIMD copy runs here
+                assert torch.equal(y, spec), (simd, T, float((y.float() - spec.float()).abs().max()))
+            assert y.dtype == xdtype and y.shape == (T, 11)
+            ref = F.linear(x.float(), W.float(), lin.bias.float())
+            err = (y.float() - ref).abs()
+            assert bool((err <= _bound(x, W, xdtype) + 2.0**-8 * lin.bias.float().abs()).all()), (T, float(err.max()))
+            assert bool((y[:, 0] == lin.bias[0]).all())  # the empty row
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.02, 0.5, 0.98, 1.0])
@@ -119,16 +120,16 @@ CODE_SHAPES = [(24, 8), (48, 16), (9, 3), (17, 17), (192, 64), (256, 128), (600,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("cols, group", CODE_SHAPES, ids=[f"{c}g{g}" for c, g in CODE_SHAPES])
 def test_codes_panel_is_the_values_panel_on_the_dequantized_weights(ext, bits, dtype, cols, group, monkeypatch):
-    """The codes decoded (AVX-512 and scalar, every code at every nibble parity) are the format's weights: the result
-    is bit for bit the values panel's on the dequantized weights with the same mask (a code at its zero point is a
-    kept 0, which takes its place in the sums' order), and within the float32 bound of a dense product."""
+    """The codes decoded (AVX-512, AVX2 and scalar, every code at every nibble parity) are the format's weights: the
+    result is bit for bit the values panel's on the dequantized weights with the same mask (a code at its zero point
+    is a kept 0, which takes its place in the sums' order), and within the float32 bound of a dense product."""
     cw = coded_weight(13, cols, bits, group, dtype, seed=cols + bits)
     W = cw.decompress()
     bias = torch.randn(13)
     lin = SparseLinear(cw, bias)
     keep = fmt.unpack_mask(cw.mask, cols)
     vals = SparseLinear(CompressedWeight((13, cols), torch.float32, cw.mask, values=W.float()[keep]), bias)
-    for simd in ("baseline", None):
+    for simd in ("baseline", "avx2", None):
         if simd:
             monkeypatch.setenv("SPARSEGPT_KERNELS_CPU_SIMD", simd)
         else:

@@ -14,9 +14,12 @@
 // at a time.
 //
 // Every output sums its row's kept products in column order, one fused multiply-add each, from 0, then adds the
-// bias: panel_rows_scalar is that specification, and the AVX-512 copy gives its bits.
+// bias: panel_rows_scalar is that specification, and the AVX-512 and AVX2 copies give its bits (the AVX2 copy holds
+// a row's S tokens in 8-lane registers and, where the accumulators would not fit its 16 registers, goes over the
+// row's kept columns once per slice of the tokens).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -161,141 +164,274 @@ inline uint32_t mask16(const uint8_t* m, int64_t ldm, int64_t cols, int64_t c) {
   return q;
 }
 
+// The walk the SIMD copies share (r1 - r0 <= kPanelMaxRows): per column block of panel_block_cols(S) and row r,
+// row(r, c0, c1, first, last, v) adds the block's products into row r of yT (first: the row's first block, whose
+// sums start from 0; last: its last, which adds the bias) from the row's values at v on, and returns how many it
+// used (the block's kept columns). A layer without columns gets the bias alone.
+template <typename Row>
+inline void panel_walk(const PanelRows& w, int64_t S, const float* bias, float* yT, int64_t r0, int64_t r1,
+                       Row&& row) {
+  int64_t cur[kPanelMaxRows];
+  for (int64_t r = r0; r < r1; ++r) cur[r - r0] = w.row_values(r) - w.values;
+  if (w.cols == 0) {
+    for (int64_t r = r0; r < r1; ++r) std::fill(yT + r * S, yT + (r + 1) * S, bias != nullptr ? bias[r] : 0.0f);
+    return;
+  }
+  const int64_t block = panel_block_cols(S);
+  for (int64_t c0 = 0; c0 < w.cols; c0 += block) {
+    const int64_t c1 = c0 + block < w.cols ? c0 + block : w.cols;
+    for (int64_t r = r0; r < r1; ++r) cur[r - r0] += row(r, c0, c1, c0 == 0, c1 == w.cols, w.values + cur[r - r0]);
+  }
+}
+
 // panel_rows_scalar for S = 16 K tokens on AVX-512 (r1 - r0 <= kPanelMaxRows). Per column block and row: the row's
 // kept columns of the block as int32 indices (one vpcompressd of the column numbers per 16 columns), then per kept
 // column one broadcast of its value and K FMAs with the panel's row into its chain's K registers, each lane one
 // token's sums in the specification's order.
 template <int K>
-__attribute__((target(SGK_PANEL_TARGET))) void panel_rows_avx512(const PanelRows& w, const float* P,
-                                                                  const float* bias, float* yT, int64_t r0,
-                                                                  int64_t r1) {
+__attribute__((target(SGK_PANEL_TARGET), flatten)) void panel_rows_avx512(const PanelRows& w, const float* P,
+                                                                           const float* bias, float* yT,
+                                                                           int64_t r0, int64_t r1) {
   constexpr int64_t S = 16 * K;
-  const int64_t block = panel_block_cols(S);
-  int64_t cur[kPanelMaxRows];
+  constexpr int U = panel_chains(K);
   alignas(64) int32_t idx[kPanelBlockFloats / 16 + 16];  // block <= kPanelBlockFloats / 16, plus one store's spill
-  for (int64_t r = r0; r < r1; ++r) cur[r - r0] = w.row_values(r) - w.values;
-  if (w.cols == 0) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const __m512 b = _mm512_set1_ps(bias != nullptr ? bias[r] : 0.0f);
-      for (int j = 0; j < K; ++j) _mm512_storeu_ps(yT + r * S + 16 * j, b);
-    }
-    return;
-  }
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t c0 = 0; c0 < w.cols; c0 += block) {
-    const int64_t c1 = c0 + block < w.cols ? c0 + block : w.cols;
-    const bool first = c0 == 0, last = c1 == w.cols;
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* m = w.mask + r * w.ldm;
-      int64_t n = 0;
-      for (int64_t c = c0; c < c1; c += 16) {
-        const uint32_t q = mask16(m, w.ldm, w.cols, c);
-        const __m512i cols = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(c)));
-        _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(q), cols));
-        n += _mm_popcnt_u32(q);
-      }
-      const float* v = w.values + cur[r - r0];
-      cur[r - r0] += n;
-      float* y = yT + r * S;
-      constexpr int U = panel_chains(K);
-      __m512 acc[U][K];
-      for (int j = 0; j < K; ++j) acc[0][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + 16 * j);
-      for (int u = 1; u < U; ++u) {
-        for (int j = 0; j < K; ++j) acc[u][j] = _mm512_setzero_ps();
-      }
-      int64_t k = 0;
-      for (; k + U <= n; k += U) {
-        for (int u = 0; u < U; ++u) {
-          const __m512 b = _mm512_set1_ps(v[k + u]);
-          const float* p = P + static_cast<int64_t>(idx[k + u]) * S;
-          for (int j = 0; j < K; ++j) acc[u][j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(p + 16 * j), acc[u][j]);
-        }
-      }
-      for (int u = 0; u + 1 < U; ++u) {  // the last n % U products, into chains 0, 1, ...
-        if (k + u >= n) break;
+  panel_walk(w, S, bias, yT, r0, r1,
+             [&](int64_t r, int64_t c0, int64_t c1, bool first, bool last, const float* v)
+                 __attribute__((target(SGK_PANEL_TARGET))) {
+    const uint8_t* m = w.mask + r * w.ldm;
+    int64_t n = 0;
+    for (int64_t c = c0; c < c1; c += 16) {
+      const uint32_t q = mask16(m, w.ldm, w.cols, c);
+      const __m512i cols = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(c)));
+      _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi32(static_cast<__mmask16>(q), cols));
+      n += _mm_popcnt_u32(q);
+    }
+    float* y = yT + r * S;
+    __m512 acc[U][K];
+    for (int j = 0; j < K; ++j) acc[0][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + 16 * j);
+    for (int u = 1; u < U; ++u) {
+      for (int j = 0; j < K; ++j) acc[u][j] = _mm512_setzero_ps();
+    }
+    int64_t k = 0;
+    for (; k + U <= n; k += U) {
+      for (int u = 0; u < U; ++u) {
         const __m512 b = _mm512_set1_ps(v[k + u]);
         const float* p = P + static_cast<int64_t>(idx[k + u]) * S;
         for (int j = 0; j < K; ++j) acc[u][j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(p + 16 * j), acc[u][j]);
       }
-      for (int u = 1; u < U; ++u) {
-        for (int j = 0; j < K; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], acc[u][j]);
-      }
-      if (last && bias != nullptr) {
-        const __m512 b = _mm512_set1_ps(bias[r]);
-        for (int j = 0; j < K; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], b);
-      }
-      for (int j = 0; j < K; ++j) _mm512_storeu_ps(y + 16 * j, acc[0][j]);
     }
-  }
+    for (int u = 0; u + 1 < U; ++u) {  // the last n % U products, into chains 0, 1, ...
+      if (k + u >= n) break;
+      const __m512 b = _mm512_set1_ps(v[k + u]);
+      const float* p = P + static_cast<int64_t>(idx[k + u]) * S;
+      for (int j = 0; j < K; ++j) acc[u][j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(p + 16 * j), acc[u][j]);
+    }
+    for (int u = 1; u < U; ++u) {
+      for (int j = 0; j < K; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], acc[u][j]);
+    }
+    if (last && bias != nullptr) {
+      const __m512 b = _mm512_set1_ps(bias[r]);
+      for (int j = 0; j < K; ++j) acc[0][j] = _mm512_add_ps(acc[0][j], b);
+    }
+    for (int j = 0; j < K; ++j) _mm512_storeu_ps(y + 16 * j, acc[0][j]);
+    return n;
+  });
 }
 
-// decode_code_rows_scalar on AVX-512, the same bits: per quantization group its weights as one table (4 bits or
-// less: the 16 weights, load_group; codes past 2^bits - 1 do not occur) looked up 8 codes at a time, the nibbles
-// spread to bytes by one pdep; wider codes widened and dequantized in the lanes. Writes up to 7 floats beyond the
-// last row's weights (the caller's buffer holds them), reads up to 8 bytes beyond a row's codes (kPadCodeBytes).
-template <Rounding R>
-__attribute__((target(SGK_PANEL_TARGET))) void decode_code_rows_avx512(const SparseCodes& w, int64_t r0, int64_t r1,
-                                                                        float* out, int64_t* kept) {
-  const int64_t groups = w.cols / w.group;
-  const bool nibbles = w.bits <= 4;
-  kept[0] = 0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* m = w.mask + r * w.ldm;
-    const uint8_t* p = w.codes + w.offsets[r];
-    float* o = out + kept[r - r0];
-    int64_t k = 0;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t n = count_bits_range(m, g * w.group, w.group);
-      if (n == 0) continue;
-      __m256 a, b;
-      if (nibbles) {
-        load_group<true, R>(w, r * groups + g, a, b);
-        const __m512 table = _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
-        for (int64_t i = k; i < k + n; i += 8) {
-          uint64_t u;
-          std::memcpy(&u, p + (i >> 1), sizeof u);
-          u >>= (i & 1) * 4;
-          const uint64_t bytes = _pdep_u64(u, 0x0F0F0F0F0F0F0F0Full);
-          const __m256i codes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes)));
-          const __m512i lanes = _mm512_castsi256_si512(codes);
-          _mm256_storeu_ps(o + i, _mm512_castps512_ps256(_mm512_permutexvar_ps(lanes, table)));
-        }
-      } else {
-        load_group<false, R>(w, r * groups + g, a, b);
-        for (int64_t i = k; i < k + n; i += 8) {
-          uint64_t u;
-          std::memcpy(&u, p + i, sizeof u);
-          const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(u))));
-          _mm256_storeu_ps(o + i, round_lanes<R>(_mm256_mul_ps(b, _mm256_sub_ps(c, a))));
-        }
-      }
-      k += n;
-    }
-    kept[r - r0 + 1] = kept[r - r0] + k;
-  }
+#define SGK_PANEL_AVX2_TARGET "avx2,fma,f16c,popcnt,bmi2"
+
+// Whether this CPU has what the panel kernel's AVX2 copy uses (AVX2, FMA, F16C, BMI2).
+inline bool cpu_has_panel_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2") &&
+                          __builtin_cpu_supports("popcnt");
+  return has;
 }
+
+// Per mask byte m: pos[m][i] is the column (0..7) of its i-th set bit (the entries past the popcount are 0): the
+// kept columns of 8 as one table row, AVX2's stand-in for vpcompressd.
+struct ColumnTable {
+  alignas(32) int32_t pos[256][8];
+  ColumnTable() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int i = 0; i < 8; ++i) pos[m][i] = 0;
+      for (int i = 0; i < 8; ++i) {
+        if ((m >> i) & 1) pos[m][n++] = i;
+      }
+    }
+  }
+};
+
+inline const ColumnTable& column_table() {
+  static const ColumnTable table;
+  return table;
+}
+
+// Lanes 8 off .. 8 (off + L) - 1 of one row's yT for one column block (n kept columns listed in idx, their values
+// from v): the specification's U chains, each in L registers of 8 lanes (the tokens of a lane are independent, so the
+// S tokens can go in slices, each a pass over the row's kept columns, with the specification's sums in every lane).
+template <int U, int L, int64_t S>
+__attribute__((target(SGK_PANEL_AVX2_TARGET))) inline void panel_slice_avx2(const float* P, const int32_t* idx,
+                                                                          const float* v, int64_t n, float* y,
+                                                                          int off, bool first, const float* bias) {
+  __m256 acc[U][L];
+  for (int l = 0; l < L; ++l) acc[0][l] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + 8 * (off + l));
+  for (int u = 1; u < U; ++u) {
+    for (int l = 0; l < L; ++l) acc[u][l] = _mm256_setzero_ps();
+  }
+  int64_t k = 0;
+  for (; k + U <= n; k += U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 b = _mm256_broadcast_ss(v + k + u);
+      const float* p = P + static_cast<int64_t>(idx[k + u]) * S + 8 * off;
+      for (int l = 0; l < L; ++l) acc[u][l] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p + 8 * l), acc[u][l]);
+    }
+  }
+  for (int u = 0; u + 1 < U; ++u) {  // the last n % U products, into chains 0, 1, ...
+    if (k + u >= n) break;
+    const __m256 b = _mm256_broadcast_ss(v + k + u);
+    const float* p = P + static_cast<int64_t>(idx[k + u]) * S + 8 * off;
+    for (int l = 0; l < L; ++l) acc[u][l] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p + 8 * l), acc[u][l]);
+  }
+  for (int u = 1; u < U; ++u) {
+    for (int l = 0; l < L; ++l) acc[0][l] = _mm256_add_ps(acc[0][l], acc[u][l]);
+  }
+  if (bias != nullptr) {
+    const __m256 b = _mm256_set1_ps(*bias);
+    for (int l = 0; l < L; ++l) acc[0][l] = _mm256_add_ps(acc[0][l], b);
+  }
+  for (int l = 0; l < L; ++l) _mm256_storeu_ps(y + 8 * (off + l), acc[0][l]);
+}
+
+// The slices of a row from register Off on: as many registers a slice as 12 accumulators allow (12 / U), the
+// panel's 2K registers of 8 lanes in order.
+template <int K, int U, int Off>
+__attribute__((target(SGK_PANEL_AVX2_TARGET))) inline void panel_slices_avx2(const float* P, const int32_t* idx,
+                                                                           const float* v, int64_t n, float* y,
+                                                                           bool first, const float* bias) {
+  constexpr int kMax = 12 / U > 0 ? 12 / U : 1;
+  constexpr int L = 2 * K - Off < kMax ? 2 * K - Off : kMax;
+  panel_slice_avx2<U, L, 16 * K>(P, idx, v, n, y, Off, first, bias);
+  if constexpr (Off + L < 2 * K) panel_slices_avx2<K, U, Off + L>(P, idx, v, n, y, first, bias);
+}
+
+// panel_rows_scalar for S = 16 K tokens on AVX2 (r1 - r0 <= kPanelMaxRows): panel_rows_avx512's blocks and column
+// lists, the lists built 8 columns at a time from a table (ColumnTable), the tokens in slices of 8-lane registers.
+// Both copies are flattened: the walk, the row's work and the slices are one function, as written by hand.
+template <int K>
+__attribute__((target(SGK_PANEL_AVX2_TARGET), flatten)) void panel_rows_avx2(const PanelRows& w, const float* P,
+                                                                            const float* bias, float* yT,
+                                                                            int64_t r0, int64_t r1) {
+  constexpr int64_t S = 16 * K;
+  constexpr int U = panel_chains(K);
+  const ColumnTable& ct = column_table();
+  alignas(32) int32_t idx[kPanelBlockFloats / 16 + 8];  // block <= kPanelBlockFloats / 16, plus one store's spill
+  panel_walk(w, S, bias, yT, r0, r1,
+             [&](int64_t r, int64_t c0, int64_t c1, bool first, bool last, const float* v)
+                 __attribute__((target(SGK_PANEL_AVX2_TARGET))) {
+    const uint8_t* m = w.mask + r * w.ldm;
+    int64_t n = 0;
+    for (int64_t c = c0; c < c1; c += 8) {
+      unsigned q = m[c >> 3];
+      if (c1 - c < 8) q &= (1u << (c1 - c)) - 1u;  // the bits from cols on
+      const __m256i cols = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(ct.pos[q])),
+                                            _mm256_set1_epi32(static_cast<int>(c)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + n), cols);
+      n += _mm_popcnt_u32(q);
+    }
+    panel_slices_avx2<K, U, 0>(P, idx, v, n, yT + r * S, first, last && bias != nullptr ? bias + r : nullptr);
+    return n;
+  });
+}
+
+// The 16 weights of a group of 4-bit codes (load_group: a codes 0-7, b 8-15) at 8 codes (int32 lanes): one
+// two-table-wide permutation on AVX-512, two 8-lane permutations and a blend on the code's bit 3 on AVX2.
+__attribute__((target(SGK_PANEL_TARGET))) inline __m256 lookup16_avx512(__m256 a, __m256 b, __m256i codes) {
+  const __m512 table = _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_castsi256_si512(codes), table));
+}
+
+__attribute__((target(SGK_PANEL_AVX2_TARGET))) inline __m256 lookup16_avx2(__m256 a, __m256 b, __m256i codes) {
+  const __m256 lo = _mm256_permutevar8x32_ps(a, codes), hi = _mm256_permutevar8x32_ps(b, codes);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+}
+
+// decode_code_rows_scalar with SIMD, the same bits: per quantization group its weights as one table (4 bits or
+// less: the 16 weights, load_group; codes past 2^bits - 1 do not occur) looked up 8 codes at a time by LOOKUP, the
+// nibbles spread to bytes by one pdep; wider codes widened and dequantized in the lanes. Writes up to 7 floats beyond
+// the last row's weights (the caller's buffer holds them), reads up to 8 bytes beyond a row's codes
+// (kPadCodeBytes). Stamped out once per instruction set (a function's target is fixed, not a template argument).
+#define SGK_DECODE_CODE_ROWS(NAME, TARGET, LOOKUP)                                                                   \
+  template <Rounding R>                                                                                             \
+  __attribute__((target(TARGET))) void NAME(const SparseCodes& w, int64_t r0, int64_t r1, float* out,               \
+                                            int64_t* kept) {                                                        \
+    const int64_t groups = w.cols / w.group;                                                                        \
+    const bool nibbles = w.bits <= 4;                                                                               \
+    kept[0] = 0;                                                                                                    \
+    for (int64_t r = r0; r < r1; ++r) {                                                                             \
+      const uint8_t* m = w.mask + r * w.ldm;                                                                        \
+      const uint8_t* p = w.codes + w.offsets[r];                                                                    \
+      float* o = out + kept[r - r0];                                                                                \
+      int64_t k = 0;                                                                                                \
+      for (int64_t g = 0; g < groups; ++g) {                                                                        \
+        const int64_t n = count_bits_range(m, g * w.group, w.group);                                                \
+        if (n == 0) continue;                                                                                       \
+        __m256 a, b;                                                                                                \
+        if (nibbles) {                                                                                              \
+          load_group<true, R>(w, r * groups + g, a, b);                                                             \
+        } else {                                                                                                    \
+          load_group<false, R>(w, r * groups + g, a, b);                                                            \
+        }                                                                                                           \
+        for (int64_t i = k; i < k + n; i += 8) {                                                                    \
+          uint64_t u;                                                                                               \
+          if (nibbles) {                                                                                            \
+            std::memcpy(&u, p + (i >> 1), sizeof u);                                                                \
+            const uint64_t bytes = _pdep_u64(u >> ((i & 1) * 4), 0x0F0F0F0F0F0F0F0Full);                             \
+            const __m256i c = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes)));               \
+            _mm256_storeu_ps(o + i, LOOKUP(a, b, c));                                                               \
+          } else {                                                                                                  \
+            std::memcpy(&u, p + i, sizeof u);                                                                       \
+            const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(u)))); \
+            _mm256_storeu_ps(o + i, round_lanes<R>(_mm256_mul_ps(b, _mm256_sub_ps(c, a))));                         \
+          }                                                                                                         \
+        }                                                                                                           \
+        k += n;                                                                                                     \
+      }                                                                                                             \
+      kept[r - r0 + 1] = kept[r - r0] + k;                                                                          \
+    }                                                                                                               \
+  }
+SGK_DECODE_CODE_ROWS(decode_code_rows_avx512, SGK_PANEL_TARGET, lookup16_avx512)
+SGK_DECODE_CODE_ROWS(decode_code_rows_avx2, SGK_PANEL_AVX2_TARGET, lookup16_avx2)
+#undef SGK_DECODE_CODE_ROWS
+#undef SGK_PANEL_AVX2_TARGET
 #undef SGK_PANEL_TARGET
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
 #else
 inline bool cpu_has_panel() { return false; }
+inline bool cpu_has_panel_avx2() { return false; }
 #endif
 
-// Rows [r0, r1) of yT with the widest copy the CPU and `simd` allow (AVX-512: panel_rows_avx512), for panel width S
-// (a multiple of 16, at most kPanelMaxTokens; r1 - r0 <= kPanelMaxRows).
+// Rows [r0, r1) of yT with the widest copy the CPU and `simd` allow (panel_rows_avx512, else panel_rows_avx2), for
+// panel width S (a multiple of 16, at most kPanelMaxTokens; r1 - r0 <= kPanelMaxRows).
 inline void panel_rows(Simd simd, const PanelRows& w, const float* P, int64_t S, const float* bias, float* yT,
                        int64_t r0, int64_t r1) {
 #ifdef SGK_HAVE_SPARSE_SIMD
   if (simd == Simd::kAvx512 && cpu_has_panel()) {
     return with_token_count<8>(S / 16, [&](auto K) { panel_rows_avx512<decltype(K)::value>(w, P, bias, yT, r0, r1); });
   }
+  if (simd != Simd::kBaseline && cpu_has_panel_avx2()) {
+    return with_token_count<8>(S / 16, [&](auto K) { panel_rows_avx2<decltype(K)::value>(w, P, bias, yT, r0, r1); });
+  }
 #endif
   (void)simd;
   panel_rows_scalar(w, P, S, bias, yT, r0, r1);
 }
 
-// decode_code_rows_scalar with the AVX-512 copy where `simd` and the CPU allow it (the same bits).
+// decode_code_rows_scalar with the AVX-512 or AVX2 copy where `simd` and the CPU allow it (the same bits).
 inline void decode_code_rows(Simd simd, const SparseCodes& w, int64_t r0, int64_t r1, float* out, int64_t* kept) {
 #ifdef SGK_HAVE_SPARSE_SIMD
   if (simd == Simd::kAvx512 && cpu_has_panel()) {
@@ -303,6 +439,13 @@ inline void decode_code_rows(Simd simd, const SparseCodes& w, int64_t r0, int64_
       case Rounding::kBFloat16: return decode_code_rows_avx512<Rounding::kBFloat16>(w, r0, r1, out, kept);
       case Rounding::kFloat16: return decode_code_rows_avx512<Rounding::kFloat16>(w, r0, r1, out, kept);
       default: return decode_code_rows_avx512<Rounding::kFloat32>(w, r0, r1, out, kept);
+    }
+  }
+  if (simd != Simd::kBaseline && cpu_has_panel_avx2()) {
+    switch (w.rounding) {
+      case Rounding::kBFloat16: return decode_code_rows_avx2<Rounding::kBFloat16>(w, r0, r1, out, kept);
+      case Rounding::kFloat16: return decode_code_rows_avx2<Rounding::kFloat16>(w, r0, r1, out, kept);
+      default: return decode_code_rows_avx2<Rounding::kFloat32>(w, r0, r1, out, kept);
     }
   }
 #endif

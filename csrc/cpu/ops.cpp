@@ -212,9 +212,13 @@ sgk::Simd simd_allowed() {
   TORCH_CHECK(false, "SPARSEGPT_KERNELS_CPU_SIMD=", simd, " is not one of avx512, avx2, baseline");
 }
 
-// Whether the panel kernel runs its SIMD copy here (AVX-512 allowed and present); without it the op computes the
-// same bits one product at a time, which SparseLinear does not use for speed.
-bool panel_simd() { return sgk::simd_used(simd_allowed()) == sgk::Simd::kAvx512 && sgk::cpu_has_panel(); }
+// Whether the panel kernel runs a SIMD copy here (AVX-512 or AVX2 allowed and present); without one the op computes
+// the same bits one product at a time, which SparseLinear does not use for speed.
+bool panel_simd() {
+  const sgk::Simd simd = sgk::simd_used(simd_allowed());
+  return (simd == sgk::Simd::kAvx512 && sgk::cpu_has_panel()) ||
+         (simd != sgk::Simd::kBaseline && sgk::cpu_has_panel_avx2());
+}
 
 // Whether the row kernels take bfloat16 x and values as they are (AVX512-BF16 dot products, AVX-512 allowed).
 bool bf16_dot_simd() { return sgk::simd_used(simd_allowed()) == sgk::Simd::kAvx512 && sgk::cpu_has_bf16_dot(); }
@@ -937,7 +941,8 @@ void run_panels(sgk::Simd simd, const sgk::PanelRows& w, const Panels& panels, c
 // y = x Wᵀ + b from a compressed weight with the panel kernel: the arguments, checks and result of ext_sparse_linear;
 // for prompts (from about 16 tokens on it is faster than the row kernels, and than decompressing the weight for a
 // dense product: benchmarks/RESULTS.md). Every entry of y sums its row's products in column order with fused
-// multiply-adds (sgk::panel_rows_scalar), on AVX-512 in 16-lane registers, elsewhere one at a time.
+// multiply-adds (sgk::panel_rows_scalar), on AVX-512 in 16-lane registers, on AVX2 in 8-lane ones, elsewhere one at
+// a time.
 at::Tensor sparse_linear_panel_cpu(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& values,
                                    const at::Tensor& offsets, const std::optional<at::Tensor>& bias) {
   check_sparse_linear_args(x, mask, values, offsets, bias);

@@ -772,17 +772,21 @@ void test_sparse_codes_bf16() {
   }
 }
 
-// The panel kernel's AVX-512 copy against its specification, bit for bit: random masks with an empty, a full and a
-// one-value row, column counts across the blocks and not a multiple of 16, every panel width 16..128; and the
-// panel against a float64 product. Then the AVX-512 decoder of 4-bit and 8-bit codes against the scalar one.
+// The panel kernel's AVX-512 and AVX2 copies against its specification, bit for bit: random masks with an empty, a
+// full and a one-value row, column counts across the blocks and not a multiple of 8 or 16, every panel width
+// 16..128; and the panel against a float64 product. Then the AVX-512 and AVX2 decoders of 2-, 4- and 8-bit codes
+// against the scalar one.
 void test_sparse_panel() {
-  if (!sgk::cpu_has_panel()) {
-    std::printf("test_sparse_panel: this CPU has no AVX-512 for the panel kernel; not run\n");
+  std::vector<sgk::Simd> simds;
+  if (sgk::cpu_has_panel()) simds.push_back(sgk::Simd::kAvx512);
+  if (sgk::cpu_has_panel_avx2()) simds.push_back(sgk::Simd::kAvx2);
+  if (simds.empty()) {
+    std::printf("test_sparse_panel: this CPU has neither AVX-512 nor AVX2 for the panel kernel; not run\n");
     return;
   }
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (int64_t cols : {5, 16, 33, 130, 700}) {
+  for (int64_t cols : {5, 16, 33, 130, 700, 1100}) {
     const int64_t rows = 9, ldm = (cols + 7) / 8;
     std::vector<uint8_t> mask(static_cast<size_t>(rows * ldm), 0);
     std::vector<int64_t> kept(rows + 1, 0);
@@ -809,8 +813,11 @@ void test_sparse_panel() {
       for (auto& p : P) p = u(rng);
       std::vector<float> want(static_cast<size_t>(rows * S)), got(want.size());
       sgk::panel_rows_scalar(w, P.data(), S, bias.data(), want.data(), 0, rows);
-      sgk::panel_rows(sgk::Simd::kAvx512, w, P.data(), S, bias.data(), got.data(), 0, rows);
-      CHECK(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) == 0);
+      for (sgk::Simd simd : simds) {
+        std::fill(got.begin(), got.end(), -1.0f);
+        sgk::panel_rows(simd, w, P.data(), S, bias.data(), got.data(), 0, rows);
+        CHECK(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) == 0);
+      }
       for (int64_t t = 0; t < S; ++t) {
         CHECK(got[static_cast<size_t>(t)] == bias[0]);  // the empty row
         double ref = bias[2];
@@ -853,9 +860,12 @@ void test_sparse_panel() {
       std::vector<float> want(static_cast<size_t>(rows * cols + 8)), got(want.size());
       std::vector<int64_t> kw(rows + 1), kg(rows + 1);
       sgk::decode_code_rows_scalar(c, 0, rows, want.data(), kw.data());
-      sgk::decode_code_rows(sgk::Simd::kAvx512, c, 0, rows, got.data(), kg.data());
-      CHECK(kw == kg);
-      CHECK(std::memcmp(want.data(), got.data(), static_cast<size_t>(kw[rows]) * sizeof(float)) == 0);
+      for (sgk::Simd simd : simds) {
+        std::fill(got.begin(), got.end(), -1.0f);
+        sgk::decode_code_rows(simd, c, 0, rows, got.data(), kg.data());
+        CHECK(kw == kg);
+        CHECK(std::memcmp(want.data(), got.data(), static_cast<size_t>(kw[rows]) * sizeof(float)) == 0);
+      }
     }
   }
 }

@@ -9,7 +9,7 @@ to compute:
   ``torch.ops.sparsegpt_kernels.ext_sparse_linear`` reads the mask and the values and never forms the dense weight
   (csrc/core/sparse_linear.h); for jointly quantized layers ``ext_sparse_codes_linear`` reads the mask, the packed
   codes and the group scales (csrc/core/sparse_codes.h), in any of the three dtypes;
-* prefill (more input vectors) on a CPU with AVX-512, where it is the faster of the two ways: the compiled panel
+* prefill (more input vectors) on a CPU with AVX2 or AVX-512, where it is the faster of the two ways: the compiled panel
   kernel ``ext_sparse_linear_panel`` (``ext_sparse_codes_linear_panel``) reads the compressed weight once per 128
   tokens, x transposed into float32 panels, and never forms the dense weight either (csrc/core/sparse_panel.h);
 * prefill otherwise: the weight is decompressed for the call by the compiled ``ext_sparse_to_dense``
@@ -100,7 +100,7 @@ class SparseLinear(nn.Module):
 
     #: how prefill is computed on a CPU that has the panel kernel (module docstring): ``None``, the faster way as
     #: measured by this process (:func:`prefill_ratio`); True, the panel kernel; False, the weight decompressed for
-    #: torch's dense product, as on CPUs without AVX-512, whose results are those of the dense model bit for bit.
+    #: torch's dense product, as on CPUs without AVX2, whose results are those of the dense model bit for bit.
     #: Set on a layer, or on the class for every layer.
     prefill_kernel: bool | None = None
 
@@ -218,7 +218,7 @@ class SparseLinear(nn.Module):
         return x.numel() <= self.decode_limit(x.dtype) * self.in_features and self._compiled(x) is None
 
     def uses_panel(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`forward` runs the panel kernel on ``x`` (a prefill on a CPU with AVX-512)."""
+        """Whether :meth:`forward` runs the panel kernel on ``x`` (a prefill, where it is the faster way)."""
         return (not self.uses_kernel(x) and self._compiled(x) is None and self._panel_takes(x))
 
     def _panel_takes(self, x: torch.Tensor) -> bool:
@@ -348,8 +348,9 @@ _CPU: dict[str, bool] = {}
 
 
 def _cpu_has(what: str) -> bool:
-    """What the compiled kernels run here: "panel" (the panel kernel's AVX-512 copy) or "bf16_dot" (the row kernels'
-    bfloat16 dot products); asked once (the SIMD choice is fixed per process), False without the extension."""
+    """What the compiled kernels run here: "panel" (a SIMD copy of the panel kernel: AVX-512 or AVX2) or "bf16_dot"
+    (the row kernels' bfloat16 dot products); asked once (the SIMD choice is fixed per process), False without the
+    extension."""
     if what not in _CPU:
         ops = torch.ops.sparsegpt_kernels
         _CPU[what] = _kernel_available() and bool(ops.ext_cpu_has_panel() if what == "panel"
