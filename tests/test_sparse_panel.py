@@ -289,12 +289,17 @@ def test_prefill_probe_takes_the_median_of_paired_runs(ext, monkeypatch, slow_pa
 @pytest.mark.parametrize("measured", [False, True], ids=["cold", "measured"])
 def test_panel_under_torch_compile(ext, measured, monkeypatch):
     """A prompt under torch.compile, fullgraph: nothing is measured inside the trace (before the first eager prompt
-    the panel is taken where the CPU has it), after a measurement its choice."""
+    the panel is taken where the CPU has it), after a measurement its choice; with nothing asked of the CPU yet (the
+    questions are ops returning bools, which a graph cannot hold: the trace then takes the decompressed weight)."""
     monkeypatch.delenv(sl.PREFILL_ENV, raising=False)
     monkeypatch.setattr(sl, "_PREFILL_RATIO", {torch.float32: 3.0} if measured else {})
+    if not measured:
+        monkeypatch.setattr(sl, "_CPU", {})
     lin = SparseLinear(CompressedWeight.compress(_kernel_problem(10, 40, torch.float32)), torch.randn(10))
     x = torch.randn(50, 40)
     torch._dynamo.reset()
     compiled = torch.compile(lambda a: lin(a), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), lin.to_linear()(x), rtol=1e-5, atol=1e-5)
     assert sl._PREFILL_RATIO == ({torch.float32: 3.0} if measured else {})
+    if not measured:
+        assert "panel" not in sl._CPU  # nothing was cached from inside the trace

@@ -350,8 +350,12 @@ _CPU: dict[str, bool] = {}
 def _cpu_has(what: str) -> bool:
     """What the compiled kernels run here: "panel" (a SIMD copy of the panel kernel: AVX-512 or AVX2) or "bf16_dot"
     (the row kernels' bfloat16 dot products); asked once (the SIMD choice is fixed per process), False without the
-    extension."""
+    extension, and False under torch.compile before it was asked in eager mode."""
     if what not in _CPU:
+        if torch.compiler.is_compiling():
+            # the questions are ops returning bools, which a traced graph cannot hold: before the first eager call a
+            # compiled model takes the paths that need neither (the same results up to float32 rounding)
+            return False
         ops = torch.ops.sparsegpt_kernels
         _CPU[what] = _kernel_available() and bool(ops.ext_cpu_has_panel() if what == "panel"
                                                   else ops.ext_cpu_has_bf16_dot())
