@@ -288,9 +288,9 @@ def test_prefill_probe_takes_the_median_of_paired_runs(ext, monkeypatch, slow_pa
 
 @pytest.mark.parametrize("measured", [False, True], ids=["cold", "measured"])
 def test_panel_under_torch_compile(ext, measured, monkeypatch):
-    """A prompt under torch.compile, fullgraph: nothing is measured inside the trace (before the first eager prompt
-    the panel is taken where the CPU has it), after a measurement its choice; with nothing asked of the CPU yet (the
-    questions are ops returning bools, which a graph cannot hold: the trace then takes the decompressed weight)."""
+    """A prompt under torch.compile, fullgraph: nothing is measured or asked of the CPU inside the trace (the
+    questions are ops returning bools, which a graph cannot hold): before that the trace takes the decompressed
+    weight; after a measurement, its choice."""
     monkeypatch.delenv(sl.PREFILL_ENV, raising=False)
     monkeypatch.setattr(sl, "_PREFILL_RATIO", {torch.float32: 3.0} if measured else {})
     if not measured:

@@ -227,8 +227,6 @@ class SparseLinear(nn.Module):
         if self.prefill_kernel is True:
             return True
         ratio = prefill_ratio(x.dtype)
-        if ratio is None:  # under torch.compile before any eager prompt: no measurement inside a trace
-            return True
         density = self.nnz / max(1, self.out_features * self.in_features)
         return ratio * density / PROBE_DENSITY < 1.0
 
@@ -366,13 +364,14 @@ def _cpu_has(what: str) -> bool:
 _PREFILL_RATIO: dict[torch.dtype, float] = {}
 
 
-def prefill_ratio(dtype: torch.dtype) -> float | None:
+def prefill_ratio(dtype: torch.dtype) -> float:
     """The panel kernel's time over that of the decompressed weight's dense product for a prompt of ``dtype`` on
     this CPU, measured once per process and dtype (``PROBE_SHAPE`` keeping ``PROBE_DENSITY``, ``PROBE_TOKENS``
     tokens: the median ratio of pairs of runs, one of each, more pairs while they disagree); a layer keeping a
     fraction ``d`` of its weights takes the panel when ``ratio * d / PROBE_DENSITY < 1``.
-    ``SPARSEGPT_KERNELS_PREFILL=panel`` gives 0 and ``dense`` infinity without measuring; ``None`` under
-    torch.compile before the first measurement (nothing is timed inside a trace)."""
+    ``SPARSEGPT_KERNELS_PREFILL=panel`` gives 0 and ``dense`` infinity without measuring; so does torch.compile
+    before the first measurement (nothing is timed inside a trace, which then takes the decompressed weight, as
+    :func:`_cpu_has` does there; nothing is kept)."""
     forced = os.environ.get(PREFILL_ENV, "").strip().lower()
     if forced:
         if forced not in ("panel", "dense", "auto"):
@@ -381,7 +380,7 @@ def prefill_ratio(dtype: torch.dtype) -> float | None:
             return 0.0 if forced == "panel" else math.inf
     if dtype not in _PREFILL_RATIO:
         if torch.compiler.is_compiling():
-            return None
+            return math.inf
         _PREFILL_RATIO[dtype] = _measure_prefill(dtype)
     return _PREFILL_RATIO[dtype]
 
@@ -421,11 +420,11 @@ def _measure_prefill(dtype: torch.dtype) -> float:
         if ratios[-1] <= PROBE_SPREAD * ratios[0]:
             break
     ratio = statistics.median(ratios)
-    best = (statistics.median(p for p, _ in pairs), statistics.median(d for _, d in pairs))
+    panel_s, dense_s = statistics.median(p for p, _ in pairs), statistics.median(d for _, d in pairs)
     name = str(dt).replace("torch.", "")
     logger.info("sparsegpt_kernels: %s prompts on this CPU: the panel kernel %.2f ms, the decompressed weight's dense "
                 "product %.2f ms (%dx%d keeping %.0f%%, %d tokens): layers keeping up to %.0f%% of their weights take "
                 "the panel, denser ones the dense product (SparseLinear.prefill_kernel, %s fix the choice)",
-                name, 1e3 * best[0], 1e3 * best[1], rows, cols, 100 * PROBE_DENSITY, T,
+                name, 1e3 * panel_s, 1e3 * dense_s, rows, cols, 100 * PROBE_DENSITY, T,
                 min(100.0, 100 * PROBE_DENSITY / ratio), PREFILL_ENV)
     return ratio
